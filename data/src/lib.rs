@@ -1,0 +1,1 @@
+//! Data pipeline for bamba-train (see issue 4).

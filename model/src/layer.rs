@@ -1,0 +1,65 @@
+//! One Bamba decoder layer: pre-norm mixer (Mamba2 or attention) and pre-norm
+//! SwiGLU MLP, each added to the residual stream.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+use crate::attention::BambaAttention;
+use crate::config::BambaConfig;
+use crate::error::ModelError;
+use crate::mamba2::BambaMixer;
+use crate::mlp::BambaMlp;
+use crate::norm::RmsNorm;
+use crate::params::VarBuilder;
+
+#[derive(Module, Debug)]
+pub struct BambaDecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    /// Exactly one of `mamba` and `self_attn` is present.
+    pub mamba: Option<BambaMixer<B>>,
+    pub self_attn: Option<BambaAttention<B>>,
+    pub pre_ff_layernorm: RmsNorm<B>,
+    pub feed_forward: BambaMlp<B>,
+}
+
+impl<B: Backend> BambaDecoderLayer<B> {
+    pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig, index: usize) -> Result<Self, ModelError> {
+        let (mamba, self_attn) = if cfg.is_attention(index) {
+            (None, Some(BambaAttention::new(&vb.pp("self_attn"), cfg)?))
+        } else {
+            (Some(BambaMixer::new(&vb.pp("mamba"), cfg)?), None)
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::new(
+                &vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mamba,
+            self_attn,
+            pre_ff_layernorm: RmsNorm::new(
+                &vb.pp("pre_ff_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            feed_forward: BambaMlp::new(&vb.pp("feed_forward"), cfg)?,
+        })
+    }
+
+    pub fn forward(&self, h: Tensor<B, 3>, rope: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 3> {
+        let x = self.input_layernorm.forward(h.clone());
+        let mixed = match (&self.mamba, &self.self_attn) {
+            (Some(mamba), _) => mamba.forward(x),
+            (None, Some(attn)) => attn.forward(x, &rope.0, &rope.1),
+            (None, None) => unreachable!("a layer is built with a mixer"),
+        };
+        let h = h + mixed;
+        let x = self.pre_ff_layernorm.forward(h.clone());
+        h + self.feed_forward.forward(x)
+    }
+
+    pub fn is_attention(&self) -> bool {
+        self.self_attn.is_some()
+    }
+}

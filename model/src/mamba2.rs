@@ -1,0 +1,129 @@
+//! The Mamba2 mixer of a Bamba layer (HF's `BambaMixer`): in_proj, causal
+//! depthwise conv, the SSD scan with D skip, gated RMSNorm, out_proj.
+
+// `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
+#![allow(non_snake_case)]
+
+use burn::module::{Module, Param};
+use burn::tensor::Tensor;
+use burn::tensor::activation::{silu, softplus};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::conv1d;
+use burn::tensor::ops::ConvOptions;
+
+use crate::config::BambaConfig;
+use crate::error::ModelError;
+use crate::linear::Linear;
+use crate::norm::RmsNormGated;
+use crate::params::VarBuilder;
+use crate::ssd::ssd_chunked;
+
+/// Depthwise causal conv over the sequence, weight `[channels, 1, d_conv]` as
+/// in `torch.nn.Conv1d(groups=channels)`.
+#[derive(Module, Debug)]
+pub struct CausalConv1d<B: Backend> {
+    pub weight: Param<Tensor<B, 3>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> CausalConv1d<B> {
+    /// `[b, l, c] -> [b, l, c]`; output `t` sees inputs `t-d_conv+1 ..= t`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [_, l, c] = x.dims();
+        let k = self.weight.dims()[2];
+        // Symmetric padding k-1 then keep the first l outputs: left padding only.
+        let y = conv1d(
+            x.swap_dims(1, 2),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            ConvOptions::new([1], [k - 1], [1], c),
+        );
+        y.narrow(2, 0, l).swap_dims(1, 2)
+    }
+}
+
+#[allow(non_snake_case)]
+#[derive(Module, Debug)]
+pub struct BambaMixer<B: Backend> {
+    pub in_proj: Linear<B>,
+    pub conv1d: CausalConv1d<B>,
+    pub dt_bias: Param<Tensor<B, 1>>,
+    pub A_log: Param<Tensor<B, 1>>,
+    pub D: Param<Tensor<B, 1>>,
+    pub norm: RmsNormGated<B>,
+    pub out_proj: Linear<B>,
+    pub n_heads: usize,
+    pub d_head: usize,
+    pub n_groups: usize,
+    pub d_state: usize,
+    pub chunk_size: usize,
+    pub dt_min: f64,
+    pub dt_max: f64,
+}
+
+impl<B: Backend> BambaMixer<B> {
+    pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
+        let (h, di, cd, nh) = (
+            cfg.hidden_size,
+            cfg.d_inner(),
+            cfg.conv_dim(),
+            cfg.mamba_n_heads,
+        );
+        let conv = vb.pp("conv1d");
+        Ok(Self {
+            in_proj: Linear::new(&vb.pp("in_proj"), h, cfg.in_proj_dim(), cfg.mamba_proj_bias)?,
+            conv1d: CausalConv1d {
+                weight: conv.get("weight", [cd, 1, cfg.mamba_d_conv])?,
+                bias: if cfg.mamba_conv_bias {
+                    Some(conv.get("bias", [cd])?)
+                } else {
+                    None
+                },
+            },
+            dt_bias: vb.get("dt_bias", [nh])?,
+            A_log: vb.get("A_log", [nh])?,
+            D: vb.get("D", [nh])?,
+            norm: RmsNormGated::new(&vb.pp("norm"), di, cfg.rms_norm_eps)?,
+            out_proj: Linear::new(&vb.pp("out_proj"), di, h, cfg.mamba_proj_bias)?,
+            n_heads: nh,
+            d_head: cfg.mamba_d_head,
+            n_groups: cfg.mamba_n_groups,
+            d_state: cfg.mamba_d_state,
+            chunk_size: cfg.mamba_chunk_size,
+            dt_min: cfg.time_step_limit.0,
+            dt_max: cfg.time_step_limit.1,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, l, _] = x.dims();
+        let (nh, p, g, n) = (self.n_heads, self.d_head, self.n_groups, self.d_state);
+        let di = nh * p;
+
+        // in_proj splits, in this order: z (gate), xBC (conv input), dt.
+        let proj = self.in_proj.forward(x);
+        let conv_dim = di + 2 * g * n;
+        let z = proj.clone().narrow(2, 0, di);
+        let xbc = proj.clone().narrow(2, di, conv_dim);
+        let dt = proj.narrow(2, di + conv_dim, nh);
+
+        let xbc = silu(self.conv1d.forward(xbc));
+        let xs = xbc.clone().narrow(2, 0, di).reshape([b, l, nh, p]);
+        let bm = xbc.clone().narrow(2, di, g * n).reshape([b, l, g, n]);
+        let cm = xbc.narrow(2, di + g * n, g * n).reshape([b, l, g, n]);
+
+        let dt = softplus(dt + self.dt_bias.val().reshape([1, 1, nh]), 1.0);
+        // (0, inf) is HF's "no limit"; softplus is already > 0.
+        let dt = if self.dt_min > 0.0 || self.dt_max.is_finite() {
+            dt.clamp(self.dt_min, self.dt_max)
+        } else {
+            dt
+        };
+        let a = self.A_log.val().exp().neg();
+
+        let y = ssd_chunked(xs.clone(), dt, a, bm, cm, self.chunk_size);
+        let y = y + xs * self.D.val().reshape([1, 1, nh, 1]);
+        let y = self.norm.forward(y.reshape([b, l, di]), z);
+        self.out_proj.forward(y)
+    }
+}

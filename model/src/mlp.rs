@@ -1,0 +1,34 @@
+//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+
+use crate::config::BambaConfig;
+use crate::error::ModelError;
+use crate::linear::Linear;
+use crate::params::VarBuilder;
+
+#[derive(Module, Debug)]
+pub struct BambaMlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> BambaMlp<B> {
+    pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
+        let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::new(&vb.pp("gate_proj"), h, m, false)?,
+            up_proj: Linear::new(&vb.pp("up_proj"), h, m, false)?,
+            down_proj: Linear::new(&vb.pp("down_proj"), m, h, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

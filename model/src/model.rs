@@ -1,0 +1,151 @@
+//! `BambaForCausalLM`: embeddings, the layer stack, final norm, LM head, and
+//! the causal-LM loss (cross-entropy with optional z-loss).
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+
+use crate::config::BambaConfig;
+use crate::error::ModelError;
+use crate::layer::BambaDecoderLayer;
+use crate::linear::{Embedding, Linear};
+use crate::norm::RmsNorm;
+use crate::params::VarBuilder;
+use crate::rope::rope_tables;
+
+#[derive(Module, Debug)]
+pub struct BambaModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<BambaDecoderLayer<B>>,
+    pub final_layernorm: RmsNorm<B>,
+    pub rotary_dim: usize,
+    pub rope_theta: f64,
+}
+
+impl<B: Backend> BambaModel<B> {
+    pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BambaDecoderLayer::new(&vb.pp("layers").pp(i), cfg, i))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(&vb.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?,
+            layers,
+            final_layernorm: RmsNorm::new(
+                &vb.pp("final_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            rotary_dim: cfg.rotary_dim(),
+            rope_theta: cfg.rope_theta,
+        })
+    }
+
+    /// Final hidden states `[b, l, hidden]` (after the final norm).
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, l] = input_ids.dims();
+        let mut h = self.embed_tokens.forward(input_ids);
+        let rope = rope_tables(l, self.rotary_dim, self.rope_theta, &h.device());
+        for layer in &self.layers {
+            h = layer.forward(h, &rope);
+        }
+        self.final_layernorm.forward(h)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct BambaForCausalLM<B: Backend> {
+    pub model: BambaModel<B>,
+    /// Absent when `tie_word_embeddings`: the embedding matrix is the head.
+    pub lm_head: Option<Linear<B>>,
+    pub z_loss_coefficient: f64,
+}
+
+impl<B: Backend> BambaForCausalLM<B> {
+    /// Builds the model with HF names from `vb` (seeded init or a checkpoint).
+    pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::new(
+                &vb.pp("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+            )?)
+        };
+        Ok(Self {
+            model: BambaModel::new(&vb.pp("model"), cfg)?,
+            lm_head,
+            z_loss_coefficient: cfg.z_loss_coefficient,
+        })
+    }
+
+    /// Logits `[b, l, vocab]` for `input_ids` `[b, l]`.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let h = self.model.forward(input_ids);
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let [b, l, d] = h.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                h.reshape([b * l, d])
+                    .matmul(w.transpose())
+                    .reshape([b, l, v])
+            }
+        }
+    }
+
+    /// Training loss on packed lines: `targets[t]` is the token after `input_ids[t]`.
+    pub fn loss(&self, input_ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let logits = self.forward(input_ids);
+        causal_lm_loss(logits, targets, self.z_loss_coefficient)
+    }
+}
+
+/// Mean next-token cross-entropy over all positions, in f32, plus
+/// `z_coef * mean(logsumexp(logits)^2)` (PaLM's z-loss) when `z_coef > 0`.
+pub fn causal_lm_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    z_coef: f64,
+) -> Tensor<B, 1> {
+    let [b, l, v] = logits.dims();
+    let logits = logits.cast(DType::F32).reshape([b * l, v]);
+    let lse = logsumexp(logits.clone());
+    let picked = logits.gather(1, targets.reshape([b * l, 1]));
+    let ce = (lse.clone() - picked).mean();
+    if z_coef > 0.0 {
+        ce + lse.powi_scalar(2).mean() * z_coef
+    } else {
+        ce
+    }
+}
+
+/// HF's `BambaForCausalLM` loss on unshifted `input_ids` used as labels:
+/// cross-entropy on `(logits[:, :-1], ids[:, 1:])`, z-loss over every position.
+pub fn hf_causal_lm_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    z_coef: f64,
+) -> Tensor<B, 1> {
+    let [b, l, v] = logits.dims();
+    let ce = causal_lm_loss(
+        logits.clone().narrow(1, 0, l - 1),
+        input_ids.narrow(1, 1, l - 1),
+        0.0,
+    );
+    if z_coef > 0.0 {
+        let lse = logsumexp(logits.cast(DType::F32).reshape([b * l, v]));
+        ce + lse.powi_scalar(2).mean() * z_coef
+    } else {
+        ce
+    }
+}
+
+/// Row-wise `log(sum(exp(x)))` of `[rows, v]`, shifted by the row max for range.
+fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().max_dim(1).detach();
+    (x - max.clone()).exp().sum_dim(1).log() + max
+}

@@ -1,0 +1,62 @@
+//! Rotary position embeddings, GPT-NeoX style (rotate_half, not interleaved),
+//! on the first `rotary_dim` dims of each head; the rest pass through.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// cos/sin tables for positions `0..seq`, each `[1, 1, seq, rotary_dim]`.
+/// Built in f32 the way HF builds them (`inv_freq` from f32 powers, angles as
+/// f32 products) so positions far from 0 round the same.
+pub fn rope_tables<B: Backend>(
+    seq: usize,
+    rotary_dim: usize,
+    theta: f64,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let half = rotary_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(seq * rotary_dim);
+    let mut sin = Vec::with_capacity(seq * rotary_dim);
+    for t in 0..seq {
+        // emb = cat(freqs, freqs)
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let angle = t as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let table =
+        |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [1, 1, seq, rotary_dim]), device);
+    (table(cos), table(sin))
+}
+
+/// Applies the rotation to `[b, heads, seq, head_dim]`.
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [_, _, _, hd] = x.dims();
+    let rd = cos.dims()[3];
+    let dtype = x.dtype();
+    let (cos, sin) = (cos.clone().cast(dtype), sin.clone().cast(dtype));
+    let rot = x.clone().narrow(3, 0, rd);
+    let rotated = rot.clone() * cos + rotate_half(rot) * sin;
+    if rd == hd {
+        rotated
+    } else {
+        Tensor::cat(vec![rotated, x.narrow(3, rd, hd - rd)], 3)
+    }
+}
+
+/// `[x1, x2] -> [-x2, x1]` over the last dim.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, d);
+    let x2 = x.narrow(3, d, d);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}

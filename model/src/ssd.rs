@@ -1,0 +1,204 @@
+//! The chunked SSD algorithm of Mamba2 (Dao & Gu 2024, "Transformers are
+//! SSMs", listing 1; HF's `torch_forward`), as batched matmuls. Pure math on
+//! burn tensors: it runs on any backend and autodiff differentiates it.
+//!
+//! Per head the recurrence is `h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T`,
+//! `y_t = C_t h_t`. Inside a chunk of Q steps it is a masked (causal) matrix
+//! product; chunk-final states carry across chunks by the same decay.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, DType, Tensor};
+
+/// `y` of the SSM (without the `D x` skip), computed in f32.
+///
+/// * `x`: `[b, l, h, p]` inputs per head
+/// * `dt`: `[b, l, h]` time steps (after softplus and clamp)
+/// * `a`: `[h]` negative decay rates (`-exp(A_log)`)
+/// * `bm`, `cm`: `[b, l, g, n]`; group `g` serves heads `g*h/G .. (g+1)*h/G`
+///
+/// Any `l` works: the sequence is zero-padded to a multiple of `chunk` and
+/// cropped after (padding adds nothing to earlier positions: causal).
+pub fn ssd_chunked<B: Backend>(
+    x: Tensor<B, 4>,
+    dt: Tensor<B, 3>,
+    a: Tensor<B, 1>,
+    bm: Tensor<B, 4>,
+    cm: Tensor<B, 4>,
+    chunk: usize,
+) -> Tensor<B, 4> {
+    let [b, l, h, p] = x.dims();
+    let [_, _, g, n] = bm.dims();
+    let dtype = x.dtype();
+    let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
+    let (x, bm, cm) = (f32(x), f32(bm), f32(cm));
+    let (dt, a) = (dt.cast(DType::F32), a.cast(DType::F32));
+
+    let q = chunk;
+    let pad = (q - l % q) % q;
+    let nc = (l + pad) / q;
+
+    // Discretise: x dt and A dt.
+    let x = x * dt.clone().unsqueeze_dim::<4>(3);
+    let adt = dt * a.reshape([1, 1, h]);
+
+    // [b, l, ...] -> [b, h, chunk, step, ...]: heads and chunks become batch dims.
+    let x = pad_seq(x, pad)
+        .reshape([b, nc, q, h, p])
+        .permute([0, 3, 1, 2, 4]);
+    let adt = pad_seq(adt, pad)
+        .reshape([b, nc, q, h])
+        .permute([0, 3, 1, 2]);
+    let per_head = |t: Tensor<B, 4>| -> Tensor<B, 5> {
+        pad_seq(t, pad)
+            .reshape([b, nc, q, g, 1, n])
+            .expand([b, nc, q, g, h / g, n])
+            .reshape([b, nc, q, h, n])
+            .permute([0, 3, 1, 2, 4])
+    };
+    let (bm, cm) = (per_head(bm), per_head(cm));
+
+    let a_cumsum = adt.clone().cumsum(3); // [b, h, nc, q]
+
+    // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix.
+    let decay = segsum::<B, 4, 5>(adt).exp(); // [b, h, nc, q, q]
+    let scores = cm.clone().matmul(bm.clone().swap_dims(3, 4));
+    let y_diag = (scores * decay).matmul(x.clone()); // [b, h, nc, q, p]
+
+    // 2. The state each chunk leaves behind, from its own inputs only.
+    let a_last = a_cumsum.clone().narrow(3, q - 1, 1); // [b, h, nc, 1]
+    let decay_to_end = (a_last.clone() - a_cumsum.clone()).exp();
+    let states = (bm * decay_to_end.unsqueeze_dim::<5>(4))
+        .swap_dims(3, 4)
+        .matmul(x); // [b, h, nc, n, p]
+
+    // 3. Carry states across chunks: the state entering chunk c.
+    let device = states.device();
+    let states = Tensor::cat(vec![Tensor::zeros([b, h, 1, n, p], &device), states], 2);
+    let chunk_a = Tensor::cat(
+        vec![
+            Tensor::zeros([b, h, 1], &device),
+            a_last.reshape([b, h, nc]),
+        ],
+        2,
+    );
+    let chunk_decay = segsum::<B, 3, 4>(chunk_a).exp(); // [b, h, nc+1, nc+1]
+    let carried = chunk_decay.matmul(states.reshape([b, h, nc + 1, n * p]));
+    let entering = carried.narrow(2, 0, nc).reshape([b, h, nc, n, p]);
+
+    // 4. What the entering state contributes to each step of the chunk.
+    let y_off = cm.matmul(entering) * a_cumsum.exp().unsqueeze_dim::<5>(4);
+
+    (y_diag + y_off)
+        .permute([0, 2, 3, 1, 4])
+        .reshape([b, nc * q, h, p])
+        .narrow(1, 0, l)
+        .cast(dtype)
+}
+
+/// `out[.., i, j] = x[j+1] + ... + x[i]` for `j <= i`, `-inf` above the diagonal.
+/// Summed by masked cumsum rather than `cumsum[i] - cumsum[j]`, which loses
+/// precision when the totals are large; masked with -inf *before* `exp` so the
+/// upper triangle is an exact 0 and never `inf * 0`.
+fn segsum<B: Backend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tensor<B, D2> {
+    let mut shape = [0; D2];
+    shape[..D].copy_from_slice(&x.dims());
+    let t = shape[D - 1];
+    shape[D] = t;
+    let device = x.device();
+    let strict_upper = Tensor::<B, 2, Bool>::tril_mask([t, t], -1, &device)
+        .unsqueeze::<D2>()
+        .expand(shape);
+    let upper = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
+        .unsqueeze::<D2>()
+        .expand(shape);
+    x.unsqueeze_dim::<D2>(D)
+        .expand(shape)
+        .mask_fill(strict_upper, 0.0)
+        .cumsum(D - 1)
+        .mask_fill(upper, f32::NEG_INFINITY)
+}
+
+/// Zero-pads dim 1 (the sequence) by `pad` steps.
+fn pad_seq<B: Backend, const D: usize>(x: Tensor<B, D>, pad: usize) -> Tensor<B, D> {
+    if pad == 0 {
+        return x;
+    }
+    let mut shape = x.dims();
+    shape[1] = pad;
+    let zeros = Tensor::zeros(shape, &x.device());
+    Tensor::cat(vec![x, zeros], 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, TensorData};
+
+    type B = Flex;
+
+    /// The recurrence stepped one token at a time, in f64 on the host.
+    fn sequential(
+        x: &[f32],
+        dt: &[f32],
+        a: &[f32],
+        bm: &[f32],
+        cm: &[f32],
+        dims: [usize; 6],
+    ) -> Vec<f64> {
+        let [b, l, h, p, g, n] = dims;
+        let mut y = vec![0f64; b * l * h * p];
+        for bi in 0..b {
+            for hi in 0..h {
+                let gi = hi / (h / g);
+                let mut state = vec![0f64; p * n];
+                for t in 0..l {
+                    let d = dt[(bi * l + t) * h + hi] as f64;
+                    let decay = (d * a[hi] as f64).exp();
+                    for pi in 0..p {
+                        let xv = x[((bi * l + t) * h + hi) * p + pi] as f64;
+                        let mut acc = 0.0;
+                        for ni in 0..n {
+                            let bv = bm[((bi * l + t) * g + gi) * n + ni] as f64;
+                            let cv = cm[((bi * l + t) * g + gi) * n + ni] as f64;
+                            let s = &mut state[pi * n + ni];
+                            *s = decay * *s + d * bv * xv;
+                            acc += cv * *s;
+                        }
+                        y[((bi * l + t) * h + hi) * p + pi] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn chunked_scan_equals_the_recurrence_for_any_length() {
+        let dev = Default::default();
+        let (b, h, p, g, n) = (2, 4, 3, 2, 5);
+        for (l, chunk) in [(13, 4), (16, 4), (3, 8), (1, 4)] {
+            let x = Tensor::<B, 4>::random([b, l, h, p], Distribution::Normal(0.0, 1.0), &dev);
+            let dt = Tensor::<B, 3>::random([b, l, h], Distribution::Uniform(0.01, 0.5), &dev);
+            let a = Tensor::<B, 1>::random([h], Distribution::Uniform(-4.0, -0.5), &dev);
+            let bm = Tensor::<B, 4>::random([b, l, g, n], Distribution::Normal(0.0, 1.0), &dev);
+            let cm = Tensor::<B, 4>::random([b, l, g, n], Distribution::Normal(0.0, 1.0), &dev);
+            let v = |t: TensorData| t.to_vec::<f32>().unwrap();
+            let want = sequential(
+                &v(x.to_data()),
+                &v(dt.to_data()),
+                &v(a.to_data()),
+                &v(bm.to_data()),
+                &v(cm.to_data()),
+                [b, l, h, p, g, n],
+            );
+            let got = v(ssd_chunked(x, dt, a, bm, cm, chunk).into_data());
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (*g as f64 - w).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-4, "l={l} chunk={chunk}: max error {err}");
+        }
+    }
+}

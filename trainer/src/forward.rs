@@ -1,0 +1,124 @@
+//! One forward and backward pass of an HF checkpoint on given token ids:
+//! logits, HF's causal-LM loss (`labels = input_ids`) and every gradient by
+//! HF name. The parity check against transformers runs through here.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use bamba_model::hf::{named_grads, to_f32};
+use bamba_model::{BambaConfig, BambaForCausalLM, NamedTensor, hf_causal_lm_loss};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+pub struct ForwardOutputs {
+    pub logits: NamedTensor,
+    pub loss: f32,
+    pub grads: Vec<NamedTensor>,
+}
+
+/// Reads `input_ids` (int64 or int32, `[batch, seq]`) from a safetensors file.
+pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, [usize; 2])> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let t = st
+        .tensor("input_ids")
+        .with_context(|| format!("{}: no tensor `input_ids`", path.display()))?;
+    let [b, s] = t.shape() else {
+        bail!(
+            "{}: `input_ids` must be [batch, seq], found {:?}",
+            path.display(),
+            t.shape()
+        )
+    };
+    let ids: Vec<i64> = match t.dtype() {
+        Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::I32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect(),
+        d => bail!(
+            "{}: `input_ids` has dtype {d:?}; int64 or int32 expected",
+            path.display()
+        ),
+    };
+    Ok((ids, [*b, *s]))
+}
+
+/// Runs the pass on backend `B`.
+pub fn run<B: AutodiffBackend>(
+    model_dir: &Path,
+    ids: &[i64],
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Result<ForwardOutputs> {
+    let (model, cfg) = BambaForCausalLM::<B>::from_hf_dir(model_dir, device)?;
+    check_ids(&cfg, ids)?;
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), shape), device);
+    let logits = model.forward(input.clone());
+    let loss = hf_causal_lm_loss(logits.clone(), input, cfg.z_loss_coefficient);
+    let grads = loss.backward();
+    let grads = named_grads(&model, &grads);
+    let [b, s, v] = logits.dims();
+    Ok(ForwardOutputs {
+        logits: NamedTensor {
+            name: "logits".into(),
+            shape: vec![b, s, v],
+            values: to_f32(logits.into_data()),
+        },
+        loss: to_f32(loss.into_data())[0],
+        grads,
+    })
+}
+
+fn check_ids(cfg: &BambaConfig, ids: &[i64]) -> Result<()> {
+    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= cfg.vocab_size) {
+        bail!(
+            "input id {bad} is outside the vocabulary (0..{})",
+            cfg.vocab_size
+        );
+    }
+    Ok(())
+}
+
+/// Writes `logits`, `loss` and `grad.<name>` as f32 safetensors.
+pub fn write_outputs(path: &Path, out: &ForwardOutputs) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
+        (
+            "logits".into(),
+            out.logits.shape.clone(),
+            le_bytes(&out.logits.values),
+        ),
+        ("loss".into(), vec![1], le_bytes(&[out.loss])),
+    ];
+    for g in &out.grads {
+        tensors.push((
+            format!("grad.{}", g.name),
+            g.shape.clone(),
+            le_bytes(&g.values),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d)?,
+            ))
+        })
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
