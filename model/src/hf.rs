@@ -238,6 +238,7 @@ impl SaveDtype {
 }
 
 /// A tensor on the host, by HF name, f32.
+#[derive(Debug, Clone)]
 pub struct NamedTensor {
     pub name: String,
     pub shape: Vec<usize>,
@@ -437,4 +438,133 @@ pub fn to_f32(data: TensorData) -> Vec<f32> {
     data.convert::<f32>()
         .to_vec::<f32>()
         .expect("float tensor converts to f32")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BambaForCausalLM, ModelError};
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    fn tiny() -> (BambaConfig, Vec<NamedTensor>) {
+        let cfg = BambaConfig::tiny();
+        let model = BambaForCausalLM::<B>::init(&cfg, 3, &Default::default()).unwrap();
+        let tensors = named_tensors(&model);
+        (cfg, tensors)
+    }
+
+    fn reload(dir: &Path) -> Result<Vec<NamedTensor>, ModelError> {
+        let (model, _) = BambaForCausalLM::<B>::from_hf_dir(dir, &Default::default())?;
+        Ok(named_tensors(&model))
+    }
+
+    #[test]
+    fn names_and_shapes_are_the_configs() {
+        let (cfg, tensors) = tiny();
+        let got: Vec<(String, Vec<usize>)> = tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        let mut want = cfg.parameter_shapes();
+        let mut got_sorted = got.clone();
+        want.sort();
+        got_sorted.sort();
+        assert_eq!(got_sorted, want);
+        let count: usize = tensors.iter().map(|t| t.values.len()).sum();
+        assert_eq!(count as u64, cfg.num_parameters());
+    }
+
+    #[test]
+    fn round_trips_single_and_sharded_in_every_dtype() {
+        let (cfg, tensors) = tiny();
+        for (dtype, shard_bytes) in [
+            (SaveDtype::F32, usize::MAX),
+            (SaveDtype::BF16, 40_000),
+            (SaveDtype::F16, 100_000),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            save_hf(dir.path(), &cfg, &tensors, dtype, shard_bytes).unwrap();
+            assert_eq!(
+                dir.path().join(INDEX_FILE).exists(),
+                shard_bytes != usize::MAX,
+                "{dtype:?}"
+            );
+            let back = reload(dir.path()).unwrap();
+            for (a, b) in tensors.iter().zip(&back) {
+                assert_eq!(a.name, b.name);
+                let round = |v: f32| match dtype {
+                    SaveDtype::F32 => v,
+                    SaveDtype::BF16 => half::bf16::from_f32(v).to_f32(),
+                    SaveDtype::F16 => half::f16::from_f32(v).to_f32(),
+                };
+                assert!(
+                    a.values.iter().zip(&b.values).all(|(x, y)| round(*x) == *y),
+                    "{dtype:?} {}",
+                    a.name
+                );
+            }
+            assert_eq!(
+                BambaConfig::from_file(dir.path().join("config.json")).unwrap(),
+                cfg
+            );
+        }
+    }
+
+    #[test]
+    fn missing_extra_misshaped_and_truncated_tensors_are_named() {
+        let (cfg, mut tensors) = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let removed = tensors.remove(5);
+        save_hf(dir.path(), &cfg, &tensors, SaveDtype::F32, usize::MAX).unwrap();
+        let e = reload(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(&removed.name) && e.contains("missing"), "{e}");
+
+        tensors.insert(5, removed);
+        tensors.push(NamedTensor {
+            name: "model.layers.0.bogus.weight".into(),
+            shape: vec![2],
+            values: vec![0.0; 2],
+        });
+        save_hf(dir.path(), &cfg, &tensors, SaveDtype::F32, usize::MAX).unwrap();
+        let e = reload(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("model.layers.0.bogus.weight") && e.contains("does not have"),
+            "{e}"
+        );
+
+        tensors.pop();
+        let t = tensors
+            .iter_mut()
+            .find(|t| t.name == "model.layers.0.mamba.D")
+            .unwrap();
+        t.shape = vec![t.values.len() / 2, 2];
+        save_hf(dir.path(), &cfg, &tensors, SaveDtype::F32, usize::MAX).unwrap();
+        let e = reload(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("model.layers.0.mamba.D") && e.contains("shape"),
+            "{e}"
+        );
+
+        let t = tensors
+            .iter_mut()
+            .find(|t| t.name == "model.layers.0.mamba.D")
+            .unwrap();
+        t.shape = vec![t.values.len()];
+        save_hf(dir.path(), &cfg, &tensors, SaveDtype::F32, usize::MAX).unwrap();
+        let file = dir.path().join(SINGLE_FILE);
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
+        let e = reload(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
+    }
 }
