@@ -49,6 +49,10 @@ pub enum DataError {
     Config(String),
     #[error("{path}: bad counts file: {reason}")]
     Counts { path: PathBuf, reason: String },
+    #[error("{0} (--strict makes bad records fatal)")]
+    BadInput(String),
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
     #[error("loader state does not fit this run: {0}")]
     State(String),
     #[error("data exhausted on rank {rank}: every document was read `epochs` times")]
