@@ -4,4 +4,5 @@
 //! here so that tests drive the same code paths.
 
 pub mod backend;
+pub mod dist;
 pub mod forward;
