@@ -36,6 +36,8 @@ pub struct Catalog {
     pub root: PathBuf,
     pub files: Vec<FileInfo>,
     pub blocks: Vec<Block>,
+    /// (first block, block count) of every non-empty row group, file order.
+    pub groups: Vec<(u64, u64)>,
     pub documents: u64,
     pub tokens: u64,
     pub block_docs: u64,
@@ -110,6 +112,7 @@ impl Catalog {
             root: root.clone(),
             files,
             blocks: Vec::new(),
+            groups: Vec::new(),
             documents,
             tokens,
             block_docs: 0,
@@ -132,10 +135,14 @@ impl Catalog {
         let block_docs = block_docs.max(1);
         self.block_docs = block_docs;
         self.blocks.clear();
+        self.groups.clear();
         let mut first_doc = 0;
         for (fi, f) in self.files.iter().enumerate() {
             for (gi, &n) in f.groups.iter().enumerate() {
                 let k = n.div_ceil(block_docs);
+                if k > 0 {
+                    self.groups.push((self.blocks.len() as u64, k));
+                }
                 for i in 0..k {
                     let (a, b) = (n * i / k, n * (i + 1) / k);
                     self.blocks.push(Block {
@@ -234,6 +241,7 @@ mod tests {
             root: PathBuf::new(),
             files,
             blocks: vec![],
+            groups: vec![],
             documents,
             tokens: documents * 100,
             block_docs: 0,
@@ -247,6 +255,7 @@ mod tests {
         let rows: Vec<u64> = c.blocks.iter().map(|b| b.rows).collect();
         assert_eq!(rows, vec![3, 3, 4, 3, 3, 4]);
         assert_eq!(c.blocks.iter().map(|b| b.rows).sum::<u64>(), 20);
+        assert_eq!(c.groups, vec![(0, 3), (3, 1), (4, 2)]);
         for doc in 0..20 {
             let (b, r) = c.locate(doc).unwrap();
             assert_eq!(c.blocks[b].first_doc + r as u64, doc);

@@ -7,6 +7,7 @@
 //! `state` (what is saved and how resume and rescale work), then the stages:
 //! `catalog` and `source` (files), `shards`, `mixture`, `packing`, `shuffle`.
 
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod counts;

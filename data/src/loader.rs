@@ -22,7 +22,7 @@ use crate::error::{DataError, Result};
 use crate::mixture::Mixture;
 use crate::packing::{Framing, Line, Packer, Piece};
 use crate::shards::{
-    Cursor, block_key, epoch_key, name_key, owned, permute, pick_shard, shard_positions,
+    Cursor, EpochOrder, block_key, epoch_key, name_key, owned, permute, pick_shard, shard_positions,
 };
 use crate::shuffle::{Rng, ShuffleBuffer};
 use crate::state::{DatasetLayout, LoaderState, RankStart, RunShape, STATE_VERSION, Segment};
@@ -196,6 +196,8 @@ impl Loader {
             tokens: mixture_tokens,
             replay,
             restore: current,
+            active: vec![None; names.len()],
+            orders: vec![Vec::new(); names.len()],
             delta: Delta::default(),
         };
         let (tx, rx) = bounded(cfg.prefetch.max(1));
@@ -422,6 +424,12 @@ struct Producer {
     replay: VecDeque<Segment>,
     /// The partly cut document of a resumed state, re-read on start.
     restore: Option<Segment>,
+    /// `pick_shard`'s answer per dataset, valid until that shard's epoch
+    /// ends (reading a shard only makes it more advanced).
+    active: Vec<Option<usize>>,
+    /// Block orders of the epochs being read, per dataset (at most two:
+    /// a rank's shards are at most one epoch apart).
+    orders: Vec<Vec<Arc<EpochOrder>>>,
     delta: Delta,
 }
 
@@ -495,25 +503,39 @@ impl Producer {
         }
     }
 
+    fn order(&mut self, d: usize, epoch: u64) -> Arc<EpochOrder> {
+        if let Some(o) = self.orders[d].iter().find(|o| o.epoch == epoch) {
+            return o.clone();
+        }
+        let cat = &self.catalogs[d];
+        let key = epoch_key(self.cfg.seed, name_key(&cat.name), epoch);
+        let o = Arc::new(EpochOrder::new(&cat.groups, key, epoch));
+        let cache = &mut self.orders[d];
+        if cache.len() >= 2 {
+            cache.remove(0);
+        }
+        cache.push(o.clone());
+        o
+    }
+
     /// The next document of dataset `d` on this rank, advancing its shard.
     fn next_doc(&mut self, d: usize) -> Result<Option<Piece>> {
-        let Some(i) = pick_shard(&self.cursors[d], &self.sizes[d]) else {
+        let Some(i) = self.active[d].or_else(|| pick_shard(&self.cursors[d], &self.sizes[d]))
+        else {
             return Ok(None);
         };
+        self.active[d] = Some(i);
         let c = self.cursors[d][i];
         if self.cfg.epochs.is_some_and(|e| c.epoch >= e) {
             return Ok(None);
         }
+        let order = self.order(d, c.epoch);
         let cat = &self.catalogs[d];
         let shard = self.shard0 + i;
         let key = name_key(&cat.name);
         let nb = cat.blocks.len() as u64;
         let positions = shard_positions(nb, self.cfg.logical_shards, shard);
-        let block = permute(
-            positions.start + c.block,
-            nb,
-            epoch_key(self.cfg.seed, key, c.epoch),
-        ) as usize;
+        let block = order.block(&cat.groups, positions.start + c.block);
         let rows = cat.blocks[block].rows;
         let row = permute(
             c.doc,
@@ -537,6 +559,7 @@ impl Producer {
                     block: 0,
                     doc: 0,
                 };
+                self.active[d] = None;
             }
         }
         self.cursors[d][i] = next;

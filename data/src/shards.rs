@@ -1,9 +1,12 @@
 //! Logical shards: the fixed partition of every sub-dataset that makes the
 //! loader rescalable.
 //!
-//! Each epoch, a dataset's blocks are put in a seeded pseudo-random order and
-//! logical shard `s` of `L` takes positions `s*nb/L .. (s+1)*nb/L` of it, so a
-//! shard is a random sample of the whole dataset, and differs every epoch.
+//! Each epoch, a dataset's row groups are put in a seeded pseudo-random order
+//! (each keeping its blocks together, in file order, so a row group is decoded
+//! front to back once) and logical shard `s` of `L` takes block positions
+//! `s*nb/L .. (s+1)*nb/L` of that order: a shard is a random sample of the
+//! whole dataset's row groups, different every epoch, and shards differ in
+//! size by at most one block.
 //! Rank `r` of `W` owns shards `r*L/W .. (r+1)*L/W` of every dataset, so any
 //! `W` dividing `L` gives each rank whole shards. A shard's progress is one
 //! small [`Cursor`]; nothing else about reading is per rank, which is what
@@ -79,7 +82,39 @@ pub fn permute(i: u64, n: u64, key: u64) -> u64 {
     }
 }
 
-/// Key of a dataset's block order in an epoch.
+/// One epoch's block order of a dataset.
+#[derive(Debug, Clone)]
+pub struct EpochOrder {
+    pub epoch: u64,
+    key: u64,
+    /// `starts[j]` is the position of the first block of the j-th row group
+    /// in this order; one more entry holds the block count.
+    starts: Vec<u64>,
+}
+
+impl EpochOrder {
+    /// `groups` is (first block, block count) per row group, file order.
+    pub fn new(groups: &[(u64, u64)], key: u64, epoch: u64) -> EpochOrder {
+        let n = groups.len() as u64;
+        let mut starts = Vec::with_capacity(groups.len() + 1);
+        let mut at = 0;
+        for j in 0..n {
+            starts.push(at);
+            at += groups[permute(j, n, key) as usize].1;
+        }
+        starts.push(at);
+        EpochOrder { epoch, key, starts }
+    }
+
+    /// The block at position `p`.
+    pub fn block(&self, groups: &[(u64, u64)], p: u64) -> usize {
+        let j = self.starts.partition_point(|&s| s <= p) - 1;
+        let g = permute(j as u64, groups.len() as u64, self.key) as usize;
+        (groups[g].0 + p - self.starts[j]) as usize
+    }
+}
+
+/// Key of a dataset's row-group order in an epoch.
 pub fn epoch_key(seed: u64, dataset: u64, epoch: u64) -> u64 {
     mix(mix(seed ^ dataset) ^ epoch)
 }
@@ -125,6 +160,22 @@ mod tests {
         let b: Vec<u64> = (0..100).map(|i| permute(i, 100, 2)).collect();
         assert_ne!(a, b, "different keys give different orders");
         assert_ne!(a, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn epoch_order_keeps_row_groups_together() {
+        let groups = [(0u64, 3u64), (3, 1), (4, 2), (6, 4)];
+        let o = EpochOrder::new(&groups, 9, 0);
+        let blocks: Vec<usize> = (0..10).map(|p| o.block(&groups, p)).collect();
+        let mut sorted = blocks.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        for w in blocks.windows(2) {
+            let same_group = groups.iter().any(|&(f, n)| {
+                (f..f + n).contains(&(w[0] as u64)) && (f..f + n).contains(&(w[1] as u64))
+            });
+            assert!(!same_group || w[1] == w[0] + 1, "{blocks:?}");
+        }
     }
 
     #[test]

@@ -20,7 +20,11 @@ struct Args {
     #[arg(short, long)]
     output: PathBuf,
     /// A tokenizers `tokenizer.json` (scripts/data/fetch_tokenizer.sh gets Llama-3's).
-    #[arg(long, env = "BAMBA_TOKENIZER", default_value = "target/tokenizer/tokenizer.json")]
+    #[arg(
+        long,
+        env = "BAMBA_TOKENIZER",
+        default_value = "target/tokenizer/tokenizer.json"
+    )]
     tokenizer: PathBuf,
     /// JSON field or parquet column holding the text.
     #[arg(long, default_value = "text")]
@@ -50,9 +54,11 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let opts = TokenizeOptions {
         inputs: a.inputs,
         output: a.output,

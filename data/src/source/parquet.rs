@@ -2,18 +2,22 @@
 //! `bamba-tokenize` writes and what HF `datasets` saves (`input_ids`).
 //!
 //! Reads go one row range of one row group at a time with a projection on the
-//! token column, so memory is bounded by a block, never by the file.
+//! token column, so memory is bounded by a block, never by the file. The
+//! loader asks for the blocks of a row group in ascending order, so the
+//! decoder is kept open and continues where the last block ended: skipping
+//! rows in a list column means decoding them, and restarting for every block
+//! made reads quadratic in the row-group size.
 
 use std::fs::File;
 use std::path::Path;
 
-use arrow_array::Array;
 use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef};
 use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
 
 use super::{DocBlock, FileInfo, Format, TOKEN_TYPES, is_token_type, push_tokens};
@@ -25,6 +29,16 @@ pub struct OpenFile {
     file: File,
     meta: ArrowReaderMetadata,
     mask: ProjectionMask,
+    stream: Option<Stream>,
+}
+
+/// A decoder positioned inside one row group.
+struct Stream {
+    group: usize,
+    next_row: u64,
+    reader: ParquetRecordBatchReader,
+    /// Rows decoded but not yet handed out.
+    pending: Option<ArrayRef>,
 }
 
 fn open(path: &Path, column: &str) -> Result<(OpenFile, usize)> {
@@ -68,6 +82,7 @@ fn open(path: &Path, column: &str) -> Result<(OpenFile, usize)> {
             file,
             meta,
             mask,
+            stream: None,
         },
         root,
     ))
@@ -108,13 +123,67 @@ pub fn read(
     if cache.as_ref().map(|f| f.path != info.path).unwrap_or(true) {
         *cache = Some(open(&info.path, column)?.0);
     }
-    let Some(f) = cache.as_ref() else {
+    let Some(f) = cache.as_mut() else {
         unreachable!("cache filled above")
     };
-    let perr = |source| DataError::Parquet {
-        path: info.path.clone(),
-        source,
+    let resume = f
+        .stream
+        .as_ref()
+        .is_some_and(|s| s.group == group && s.next_row == start);
+    if !resume {
+        let group_rows = info.groups.get(group).copied().unwrap_or(0);
+        f.stream = Some(Stream {
+            group,
+            next_row: start,
+            reader: open_stream(
+                f,
+                info,
+                group,
+                start,
+                group_rows.saturating_sub(start),
+                rows,
+            )?,
+            pending: None,
+        });
+    }
+    let Some(stream) = f.stream.as_mut() else {
+        unreachable!("stream opened above")
     };
+    let mut block = DocBlock::new();
+    let mut left = rows;
+    while left > 0 {
+        let batch = match stream.pending.take() {
+            Some(b) => b,
+            None => match stream.reader.next() {
+                Some(b) => b
+                    .map_err(|source| DataError::Arrow {
+                        path: info.path.clone(),
+                        source,
+                    })?
+                    .column(0)
+                    .clone(),
+                None => break,
+            },
+        };
+        let take = left.min(batch.len());
+        append(&mut block, &batch.slice(0, take), &info.path, column)?;
+        if take < batch.len() {
+            stream.pending = Some(batch.slice(take, batch.len() - take));
+        }
+        left -= take;
+    }
+    stream.next_row = start + (rows - left) as u64;
+    Ok(block)
+}
+
+fn open_stream(
+    f: &OpenFile,
+    info: &FileInfo,
+    group: usize,
+    start: u64,
+    rest: u64,
+    batch: usize,
+) -> Result<ParquetRecordBatchReader> {
     let file = f
         .file
         .try_clone()
@@ -123,35 +192,30 @@ pub fn read(
     if start > 0 {
         selectors.push(RowSelector::skip(start as usize));
     }
-    selectors.push(RowSelector::select(rows));
-    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, f.meta.clone())
+    selectors.push(RowSelector::select(rest as usize));
+    ParquetRecordBatchReaderBuilder::new_with_metadata(file, f.meta.clone())
         .with_projection(f.mask.clone())
         .with_row_groups(vec![group])
         .with_row_selection(RowSelection::from(selectors))
-        .with_batch_size(rows.max(1))
+        .with_batch_size(batch.max(1))
         .build()
-        .map_err(perr)?;
-    let mut block = DocBlock::new();
-    for batch in reader {
-        let batch = batch.map_err(|source| DataError::Arrow {
+        .map_err(|source| DataError::Parquet {
             path: info.path.clone(),
             source,
-        })?;
-        let col = batch.column(0);
-        match col.data_type() {
-            DataType::List(_) => append_list(&mut block, col.as_list::<i32>(), &info.path)?,
-            DataType::LargeList(_) => append_list(&mut block, col.as_list::<i64>(), &info.path)?,
-            other => {
-                return Err(DataError::WrongType {
-                    path: info.path.clone(),
-                    column: column.to_string(),
-                    found: other.to_string(),
-                    expected: format!("list of {TOKEN_TYPES}"),
-                });
-            }
-        }
+        })
+}
+
+fn append(block: &mut DocBlock, col: &ArrayRef, path: &Path, column: &str) -> Result<()> {
+    match col.data_type() {
+        DataType::List(_) => append_list(block, col.as_list::<i32>(), path),
+        DataType::LargeList(_) => append_list(block, col.as_list::<i64>(), path),
+        other => Err(DataError::WrongType {
+            path: path.to_path_buf(),
+            column: column.to_string(),
+            found: other.to_string(),
+            expected: format!("list of {TOKEN_TYPES}"),
+        }),
     }
-    Ok(block)
 }
 
 fn append_list<O: arrow_array::OffsetSizeTrait>(

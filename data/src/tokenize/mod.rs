@@ -80,7 +80,8 @@ impl Job {
     /// The marker, if this input was finished by an earlier run and its
     /// shards are still what the marker says.
     fn finished(&self) -> Option<Done> {
-        let done: Done = serde_json::from_str(&std::fs::read_to_string(self.marker()).ok()?).ok()?;
+        let done: Done =
+            serde_json::from_str(&std::fs::read_to_string(self.marker()).ok()?).ok()?;
         let intact = done.input_bytes == self.bytes
             && done.files.iter().all(|f| {
                 std::fs::metadata(self.out_dir.join(&f.file)).is_ok_and(|m| m.len() == f.bytes)
@@ -116,7 +117,9 @@ fn jobs(opts: &TokenizeOptions) -> Result<Vec<Job>> {
                 input.display()
             )));
         }
-        let bytes = std::fs::metadata(&input).map_err(|e| DataError::io(&input, e))?.len();
+        let bytes = std::fs::metadata(&input)
+            .map_err(|e| DataError::io(&input, e))?
+            .len();
         out.push(Job {
             input,
             out_dir,
@@ -175,7 +178,8 @@ impl Progress {
         if n < 20 {
             self.bar.println(format!("bad record: {b}"));
         } else if n == 20 {
-            self.bar.println("bad record: (more not shown; see the summary count)");
+            self.bar
+                .println("bad record: (more not shown; see the summary count)");
         }
     }
 }
@@ -234,7 +238,11 @@ pub fn run(opts: &TokenizeOptions) -> Result<Summary> {
     if let Some(e) = first_error.into_inner().ok().flatten() {
         return Err(e);
     }
-    let dirs: BTreeSet<PathBuf> = done.iter().chain(&todo).map(|j| j.out_dir.clone()).collect();
+    let dirs: BTreeSet<PathBuf> = done
+        .iter()
+        .chain(&todo)
+        .map(|j| j.out_dir.clone())
+        .collect();
     for dir in dirs {
         write_counts(&dir, &opts.writer.column)?;
     }
