@@ -98,6 +98,9 @@ impl Catalog {
                     _ => inspect(p, column),
                 }
             })
+            .collect::<Vec<Result<FileInfo>>>()
+            .into_iter()
+            // The first bad file in path order, so the error is reproducible.
             .collect::<Result<_>>()?;
         let documents = files.iter().map(|f| f.documents()).sum();
         let tokens = files.iter().map(|f| f.tokens).sum();
