@@ -81,7 +81,7 @@ impl LoaderConfig {
         if world == 0 || rank >= world {
             return bad(format!("rank {rank} is not in a world of {world}"));
         }
-        if self.logical_shards % world != 0 {
+        if !self.logical_shards.is_multiple_of(world) {
             return bad(format!(
                 "{world} ranks cannot share {} logical shards: the rank count must divide it",
                 self.logical_shards

@@ -193,7 +193,7 @@ pub fn resume(
         check_shape(shape, s)?;
         by_rank[s.rank] = Some(s);
     }
-    if shape.logical_shards % world != 0 {
+    if !shape.logical_shards.is_multiple_of(world) {
         return bad(format!(
             "{world} ranks do not divide {} logical shards",
             shape.logical_shards

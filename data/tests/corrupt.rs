@@ -140,7 +140,7 @@ fn state_from_another_run_is_refused() {
     drop(l);
     let mut other = cfg.clone();
     other.seed += 1;
-    let e = match Loader::resume(other, 0, 1, &[state.clone()]) {
+    let e = match Loader::resume(other, 0, 1, std::slice::from_ref(&state)) {
         Ok(_) => panic!("resumed with another seed"),
         Err(e) => e.to_string(),
     };
