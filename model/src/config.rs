@@ -518,7 +518,12 @@ impl BambaConfig {
     /// `config.json` text. Infinity is written as Python's `json` writes it, the
     /// one spelling every transformers version reads.
     pub fn to_hf_json_string(&self) -> String {
-        let text = serde_json::to_string_pretty(&self.to_hf_json()).expect("config serializes");
+        Self::json_text(&self.to_hf_json())
+    }
+
+    /// Text of a `to_hf_json` object (possibly edited), infinities spelled as Python writes them.
+    pub fn json_text(value: &Value) -> String {
+        let text = serde_json::to_string_pretty(value).expect("config serializes");
         text.replace(&format!("\"{INF_PLACEHOLDER}\""), "Infinity")
     }
 }

@@ -4,5 +4,13 @@
 //! here so that tests drive the same code paths.
 
 pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
 pub mod dist;
 pub mod forward;
+pub mod fsdp;
+pub mod metrics;
+pub mod optim;
+pub mod runtime;
+pub mod train;

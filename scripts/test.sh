@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: "Run all tests").
+# Fetches the pinned Llama-3 tokenizer (sha256-checked) for the data tests,
+# then runs every workspace test on burn's CPU backend in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -x scripts/data/fetch_tokenizer.sh ]; then
+  bash scripts/data/fetch_tokenizer.sh
+fi
+cargo test --release --workspace

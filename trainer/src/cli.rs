@@ -1,0 +1,214 @@
+//! What the `bamba-train` command does: read the config (or a curriculum of
+//! configs), set up the process group, pick the backend, train; and export
+//! checkpoints to HF.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use bamba_model::hf::{NamedTensor, save_hf};
+use bamba_model::{BambaConfig, SaveDtype};
+use serde::Deserialize;
+
+use crate::checkpoint::{self, format};
+use crate::config::{Device, Precision, TrainConfig, load_config, parse_config};
+use crate::fsdp::Layout;
+use crate::train::{PREEMPTED_EXIT_CODE, Trainer};
+
+/// The embedded default: `bamba-train` with no `--config` trains this.
+pub const TINY_YAML: &str = include_str!("../../configs/tiny.yaml");
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Training config (YAML), or a curriculum file with `stages:`. Default: the embedded configs/tiny.yaml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set optimizer.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the effective config as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Launch this many local worker processes (one per device), like torchrun.
+    #[arg(long)]
+    pub nproc_per_node: Option<usize>,
+    /// Resume from this checkpoint step directory (overrides `checkpoint.resume`).
+    #[arg(long)]
+    pub resume_from: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Curriculum {
+    stages: Vec<Stage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stage {
+    /// Relative to the curriculum file.
+    config: PathBuf,
+    #[serde(default)]
+    set: Vec<String>,
+}
+
+/// Runs training; returns the process exit code (75 after a preemption save).
+pub fn train(args: TrainArgs) -> Result<i32> {
+    if let Some(n) = args.nproc_per_node {
+        return launch_local(n);
+    }
+    let stages: Vec<TrainConfig> = match &args.config {
+        None => vec![parse_config(TINY_YAML, &args.set).context("the embedded configs/tiny.yaml")?],
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if is_curriculum(&text) {
+                let c: Curriculum = serde_norway::from_str(&text)
+                    .with_context(|| format!("{}: curriculum", path.display()))?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                c.stages
+                    .iter()
+                    .map(|s| {
+                        let sets: Vec<String> = s.set.iter().chain(&args.set).cloned().collect();
+                        load_config(&base.join(&s.config), &sets).map_err(Into::into)
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![load_config(path, &args.set)?]
+            }
+        }
+    };
+    if args.print_config {
+        for (i, cfg) in stages.iter().enumerate() {
+            if stages.len() > 1 {
+                println!("# stage {}", i + 1);
+            }
+            print!("{}", serde_norway::to_string(cfg)?);
+        }
+        return Ok(0);
+    }
+    for (i, cfg) in stages.into_iter().enumerate() {
+        if i > 0 {
+            eprintln!("curriculum: stage {} starts", i + 1);
+        }
+        let code = run_stage(cfg, args.resume_from.clone())?;
+        if code != 0 {
+            return Ok(code);
+        }
+    }
+    Ok(0)
+}
+
+fn is_curriculum(text: &str) -> bool {
+    serde_norway::from_str::<serde_norway::Value>(text)
+        .ok()
+        .and_then(|v| v.as_mapping().map(|m| m.contains_key("stages")))
+        .unwrap_or(false)
+}
+
+fn run_stage(cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<i32> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let resume = match resume_from {
+        Some(p) => checkpoint::resolve_resume(
+            &cfg.checkpoint.output_dir,
+            &p.to_string_lossy(),
+            &mut |w| eprintln!("warning: {w}"),
+        )?,
+        None => checkpoint::resolve_resume(
+            &cfg.checkpoint.output_dir,
+            &cfg.checkpoint.resume,
+            &mut |w| eprintln!("warning: {w}"),
+        )?,
+    };
+    let summary = match (cfg.training.device, cfg.training.precision) {
+        (Device::Cpu, _) => {
+            let rt = crate::runtime::from_env::<crate::backend::Cpu>(&cfg)?;
+            Trainer::<crate::backend::CpuTrain>::new(cfg, rt, Default::default(), resume)?
+                .train(stop)?
+        }
+        #[cfg(feature = "cuda")]
+        (Device::Cuda, Precision::F32) => {
+            let rt = crate::runtime::from_env::<crate::backend::Cuda<f32>>(&cfg)?;
+            Trainer::<crate::backend::CudaTrain<f32>>::new(cfg, rt, Default::default(), resume)?
+                .train(stop)?
+        }
+        #[cfg(feature = "cuda")]
+        (Device::Cuda, Precision::Bf16) => {
+            let rt = crate::runtime::from_env::<crate::backend::Cuda<burn::tensor::bf16>>(&cfg)?;
+            Trainer::<crate::backend::CudaTrain<burn::tensor::bf16>>::new(
+                cfg,
+                rt,
+                Default::default(),
+                resume,
+            )?
+            .train(stop)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        (Device::Cuda, _) => {
+            bail!("training.device is cuda but this binary was built without `--features cuda`")
+        }
+    };
+    let _ = Precision::F32;
+    Ok(if summary.preempted {
+        PREEMPTED_EXIT_CODE
+    } else {
+        0
+    })
+}
+
+fn launch_local(n: usize) -> Result<i32> {
+    if n == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    let exe = std::env::current_exe().context("locating the bamba-train executable")?;
+    let mut args: Vec<std::ffi::OsString> = vec![];
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--nproc-per-node" {
+            it.next();
+        } else if a.to_string_lossy().starts_with("--nproc-per-node=") {
+        } else {
+            args.push(a);
+        }
+    }
+    let status = crate::dist::launch::launch_local(n, &exe, &args)?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// Writes a checkpoint's weights as an HF model directory.
+pub fn export_hf(checkpoint: &Path, out: &Path, dtype: &str, max_shard_gb: f64) -> Result<()> {
+    let dir = if checkpoint.join("meta.json").exists() {
+        checkpoint.to_path_buf()
+    } else {
+        checkpoint::newest_valid(checkpoint, &mut |w| eprintln!("warning: {w}"))
+            .with_context(|| format!("{}: no valid checkpoint found", checkpoint.display()))?
+    };
+    format::verify(&dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+    let meta = format::read_meta(&dir)?;
+    let cfg = BambaConfig::from_json_str(&meta.model_config)?;
+    let layout = Layout::new(&cfg, 1);
+    let slices = checkpoint::reshard::read_slices(&dir, &meta, &layout, 0)?;
+    let mut tensors = vec![];
+    for (unit, [master, _, _]) in layout.units.iter().zip(slices) {
+        for p in &unit.params {
+            tensors.push(NamedTensor {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                values: master[p.offset..p.offset + p.numel].to_vec(),
+            });
+        }
+    }
+    let dtype = SaveDtype::parse(dtype).with_context(|| format!("unknown dtype {dtype}"))?;
+    save_hf(out, &cfg, &tensors, dtype, (max_shard_gb * 1e9) as usize)?;
+    eprintln!(
+        "exported step {} ({} tensors) to {}",
+        meta.step,
+        tensors.len(),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,452 @@
+//! Reading a config: YAML (serde_norway, the maintained fork of the
+//! deprecated serde_yaml) into `TrainConfig`, `--set key.path=value`
+//! overrides, and the checks that span several fields.
+
+use std::path::{Path, PathBuf};
+
+use serde_norway::Value;
+
+use super::schema::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}{key}{line}: {msg}", file = file_prefix(.file), line = line_suffix(*.line))]
+    Invalid {
+        file: Option<PathBuf>,
+        key: String,
+        line: Option<usize>,
+        msg: String,
+    },
+    #[error("--set {arg}: {msg}")]
+    Override { arg: String, msg: String },
+}
+
+fn file_prefix(f: &Option<PathBuf>) -> String {
+    f.as_ref()
+        .map(|f| format!("{}: ", f.display()))
+        .unwrap_or_default()
+}
+
+fn line_suffix(l: Option<usize>) -> String {
+    l.map(|l| format!(" (line {l})")).unwrap_or_default()
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self::Invalid {
+            file: None,
+            key: key.into(),
+            line: None,
+            msg: msg.into(),
+        }
+    }
+    fn in_file(self, path: &Path) -> Self {
+        match self {
+            Self::Invalid { key, line, msg, .. } => Self::Invalid {
+                file: Some(path.to_path_buf()),
+                key,
+                line,
+                msg,
+            },
+            e => e,
+        }
+    }
+}
+
+/// Reads, overrides and validates a config file.
+pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_config(&text, overrides).map_err(|e| e.in_file(path))
+}
+
+/// Parses YAML text (with overrides) into a validated config.
+pub fn parse_config(text: &str, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+    let cfg: TrainConfig = if overrides.is_empty() {
+        // Straight from the text, so errors carry line numbers.
+        let de = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(path_error)?
+    } else {
+        let mut value: Value = serde_norway::from_str(text).map_err(|e| ConfigError::Invalid {
+            file: None,
+            key: "<yaml>".into(),
+            line: e.location().map(|l| l.line()),
+            msg: e.to_string(),
+        })?;
+        if value.is_null() {
+            value = Value::Mapping(Default::default());
+        }
+        for arg in overrides {
+            apply_override(&mut value, arg)?;
+        }
+        serde_path_to_error::deserialize(value).map_err(path_error)?
+    };
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn path_error(e: serde_path_to_error::Error<serde_norway::Error>) -> ConfigError {
+    let key = e.path().to_string();
+    let inner = e.into_inner();
+    let line = inner.location().map(|l| l.line());
+    let mut msg = inner.to_string();
+    // serde_norway appends "at line N column M"; the line is reported separately.
+    if let Some(i) = msg.find(" at line ") {
+        msg.truncate(i);
+    }
+    ConfigError::Invalid {
+        file: None,
+        key: if key == "." { "<root>".into() } else { key },
+        line,
+        msg,
+    }
+}
+
+/// `a.b.c=value`: sets a nested key, creating mappings on the way; the value
+/// is parsed as YAML (`1e-4` a number, `[a, b]` a list, `null` clears).
+fn apply_override(root: &mut Value, arg: &str) -> Result<(), ConfigError> {
+    let err = |msg: &str| ConfigError::Override {
+        arg: arg.to_string(),
+        msg: msg.to_string(),
+    };
+    let (path, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected key.path=value"))?;
+    let value: Value =
+        serde_norway::from_str(raw).map_err(|e| err(&format!("value is not valid YAML: {e}")))?;
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(err("empty key in the path"));
+    }
+    let mut node = root;
+    for (i, k) in keys.iter().enumerate() {
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| err(&format!("`{}` is not a section", keys[..i].join("."))))?;
+        let key = Value::String(k.to_string());
+        if i + 1 == keys.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map
+            .entry(key)
+            .or_insert_with(|| Value::Mapping(Default::default()));
+        if node.is_null() {
+            *node = Value::Mapping(Default::default());
+        }
+    }
+    Ok(())
+}
+
+/// Checks that span fields or that serde cannot express.
+fn validate(c: &TrainConfig) -> Result<(), ConfigError> {
+    let bad = |k: &str, m: String| Err(ConfigError::invalid(k, m));
+    if c.data.datasets.is_empty() {
+        return bad("data.datasets", "at least one dataset is needed".into());
+    }
+    for (i, d) in c.data.datasets.iter().enumerate() {
+        if !(d.weight > 0.0 && d.weight.is_finite()) {
+            return bad(
+                &format!("data.datasets[{i}].weight"),
+                format!("must be a positive number, found {}", d.weight),
+            );
+        }
+        if c.data.datasets[..i].iter().any(|o| o.name == d.name) {
+            return bad(
+                &format!("data.datasets[{i}].name"),
+                format!("`{}` appears twice", d.name),
+            );
+        }
+    }
+    if c.data.seq_len < 2 {
+        return bad(
+            "data.seq_len",
+            format!("must be at least 2, found {}", c.data.seq_len),
+        );
+    }
+    if c.data.logical_shards == 0 {
+        return bad("data.logical_shards", "must be positive".into());
+    }
+    let t = &c.training;
+    match (t.global_batch_tokens, t.global_batch_sequences) {
+        (Some(_), Some(_)) => {
+            return bad(
+                "training.global_batch_tokens",
+                "set either global_batch_tokens or global_batch_sequences, not both".into(),
+            );
+        }
+        (None, None) => {
+            return bad(
+                "training.global_batch_sequences",
+                "set global_batch_sequences or global_batch_tokens".into(),
+            );
+        }
+        (Some(tok), None) if tok % c.data.seq_len as u64 != 0 || tok == 0 => {
+            return bad(
+                "training.global_batch_tokens",
+                format!(
+                    "{tok} is not a positive multiple of data.seq_len {}",
+                    c.data.seq_len
+                ),
+            );
+        }
+        (None, Some(0)) => {
+            return bad("training.global_batch_sequences", "must be positive".into());
+        }
+        _ => {}
+    }
+    if t.micro_batch == 0 {
+        return bad("training.micro_batch", "must be positive".into());
+    }
+    match (t.steps, t.total_tokens) {
+        (Some(_), Some(_)) => {
+            return bad(
+                "training.steps",
+                "set either steps or total_tokens, not both".into(),
+            );
+        }
+        (None, None) => return bad("training.steps", "set steps or total_tokens".into()),
+        (Some(0), _) | (_, Some(0)) => {
+            return bad(
+                "training.steps",
+                "the run must have at least one step".into(),
+            );
+        }
+        _ => {}
+    }
+    if !(t.grad_clip >= 0.0) {
+        return bad(
+            "training.grad_clip",
+            format!("must be >= 0, found {}", t.grad_clip),
+        );
+    }
+    if t.device == Device::Cpu && t.precision == Precision::Bf16 {
+        return bad(
+            "training.precision",
+            "bf16 needs training.device: cuda; the CPU backend trains in f32".into(),
+        );
+    }
+    let o = &c.optimizer;
+    if !(o.lr > 0.0 && o.lr.is_finite()) {
+        return bad("optimizer.lr", format!("must be positive, found {}", o.lr));
+    }
+    if !(0.0..1.0).contains(&o.betas.0) || !(0.0..1.0).contains(&o.betas.1) {
+        return bad(
+            "optimizer.betas",
+            format!(
+                "each beta must be in [0, 1), found ({}, {})",
+                o.betas.0, o.betas.1
+            ),
+        );
+    }
+    if !(o.eps > 0.0) {
+        return bad("optimizer.eps", "must be positive".into());
+    }
+    if !(o.weight_decay >= 0.0) {
+        return bad("optimizer.weight_decay", "must be >= 0".into());
+    }
+    if !(c.schedule.final_lr >= 0.0) || c.schedule.final_lr > o.lr {
+        return bad(
+            "schedule.final_lr",
+            format!(
+                "must be in [0, optimizer.lr = {}], found {}",
+                o.lr, c.schedule.final_lr
+            ),
+        );
+    }
+    let total = c.total_steps();
+    if c.schedule.warmup_steps > total {
+        return bad(
+            "schedule.warmup_steps",
+            format!(
+                "{} is longer than the run ({total} steps)",
+                c.schedule.warmup_steps
+            ),
+        );
+    }
+    if let crate::optim::Decay::Wsd { decay_steps } = c.schedule.decay {
+        if decay_steps + c.schedule.warmup_steps > total {
+            return bad(
+                "schedule.decay.decay_steps",
+                format!(
+                    "warmup + decay ({}) exceed the run ({total} steps)",
+                    decay_steps + c.schedule.warmup_steps
+                ),
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&c.parallelism.activation_checkpointing) {
+        return bad(
+            "parallelism.activation_checkpointing",
+            "is a fraction of layers in [0, 1]".into(),
+        );
+    }
+    if c.parallelism.timeout_s == 0 {
+        return bad("parallelism.timeout_s", "must be positive".into());
+    }
+    if c.checkpoint.keep_last == 0 {
+        return bad(
+            "checkpoint.keep_last",
+            "keep at least the newest checkpoint (1)".into(),
+        );
+    }
+    if c.logging.every_steps == 0 {
+        return bad("logging.every_steps", "must be positive".into());
+    }
+    if c.eval.every_steps > 0 && c.eval.datasets.is_empty() {
+        return bad(
+            "eval.datasets",
+            "eval.every_steps is set but no held-out datasets are given".into(),
+        );
+    }
+    if let Some(p) = c.logging.peak_tflops {
+        if !(p > 0.0) {
+            return bad("logging.peak_tflops", "must be positive".into());
+        }
+    }
+    c.model_config()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+model: { preset: tiny }
+data:
+  seq_len: 64
+  datasets:
+    - { name: a, path: data/a, weight: 1.0 }
+training: { global_batch_sequences: 8, micro_batch: 2, steps: 10 }
+";
+
+    fn err(text: &str, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        parse_config(text, &sets).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults_and_overrides() {
+        let c = parse_config(GOOD, &[]).unwrap();
+        assert_eq!(c.total_steps(), 10);
+        assert_eq!(c.grad_accumulation(2).unwrap(), 2);
+        assert_eq!(c.optimizer.betas, (0.9, 0.95));
+        let c = parse_config(
+            GOOD,
+            &[
+                "optimizer.lr=1e-4".into(),
+                "data.seq_len=32".into(),
+                "model.hf.vocab_size=1000".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.optimizer.lr, 1e-4);
+        assert_eq!(c.data.seq_len, 32);
+        assert_eq!(c.model_config().unwrap().vocab_size, 1000);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key_and_line() {
+        let cases: Vec<(String, Vec<&str>, &str)> = vec![
+            (
+                GOOD.replace("seq_len: 64", "seq_len: 64\n  colour: red"),
+                vec![],
+                "colour",
+            ),
+            (
+                GOOD.replace("seq_len: 64", "seq_len: lots"),
+                vec![],
+                "data.seq_len",
+            ),
+            (
+                GOOD.replace("weight: 1.0", "weight: -1.0"),
+                vec![],
+                "data.datasets[0].weight",
+            ),
+            (
+                GOOD.replace("steps: 10", "steps: 10, total_tokens: 100"),
+                vec![],
+                "training.steps",
+            ),
+            (
+                GOOD.replace("global_batch_sequences: 8", "global_batch_tokens: 100"),
+                vec![],
+                "global_batch_tokens",
+            ),
+            (
+                GOOD.replace("preset: tiny", "preset: huge"),
+                vec![],
+                "model.preset",
+            ),
+            (GOOD.to_string(), vec!["optimizer.lr=-1"], "optimizer.lr"),
+            (
+                GOOD.to_string(),
+                vec!["optimizer.betas=[0.9, 1.5]"],
+                "optimizer.betas",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["schedule.warmup_steps=100"],
+                "schedule.warmup_steps",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["schedule.final_lr=1.0"],
+                "schedule.final_lr",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["training.precision=bf16"],
+                "training.precision",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["parallelism.strategy=zero3"],
+                "parallelism.strategy",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["parallelism.activation_checkpointing=2"],
+                "activation_checkpointing",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["training.micro_batch=0"],
+                "training.micro_batch",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["checkpoint.keep_last=0"],
+                "checkpoint.keep_last",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["eval.every_steps=5"],
+                "eval.datasets",
+            ),
+            (
+                GOOD.to_string(),
+                vec!["model.hf.mamba_d_head=7"],
+                "mamba_d_head",
+            ),
+            (GOOD.to_string(), vec!["data.datasets=[]"], "data.datasets"),
+            (GOOD.to_string(), vec!["optimizer.lr"], "--set optimizer.lr"),
+            (GOOD.to_string(), vec!["optimizer.lr.x=1"], "not a section"),
+            ("model: [1, 2\n".to_string(), vec![], "line"),
+        ];
+        for (text, sets, want) in cases {
+            let e = err(&text, &sets);
+            assert!(e.contains(want), "expected `{want}` in: {e}");
+        }
+        let e = err(&GOOD.replace("seq_len: 64", "seq_len: lots"), &[]);
+        assert!(e.contains("line 4"), "{e}");
+    }
+}

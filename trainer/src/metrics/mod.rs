@@ -1,0 +1,81 @@
+//! What a run reports: one `StepMetrics` row per logged step, written to
+//! `metrics.jsonl`, shown as a progress bar or log lines, and sent to W&B.
+
+pub mod progress;
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub tokens: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub tokens_per_s_per_device: f64,
+    pub mfu: f64,
+    pub step_time_s: f64,
+    pub memory_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_ppl: Option<f64>,
+    pub skipped_steps: u64,
+}
+
+/// Appends JSON rows to `<output_dir>/metrics.jsonl` (resumed runs append).
+pub struct JsonlSink {
+    out: BufWriter<File>,
+}
+
+impl JsonlSink {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("metrics.jsonl");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            out: BufWriter::new(file),
+        })
+    }
+
+    pub fn write<T: Serialize>(&mut self, row: &T) -> Result<()> {
+        serde_json::to_writer(&mut self.out, row)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// Model FLOPs utilisation: achieved training FLOP/s over the device peak.
+pub fn mfu(flops_per_token: f64, tokens_per_s_per_device: f64, peak_tflops: f64) -> f64 {
+    flops_per_token * tokens_per_s_per_device / (peak_tflops * 1e12)
+}
+
+/// Resident memory of this process (CPU runs), from /proc.
+pub fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// Dense bf16 peak by device name; 989 TFLOP/s for H100/H200 (datasheet).
+pub fn default_peak_tflops(device_name: &str) -> f64 {
+    let n = device_name.to_ascii_lowercase();
+    if n.contains("a100") { 312.0 } else { 989.0 }
+}

@@ -1,0 +1,672 @@
+//! The training loop. `Trainer::new` builds the sharded state (fresh, from
+//! weights, or resumed), `train_step` is one optimizer step over the global
+//! batch, `train` runs to the end, logging, evaluating and checkpointing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bamba_data::{DatasetSpec, Loader, LoaderConfig, LoaderState};
+use bamba_model::init::InitSource;
+use bamba_model::{BambaConfig, BambaForCausalLM, HfCheckpoint, ParamSource, VarBuilder};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::checkpoint::{self, CheckpointMeta, FileEntry, RankShard, format};
+use crate::config::{DatasetEntry, Distribute, Precision, ResumeMode, TrainConfig};
+use crate::fsdp::{Layout, Sharded};
+use crate::metrics::progress::Progress;
+use crate::metrics::{JsonlSink, StepMetrics, mfu, process_rss_bytes};
+use crate::optim::{AdamW, Schedule};
+use crate::runtime::Runtime;
+
+/// Exit code of a run stopped by SIGTERM/SIGUSR1 after saving (SLURM requeues it).
+pub const PREEMPTED_EXIT_CODE: i32 = 75;
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+pub struct RunSummary {
+    pub final_step: u64,
+    pub tokens_seen: u64,
+    pub preempted: bool,
+    pub losses: Vec<(u64, f64)>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+struct PendingSave {
+    step: u64,
+    meta: CheckpointMeta,
+    writer: JoinHandle<Result<Vec<FileEntry>>>,
+}
+
+pub struct Trainer<B: AutodiffBackend> {
+    pub cfg: TrainConfig,
+    pub model_cfg: BambaConfig,
+    model: Option<BambaForCausalLM<B>>,
+    pub sharded: Sharded<B>,
+    opt: AdamW,
+    schedule: Schedule,
+    loader: Loader,
+    rt: Runtime<Inner<B>>,
+    device: B::Device,
+    accum: u64,
+    pub step: u64,
+    /// Adam updates applied (bias correction), kept across weights+optimizer resumes.
+    opt_step: u64,
+    pub tokens_seen: u64,
+    skipped: u64,
+    consecutive_bad: u32,
+    wandb_run_id: Option<String>,
+    pending: Option<PendingSave>,
+}
+
+/// Values of every parameter are zero until the first gather fills them.
+struct Zeros;
+
+impl ParamSource for Zeros {
+    fn load(&self, _: &str, shape: &[usize]) -> Result<Vec<f32>, bamba_model::ModelError> {
+        Ok(vec![0.0; shape.iter().product()])
+    }
+}
+
+fn loader_config(cfg: &TrainConfig, datasets: &[DatasetEntry]) -> LoaderConfig {
+    let d = &cfg.data;
+    LoaderConfig {
+        datasets: datasets
+            .iter()
+            .map(|e| DatasetSpec {
+                name: e.name.clone(),
+                path: e.path.clone(),
+                weight: e.weight,
+            })
+            .collect(),
+        seq_len: d.seq_len,
+        bos_token: d.bos_token,
+        eos_token: d.eos_token,
+        logical_shards: d.logical_shards,
+        shuffle_buffer: d.shuffle_buffer,
+        seed: d.seed,
+        column: d.column.clone(),
+        prefetch: d.prefetch.max(1) * cfg.training.micro_batch,
+        ..Default::default()
+    }
+}
+
+/// The loader's (rank, world): by-row runs read one stream on every rank.
+fn data_rank(cfg: &TrainConfig, rank: usize, world: usize) -> (usize, usize) {
+    match cfg.data.distribute {
+        Distribute::ByShard => (rank, world),
+        Distribute::ByRow => (0, 1),
+    }
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Builds the run: resumes from `resume_from` if given, else starts from
+    /// `model.init_from` weights or a seeded init.
+    pub fn new(
+        cfg: TrainConfig,
+        rt: Runtime<Inner<B>>,
+        device: B::Device,
+        resume_from: Option<PathBuf>,
+    ) -> Result<Self> {
+        let model_cfg = cfg.model_config()?;
+        let accum = cfg.grad_accumulation(rt.world)?;
+        let layout = Layout::new(&model_cfg, rt.shard_comm.size());
+        let shard_rank = rt.shard_comm.rank();
+        let compute = match cfg.training.precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        };
+        let opt = AdamW {
+            cfg: cfg.optimizer.clone(),
+        };
+        let decays = |n: &str| opt.cfg.decays(n);
+        let inner_dev: burn::tensor::Device<Inner<B>> = device.clone().into();
+
+        let resume = match &resume_from {
+            Some(dir) => Some((dir.clone(), format::read_meta(dir)?)),
+            None => None,
+        };
+        let sharded = match (&resume, &cfg.model.init_from) {
+            (Some((dir, meta)), _) => {
+                let slices = checkpoint::reshard::read_slices(dir, meta, &layout, shard_rank)?;
+                let with_moments = cfg.checkpoint.resume_mode != ResumeMode::Weights;
+                Sharded::from_slices(
+                    layout,
+                    shard_rank,
+                    slices,
+                    with_moments,
+                    decays,
+                    compute,
+                    &inner_dev,
+                )?
+            }
+            (None, Some(from)) => {
+                let source = WeightsSource::open(from, &model_cfg)?;
+                Sharded::new(
+                    layout,
+                    shard_rank,
+                    source.as_source(),
+                    decays,
+                    compute,
+                    &inner_dev,
+                )?
+            }
+            (None, None) => {
+                let source = InitSource {
+                    cfg: &model_cfg,
+                    seed: cfg.training.seed,
+                };
+                Sharded::new(layout, shard_rank, &source, decays, compute, &inner_dev)?
+            }
+        };
+
+        let model = BambaForCausalLM::<B>::new(&VarBuilder::new(&Zeros, &device), &model_cfg)?;
+        let lcfg = loader_config(&cfg, &cfg.data.datasets);
+        let (drank, dworld) = data_rank(&cfg, rt.rank, rt.world);
+        let (mut step, mut opt_step, mut tokens_seen, mut skipped, mut wandb_run_id) =
+            (0, 0, 0, 0, None);
+        let loader = match &resume {
+            Some((dir, meta)) if cfg.checkpoint.resume_mode == ResumeMode::All => {
+                let states = (0..meta.world_size)
+                    .map(|r| format::read_json::<LoaderState>(&dir.join(format::loader_file(r))))
+                    .collect::<Result<Vec<_>>>()?;
+                step = meta.step;
+                opt_step = meta.step - meta.skipped_steps;
+                tokens_seen = meta.tokens_seen;
+                skipped = meta.skipped_steps;
+                wandb_run_id = meta.wandb_run_id.clone();
+                let states = if cfg.data.distribute == Distribute::ByRow {
+                    states[..1].to_vec()
+                } else {
+                    states
+                };
+                Loader::resume(lcfg, drank, dworld, &states)?
+            }
+            Some((_, meta)) if cfg.checkpoint.resume_mode == ResumeMode::WeightsOptimizer => {
+                opt_step = meta.step - meta.skipped_steps;
+                Loader::new(lcfg, drank, dworld)?
+            }
+            _ => Loader::new(lcfg, drank, dworld)?,
+        };
+        let schedule = cfg.schedule();
+        Ok(Self {
+            cfg,
+            model_cfg,
+            model: Some(model),
+            sharded,
+            opt,
+            schedule,
+            loader,
+            rt,
+            device,
+            accum,
+            step,
+            opt_step,
+            tokens_seen,
+            skipped,
+            consecutive_bad: 0,
+            wandb_run_id,
+            pending: None,
+        })
+    }
+
+    fn batch_tensors(
+        &self,
+        lines: Vec<u32>,
+        rows: usize,
+    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let seq = self.cfg.data.seq_len;
+        let ids: Vec<i32> = lines.into_iter().map(|t| t as i32).collect();
+        let all =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [rows, seq + 1]), &self.device);
+        (all.clone().narrow(1, 0, seq), all.narrow(1, 1, seq))
+    }
+
+    /// One optimizer step over the global batch. Returns the global mean loss
+    /// (NaN if the step was skipped) and whether every rank asked to stop.
+    pub fn train_step(
+        &mut self,
+        stop_requested: bool,
+    ) -> Result<(f64, Option<Tensor<Inner<B>, 1>>, bool)> {
+        let model = self.sharded.gather_into(
+            self.model.take().expect("model present between steps"),
+            &*self.rt.shard_comm,
+        )?;
+        let mb = self.cfg.training.micro_batch;
+        let mut loss_sum: Option<Tensor<Inner<B>, 1>> = None;
+        // By-row: draw the whole global batch, keep this rank's contiguous rows.
+        let mut global = match self.cfg.data.distribute {
+            Distribute::ByRow => {
+                let rows = self.cfg.global_batch_sequences() as usize;
+                let line = self.cfg.data.seq_len + 1;
+                let all = self.loader.next_batch(rows)?;
+                let per_rank = rows / self.rt.world;
+                Some(
+                    all[self.rt.rank * per_rank * line..(self.rt.rank + 1) * per_rank * line]
+                        .to_vec(),
+                )
+            }
+            Distribute::ByShard => None,
+        };
+        for _ in 0..self.accum {
+            let lines = match &mut global {
+                Some(rows) => rows.drain(..mb * (self.cfg.data.seq_len + 1)).collect(),
+                None => self.loader.next_batch(mb)?,
+            };
+            let (inputs, targets) = self.batch_tensors(lines, mb);
+            let loss = model.loss(inputs, targets) / self.accum as f64;
+            let grads = loss.backward();
+            self.sharded.accumulate(&model, &grads);
+            let l = loss.inner().cast(DType::F32);
+            loss_sum = Some(match loss_sum {
+                Some(s) => s + l,
+                None => l,
+            });
+        }
+        self.model = Some(model);
+        self.step += 1;
+        self.tokens_seen += self.cfg.tokens_per_step();
+
+        // One small all-reduce decides, for every rank alike: the loss, stop, and save progress.
+        let save_done = self
+            .pending
+            .as_ref()
+            .map(|p| p.writer.is_finished())
+            .unwrap_or(true);
+        let flags = Tensor::<Inner<B>, 1>::from_data(
+            TensorData::new(
+                vec![0.0f32, stop_requested as u8 as f32, save_done as u8 as f32],
+                [3],
+            ),
+            &self.device.clone().into(),
+        );
+        let packed = Tensor::cat(
+            vec![
+                loss_sum.expect("accum >= 1").cast(DType::F32),
+                flags.narrow(0, 1, 2),
+            ],
+            0,
+        );
+        let reduced: Vec<f32> = self
+            .rt
+            .world_comm
+            .all_reduce_sum(packed)?
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32");
+        let loss = reduced[0] as f64 / self.rt.world as f64;
+        let stop = reduced[1] > 0.0;
+        if reduced[2] as usize == self.rt.world {
+            self.complete_pending_save()?;
+        }
+
+        if !loss.is_finite() {
+            self.sharded.discard_grads();
+            self.skipped += 1;
+            self.consecutive_bad += 1;
+            if self.consecutive_bad > self.cfg.training.max_consecutive_nonfinite {
+                bail!(
+                    "step {}: the loss was not finite {} times in a row (limit training.max_consecutive_nonfinite = {}); stopping",
+                    self.step,
+                    self.consecutive_bad,
+                    self.cfg.training.max_consecutive_nonfinite
+                );
+            }
+            return Ok((f64::NAN, None, stop));
+        }
+        self.consecutive_bad = 0;
+        self.opt_step += 1;
+        let lr = self.schedule.lr(self.step);
+        let (shard, replicate) = (&*self.rt.shard_comm, &*self.rt.replicate_comm);
+        let norm = self.sharded.step(
+            &self.opt,
+            lr,
+            self.opt_step,
+            self.cfg.training.grad_clip,
+            shard,
+            replicate,
+        )?;
+        Ok((loss, Some(norm), stop))
+    }
+
+    /// Mean loss over `eval.batches` micro-batches of the held-out sets.
+    pub fn evaluate(&mut self) -> Result<f64> {
+        let lcfg = loader_config(&self.cfg, &self.cfg.eval.datasets);
+        let (drank, dworld) = data_rank(&self.cfg, self.rt.rank, self.rt.world);
+        let mut loader = Loader::new(lcfg, drank, dworld)?;
+        let model = self
+            .sharded
+            .gather_into(self.model.take().expect("model"), &*self.rt.shard_comm)?;
+        let valid = model.valid();
+        let mb = self.cfg.training.micro_batch;
+        let mut total = 0.0;
+        for _ in 0..self.cfg.eval.batches {
+            let lines = loader.next_batch(mb)?;
+            let (inputs, targets) = self.batch_tensors(lines, mb);
+            let loss = valid.loss(inputs.inner(), targets.inner());
+            let l = self.rt.world_comm.all_reduce_mean(loss.cast(DType::F32))?;
+            total += l.into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0] as f64;
+        }
+        self.model = Some(model);
+        Ok(total / self.cfg.eval.batches.max(1) as f64)
+    }
+
+    /// Starts a checkpoint of the current step: state is copied off the device
+    /// now; files are written in the background (or now if `async_save` is off).
+    pub fn save(&mut self) -> Result<PathBuf> {
+        self.complete_pending_save_blocking()?;
+        let out = self.cfg.checkpoint.output_dir.clone();
+        let tmp = checkpoint::tmp_step_dir(&out, self.step);
+        if self.rt.rank == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .with_context(|| format!("removing stale {}", tmp.display()))?;
+            }
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        }
+        self.rt.control.barrier()?;
+        let shard = if self.rt.replicate_comm.rank() == 0 {
+            Some(self.host_shard())
+        } else {
+            None
+        };
+        let loader_state = serde_json::to_vec(&self.loader.state())?;
+        let (rank, shard_rank) = (self.rt.rank, self.rt.shard_comm.rank());
+        let tmp_w = tmp.clone();
+        let write = move || -> Result<Vec<FileEntry>> {
+            let mut files = vec![format::write_file(
+                &tmp_w,
+                &format::loader_file(rank),
+                &loader_state,
+            )?];
+            if let Some(shard) = shard {
+                files.push(format::write_file(
+                    &tmp_w,
+                    &format::shard_file(shard_rank),
+                    &format::encode_shard(&shard)?,
+                )?);
+            }
+            Ok(files)
+        };
+        let meta = self.meta();
+        let writer = if self.cfg.checkpoint.async_save {
+            std::thread::spawn(write)
+        } else {
+            let result = write();
+            std::thread::spawn(move || result)
+        };
+        self.pending = Some(PendingSave {
+            step: self.step,
+            meta,
+            writer,
+        });
+        if !self.cfg.checkpoint.async_save {
+            self.complete_pending_save_blocking()?;
+        }
+        Ok(checkpoint::step_dir(&out, self.step))
+    }
+
+    fn host_shard(&self) -> RankShard {
+        let host = |t: &Tensor<Inner<B>, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32")
+        };
+        RankShard {
+            units: self
+                .sharded
+                .layout
+                .units
+                .iter()
+                .enumerate()
+                .map(|(i, u)| {
+                    let m = &self.sharded.moments[i];
+                    (
+                        u.name.clone(),
+                        [
+                            host(&self.sharded.master[i]),
+                            host(&m.exp_avg),
+                            host(&m.exp_avg_sq),
+                        ],
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn meta(&self) -> CheckpointMeta {
+        CheckpointMeta {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            world_size: self.rt.world,
+            shards: self.rt.shard_comm.size(),
+            strategy: format!("{:?}", self.cfg.parallelism.strategy).to_lowercase(),
+            units: self
+                .sharded
+                .layout
+                .units
+                .iter()
+                .map(|u| (u.name.clone(), u.numel))
+                .collect(),
+            skipped_steps: self.skipped,
+            wandb_run_id: self.wandb_run_id.clone(),
+            config_yaml: serde_norway::to_string(&self.cfg).unwrap_or_default(),
+            model_config: self.model_cfg.to_hf_json_string(),
+        }
+    }
+
+    /// Collective: every rank joins its writer, rank 0 seals the checkpoint.
+    fn complete_pending_save(&mut self) -> Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let files = p
+            .writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("checkpoint writer panicked"))??;
+        let all = self
+            .rt
+            .control
+            .all_gather_bytes(&serde_json::to_vec(&files)?)?;
+        if self.rt.rank == 0 {
+            let mut entries = vec![];
+            for bytes in all {
+                entries.extend(serde_json::from_slice::<Vec<FileEntry>>(&bytes)?);
+            }
+            let out = &self.cfg.checkpoint.output_dir;
+            format::finalize(
+                &checkpoint::tmp_step_dir(out, p.step),
+                &checkpoint::step_dir(out, p.step),
+                &p.meta,
+                entries,
+            )?;
+            checkpoint::prune(
+                out,
+                self.cfg.checkpoint.keep_last,
+                self.cfg.checkpoint.keep_every,
+                p.step,
+            )?;
+        }
+        self.rt.control.barrier()
+    }
+
+    fn complete_pending_save_blocking(&mut self) -> Result<()> {
+        self.complete_pending_save()
+    }
+
+    /// Runs to the configured end (or a stop signal), logging and checkpointing.
+    pub fn train(&mut self, stop: Arc<AtomicBool>) -> Result<RunSummary> {
+        let total = self.cfg.total_steps();
+        let progress = Progress::new(self.cfg.logging.progress, self.rt.rank, self.step, total);
+        let mut sink = if self.rt.rank == 0 {
+            Some(JsonlSink::open(&self.cfg.checkpoint.output_dir)?)
+        } else {
+            None
+        };
+        let flops = self.model_cfg.flops_per_token(self.cfg.data.seq_len);
+        let peak = self.cfg.logging.peak_tflops.unwrap_or(989.0);
+        let mut losses = vec![];
+        let mut last_ckpt = None;
+        let mut preempted = false;
+        let mut window = (Instant::now(), self.tokens_seen, self.step);
+        if self.rt.rank == 0 && self.step > 0 {
+            progress.println(&format!(
+                "resumed at step {} ({} tokens seen)",
+                self.step, self.tokens_seen
+            ));
+        }
+        while self.step < total {
+            let (loss, norm, stop_now) = self.train_step(stop.load(Ordering::SeqCst))?;
+            if loss.is_finite() {
+                losses.push((self.step, loss));
+            } else if self.rt.rank == 0 {
+                progress.println(&format!(
+                    "step {}: non-finite loss, step skipped ({} so far)",
+                    self.step, self.skipped
+                ));
+            }
+            let log_now = self.step % self.cfg.logging.every_steps == 0 || self.step == total;
+            let mut row = None;
+            if log_now {
+                let (t0, tok0, step0) = window;
+                let dt = t0.elapsed().as_secs_f64();
+                let tps = (self.tokens_seen - tok0) as f64 / dt;
+                let per_dev = tps / self.rt.world as f64;
+                let grad_norm = norm
+                    .map(|n| n.into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0] as f64)
+                    .unwrap_or(f64::NAN);
+                let mut m = StepMetrics {
+                    step: self.step,
+                    tokens: self.tokens_seen,
+                    loss,
+                    lr: self.schedule.lr(self.step),
+                    grad_norm,
+                    tokens_per_s: tps,
+                    tokens_per_s_per_device: per_dev,
+                    mfu: mfu(flops, per_dev, peak),
+                    step_time_s: dt / (self.step - step0) as f64,
+                    memory_bytes: process_rss_bytes(),
+                    skipped_steps: self.skipped,
+                    ..Default::default()
+                };
+                if self.cfg.eval.every_steps > 0 && self.step % self.cfg.eval.every_steps == 0 {
+                    let el = self.evaluate()?;
+                    m.eval_loss = Some(el);
+                    m.eval_ppl = Some(el.exp());
+                }
+                if let Some(s) = &mut sink {
+                    s.write(&m)?;
+                }
+                row = Some(m);
+                window = (Instant::now(), self.tokens_seen, self.step);
+            }
+            progress.update(self.step, row.as_ref());
+            let every = self.cfg.checkpoint.every_steps;
+            if stop_now {
+                last_ckpt = Some(self.save()?);
+                self.complete_pending_save_blocking()?;
+                progress.println(&format!(
+                    "stop requested: saved step {} and exiting",
+                    self.step
+                ));
+                preempted = true;
+                break;
+            }
+            if (every > 0 && self.step % every == 0) || self.step == total {
+                last_ckpt = Some(self.save()?);
+            }
+        }
+        self.complete_pending_save_blocking()?;
+        progress.finish();
+        Ok(RunSummary {
+            final_step: self.step,
+            tokens_seen: self.tokens_seen,
+            preempted,
+            losses,
+            last_checkpoint: last_ckpt,
+        })
+    }
+}
+
+/// Initial weights from `model.init_from`: an HF directory, or a bamba-train
+/// checkpoint (a step directory, or an output directory: its newest valid step).
+enum WeightsSource {
+    Hf(HfCheckpoint),
+    Checkpoint(CheckpointWeights),
+}
+
+impl WeightsSource {
+    fn open(path: &Path, cfg: &BambaConfig) -> Result<Self> {
+        if path.join("config.json").exists() {
+            let ckpt = HfCheckpoint::open(path)?;
+            ckpt.verify(cfg)?;
+            return Ok(Self::Hf(ckpt));
+        }
+        let dir = if path.join("meta.json").exists() {
+            format::verify(path).with_context(|| format!("model.init_from {}", path.display()))?;
+            path.to_path_buf()
+        } else {
+            checkpoint::newest_valid(path, &mut |w| eprintln!("warning: {w}"))
+                .with_context(|| format!("model.init_from {}: no HF model, checkpoint, or valid checkpoint under checkpoints/", path.display()))?
+        };
+        Ok(Self::Checkpoint(CheckpointWeights::read(&dir, cfg)?))
+    }
+
+    fn as_source(&self) -> &dyn ParamSource {
+        match self {
+            Self::Hf(h) => h,
+            Self::Checkpoint(c) => c,
+        }
+    }
+}
+
+/// Full parameters rebuilt from a checkpoint's master slices.
+struct CheckpointWeights {
+    params: std::collections::HashMap<String, Vec<f32>>,
+}
+
+impl CheckpointWeights {
+    fn read(dir: &Path, cfg: &BambaConfig) -> Result<Self> {
+        let meta = format::read_meta(dir)?;
+        let layout = Layout::new(cfg, 1);
+        let slices = checkpoint::reshard::read_slices(dir, &meta, &layout, 0)?;
+        let mut params = std::collections::HashMap::new();
+        for (unit, [master, _, _]) in layout.units.iter().zip(slices) {
+            for p in &unit.params {
+                params.insert(
+                    p.name.clone(),
+                    master[p.offset..p.offset + p.numel].to_vec(),
+                );
+            }
+        }
+        Ok(Self { params })
+    }
+}
+
+impl ParamSource for CheckpointWeights {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, bamba_model::ModelError> {
+        let v = self
+            .params
+            .get(name)
+            .ok_or_else(|| bamba_model::ModelError::tensor(name, "not in the checkpoint"))?;
+        if v.len() != shape.iter().product::<usize>() {
+            return Err(bamba_model::ModelError::tensor(
+                name,
+                format!(
+                    "{} values in the checkpoint, shape {shape:?} needs more",
+                    v.len()
+                ),
+            ));
+        }
+        Ok(v.clone())
+    }
+}
