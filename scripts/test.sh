@@ -4,7 +4,5 @@
 # then runs every workspace test on burn's CPU backend in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -x scripts/data/fetch_tokenizer.sh ]; then
-  bash scripts/data/fetch_tokenizer.sh
-fi
+bash scripts/data/fetch_tokenizer.sh
 cargo test --release --workspace

@@ -439,7 +439,8 @@ training: { global_batch_sequences: 8, micro_batch: 2, steps: 10 }
             ),
             (GOOD.to_string(), vec!["data.datasets=[]"], "data.datasets"),
             (GOOD.to_string(), vec!["optimizer.lr"], "--set optimizer.lr"),
-            (GOOD.to_string(), vec!["optimizer.lr.x=1"], "not a section"),
+            (GOOD.to_string(), vec!["optimizer.lr.x=1"], "optimizer.lr"),
+            (GOOD.to_string(), vec!["data.seq_len.x=1"], "not a section"),
             ("model: [1, 2\n".to_string(), vec![], "line"),
         ];
         for (text, sets, want) in cases {
