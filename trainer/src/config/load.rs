@@ -354,6 +354,23 @@ training: { global_batch_sequences: 8, micro_batch: 2, steps: 10 }
     }
 
     #[test]
+    fn every_shipped_config_validates() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for dir in [root.clone(), root.join("bench")] {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                if p.extension().is_some_and(|x| x == "yaml") && !text.contains("stages:") {
+                    load_config(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 5, "found only {n} configs");
+    }
+
+    #[test]
     fn bad_configs_name_the_key_and_line() {
         let cases: Vec<(String, Vec<&str>, &str)> = vec![
             (

@@ -256,6 +256,8 @@ pub struct CheckpointSection {
     pub resume_mode: ResumeMode,
     /// Write files in a background thread once the state is off the device.
     pub async_save: bool,
+    /// Save when the run reaches its last step (benchmarks turn this off).
+    pub save_final: bool,
 }
 
 impl Default for CheckpointSection {
@@ -268,6 +270,7 @@ impl Default for CheckpointSection {
             resume: "auto".into(),
             resume_mode: ResumeMode::All,
             async_save: true,
+            save_final: true,
         }
     }
 }
