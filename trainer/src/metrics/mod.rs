@@ -2,6 +2,7 @@
 //! `metrics.jsonl`, shown as a progress bar or log lines, and sent to W&B.
 
 pub mod progress;
+pub mod wandb;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
