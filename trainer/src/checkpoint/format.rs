@@ -128,7 +128,8 @@ pub fn finalize(
     sync_dir(tmp)?;
     if final_dir.exists() {
         // Re-saving the same step (e.g. after a resume): replace it only now that the new one is complete.
-        std::fs::remove_dir_all(final_dir)
+        // Renamed away first, so a crash never leaves it half-deleted under its final name.
+        super::remove_step_dir(final_dir)
             .with_context(|| format!("replacing {}", final_dir.display()))?;
     }
     std::fs::rename(tmp, final_dir)
@@ -140,8 +141,11 @@ pub fn finalize(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    std::fs::write(&latest_tmp, name).and_then(|_| File::open(&latest_tmp)?.sync_all())?;
-    std::fs::rename(&latest_tmp, parent.join("latest"))?;
+    std::fs::write(&latest_tmp, name)
+        .and_then(|_| File::open(&latest_tmp)?.sync_all())
+        .with_context(|| format!("writing {}", latest_tmp.display()))?;
+    std::fs::rename(&latest_tmp, parent.join("latest"))
+        .with_context(|| format!("renaming {} into place", latest_tmp.display()))?;
     sync_dir(parent)
 }
 

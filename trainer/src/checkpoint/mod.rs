@@ -68,12 +68,43 @@ pub fn prune(
     for (i, step) in list_steps(output_dir).into_iter().enumerate() {
         let milestone = keep_every > 0 && step % keep_every == 0;
         if i >= keep_last && !milestone && step != protect {
-            let dir = step_dir(output_dir, step);
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            remove_step_dir(&step_dir(output_dir, step))?;
             removed.push(step);
         }
     }
+    // Directories a killed process was deleting.
+    for e in std::fs::read_dir(checkpoints_dir(output_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().ends_with(DELETING_SUFFIX) {
+            let path = e.path();
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
     Ok(removed)
+}
+
+const DELETING_SUFFIX: &str = ".deleting";
+
+/// Deletes a step directory without ever leaving it half-deleted under its
+/// final name (a process killed inside `remove_dir_all` would leave a
+/// `step_<N>` that fails verification): it is first renamed out of the way,
+/// atomically, to `step_<N>.deleting`, which `list_steps` ignores and the next
+/// `prune` finishes removing.
+pub fn remove_step_dir(dir: &Path) -> Result<()> {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(DELETING_SUFFIX);
+    let doomed = dir.with_file_name(name);
+    if doomed.exists() {
+        std::fs::remove_dir_all(&doomed)
+            .with_context(|| format!("removing {}", doomed.display()))?;
+    }
+    std::fs::rename(dir, &doomed)
+        .with_context(|| format!("renaming {} to {}", dir.display(), doomed.display()))?;
+    std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))
 }
 
 /// Resolves `checkpoint.resume` / `--resume-from` to a step directory.
