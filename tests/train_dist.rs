@@ -97,7 +97,12 @@ fn assert_close(name: &str, a: &[f32], b: &[f32], tol: f32) {
         .map(|(x, y)| (x - y).abs())
         .enumerate()
         .fold((0, 0f32), |m, (i, e)| if e > m.1 { (i, e) } else { m });
-    assert!(err <= tol, "{name}: weights differ by {err} at flat index {i} ({} vs {})", a[i], b[i]);
+    assert!(
+        err <= tol,
+        "{name}: weights differ by {err} at flat index {i} ({} vs {})",
+        a[i],
+        b[i]
+    );
 }
 
 fn assert_losses(name: &str, a: &[(u64, f64)], b: &[(u64, f64)]) {
@@ -120,25 +125,40 @@ fn sharded_training_matches_single_process_for_every_strategy() {
     for (name, nproc, micro, parallelism) in [
         ("fsdp2", 2, 2, "{ strategy: fsdp, timeout_s: 20 }"),
         ("fsdp4", 4, 1, "{ strategy: fsdp, timeout_s: 20 }"),
-        ("hsdp2x2", 4, 2, "{ strategy: hsdp, shard_group_size: 2, timeout_s: 20 }"),
+        (
+            "hsdp2x2",
+            4,
+            2,
+            "{ strategy: hsdp, shard_group_size: 2, timeout_s: 20 }",
+        ),
         ("ddp2", 2, 1, "{ strategy: ddp, timeout_s: 20 }"),
     ] {
         let cfg = write_config(d, name, 8, micro, "");
         let text = std::fs::read_to_string(&cfg).unwrap();
-        let text = text.replace("parallelism: { timeout_s: 20 }", &format!("parallelism: {parallelism}"));
+        let text = text.replace(
+            "parallelism: { timeout_s: 20 }",
+            &format!("parallelism: {parallelism}"),
+        );
         std::fs::write(&cfg, text).unwrap();
         train(&cfg, nproc, &[]);
         assert_losses(name, &losses(&d.join(name)), &ref_losses);
         assert_close(name, &weights(&d.join(name), 8), &ref_weights, 1e-5);
         // What a rank keeps between steps (f32 master + two moments) is its shard file.
-        let held = |run: &str| std::fs::metadata(checkpoint::step_dir(&d.join(run), 8).join("shard_0.safetensors")).unwrap().len() as f64;
+        let held = |run: &str| {
+            std::fs::metadata(checkpoint::step_dir(&d.join(run), 8).join("shard_0.safetensors"))
+                .unwrap()
+                .len() as f64
+        };
         let shards = match name {
             "ddp2" => 1.0,
             "hsdp2x2" => 2.0,
             _ => nproc as f64,
         };
         let ratio = held(name) / held("single");
-        assert!((ratio - 1.0 / shards).abs() < 0.01, "{name}: a rank holds {ratio:.4} of the state, expected 1/{shards}");
+        assert!(
+            (ratio - 1.0 / shards).abs() < 0.01,
+            "{name}: a rank holds {ratio:.4} of the state, expected 1/{shards}"
+        );
     }
 }
 

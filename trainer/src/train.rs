@@ -581,7 +581,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 preempted = true;
                 break;
             }
-            if (every > 0 && self.step % every == 0) || (self.step == total && self.cfg.checkpoint.save_final) {
+            if (every > 0 && self.step % every == 0)
+                || (self.step == total && self.cfg.checkpoint.save_final)
+            {
                 last_ckpt = Some(self.save()?);
             }
         }
