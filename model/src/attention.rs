@@ -1,9 +1,9 @@
 //! Causal self-attention with grouped KV heads and partial rotary embeddings
 //! (HF's `BambaAttention`, eager path).
 
+use crate::ops::{BambaBackend, matmul};
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Tensor};
 
 use crate::config::BambaConfig;
@@ -13,7 +13,7 @@ use crate::params::VarBuilder;
 use crate::rope::apply_rope;
 
 #[derive(Module, Debug)]
-pub struct BambaAttention<B: Backend> {
+pub struct BambaAttention<B: BambaBackend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
@@ -23,7 +23,7 @@ pub struct BambaAttention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> BambaAttention<B> {
+impl<B: BambaBackend> BambaAttention<B> {
     pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
         let (h, nq, nkv, hd) = (
             cfg.hidden_size,
@@ -53,7 +53,7 @@ impl<B: Backend> BambaAttention<B> {
         let (k, v) = (repeat_kv(k, nq / nkv), repeat_kv(v, nq / nkv));
 
         let dtype = q.dtype();
-        let scores = q.matmul(k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
+        let scores = matmul(q, k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
         // burn's tril_mask is true above the diagonal: exactly the future keys.
         let future = Tensor::<B, 2, Bool>::tril_mask([l, l], 0, &scores.device())
             .unsqueeze::<4>()
@@ -64,13 +64,13 @@ impl<B: Backend> BambaAttention<B> {
             3,
         )
         .cast(dtype);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, l, nq * hd]);
+        let out = matmul(probs, v).swap_dims(1, 2).reshape([b, l, nq * hd]);
         self.o_proj.forward(out)
     }
 }
 
 /// `[b, kv, l, d] -> [b, kv * rep, l, d]`, each KV head serving `rep` query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+fn repeat_kv<B: BambaBackend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
     if rep == 1 {
         return x;
     }

@@ -7,8 +7,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::ops::BambaBackend;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -341,12 +342,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 }
 
 /// Every parameter of a module with its dotted path (= HF name) and value.
-pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> Vec<NamedTensor> {
+pub fn named_tensors<B: BambaBackend, M: Module<B>>(module: &M) -> Vec<NamedTensor> {
     struct Collect {
         path: Vec<String>,
         out: Vec<NamedTensor>,
     }
-    impl<B: Backend> ModuleVisitor<B> for Collect {
+    impl<B: BambaBackend> ModuleVisitor<B> for Collect {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.push(name.to_string());
         }
@@ -410,12 +411,12 @@ pub fn named_grads<B: AutodiffBackend, M: Module<B>>(
 }
 
 /// Parameter ids by HF name (optimizers and FSDP address parameters this way).
-pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, ParamId)> {
+pub fn param_ids<B: BambaBackend, M: Module<B>>(module: &M) -> Vec<(String, ParamId)> {
     struct Collect {
         path: Vec<String>,
         out: Vec<(String, ParamId)>,
     }
-    impl<B: Backend> ModuleVisitor<B> for Collect {
+    impl<B: BambaBackend> ModuleVisitor<B> for Collect {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.push(name.to_string());
         }

@@ -1,9 +1,9 @@
 //! One Bamba decoder layer: pre-norm mixer (Mamba2 or attention) and pre-norm
 //! SwiGLU MLP, each added to the residual stream.
 
+use crate::ops::BambaBackend;
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 
 use crate::attention::BambaAttention;
 use crate::config::BambaConfig;
@@ -14,7 +14,7 @@ use crate::norm::RmsNorm;
 use crate::params::VarBuilder;
 
 #[derive(Module, Debug)]
-pub struct BambaDecoderLayer<B: Backend> {
+pub struct BambaDecoderLayer<B: BambaBackend> {
     pub input_layernorm: RmsNorm<B>,
     /// Exactly one of `mamba` and `self_attn` is present.
     pub mamba: Option<BambaMixer<B>>,
@@ -23,7 +23,7 @@ pub struct BambaDecoderLayer<B: Backend> {
     pub feed_forward: BambaMlp<B>,
 }
 
-impl<B: Backend> BambaDecoderLayer<B> {
+impl<B: BambaBackend> BambaDecoderLayer<B> {
     pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig, index: usize) -> Result<Self, ModelError> {
         let (mamba, self_attn) = if cfg.is_attention(index) {
             (None, Some(BambaAttention::new(&vb.pp("self_attn"), cfg)?))

@@ -16,21 +16,21 @@ pub mod mamba2;
 pub mod mlp;
 pub mod model;
 pub mod norm;
+pub mod ops;
 pub mod params;
 pub mod rope;
 pub mod ssd;
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
-
 pub use config::BambaConfig;
 pub use error::ModelError;
 pub use hf::{HfCheckpoint, NamedTensor, SaveDtype};
 pub use model::{BambaForCausalLM, causal_lm_loss, hf_causal_lm_loss};
+pub use ops::{BambaAutodiffBackend, BambaBackend};
 pub use params::{ParamSource, VarBuilder};
 
-impl<B: Backend> BambaForCausalLM<B> {
+impl<B: BambaBackend> BambaForCausalLM<B> {
     /// A freshly initialised model (mamba_ssm's pretraining init), reproducible from `seed`.
     pub fn init(cfg: &BambaConfig, seed: u64, device: &B::Device) -> Result<Self, ModelError> {
         let source = init::InitSource { cfg, seed };

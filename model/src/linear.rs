@@ -1,21 +1,21 @@
 //! Linear and embedding layers that keep PyTorch's weight layout
 //! (`[out_features, in_features]`), so HF tensors load as they are.
 
+use crate::ops::{BambaBackend, matmul};
 use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::error::ModelError;
 use crate::params::VarBuilder;
 
 #[derive(Module, Debug)]
-pub struct Linear<B: Backend> {
+pub struct Linear<B: BambaBackend> {
     /// `[out_features, in_features]`, as in `torch.nn.Linear`.
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: BambaBackend> Linear<B> {
     pub fn new(
         vb: &VarBuilder<B>,
         d_in: usize,
@@ -35,9 +35,7 @@ impl<B: Backend> Linear<B> {
     /// `x @ W^T + b` over the last dim of `[batch, seq, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
-        let y = x
-            .reshape([b * t, d_in])
-            .matmul(self.weight.val().transpose());
+        let y = matmul(x.reshape([b * t, d_in]), self.weight.val().transpose());
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,
@@ -48,12 +46,12 @@ impl<B: Backend> Linear<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct Embedding<B: Backend> {
+pub struct Embedding<B: BambaBackend> {
     /// `[vocab_size, hidden_size]`.
     pub weight: Param<Tensor<B, 2>>,
 }
 
-impl<B: Backend> Embedding<B> {
+impl<B: BambaBackend> Embedding<B> {
     pub fn new(vb: &VarBuilder<B>, vocab: usize, hidden: usize) -> Result<Self, ModelError> {
         Ok(Self {
             weight: vb.get("weight", [vocab, hidden])?,

@@ -4,10 +4,10 @@
 // `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
 #![allow(non_snake_case)]
 
+use crate::ops::BambaBackend;
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use burn::tensor::activation::{silu, softplus};
-use burn::tensor::backend::Backend;
 use burn::tensor::module::conv1d;
 use burn::tensor::ops::ConvOptions;
 
@@ -21,12 +21,12 @@ use crate::ssd::ssd_chunked;
 /// Depthwise causal conv over the sequence, weight `[channels, 1, d_conv]` as
 /// in `torch.nn.Conv1d(groups=channels)`.
 #[derive(Module, Debug)]
-pub struct CausalConv1d<B: Backend> {
+pub struct CausalConv1d<B: BambaBackend> {
     pub weight: Param<Tensor<B, 3>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: Backend> CausalConv1d<B> {
+impl<B: BambaBackend> CausalConv1d<B> {
     /// `[b, l, c] -> [b, l, c]`; output `t` sees inputs `t-d_conv+1 ..= t`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [_, l, c] = x.dims();
@@ -44,7 +44,7 @@ impl<B: Backend> CausalConv1d<B> {
 
 #[allow(non_snake_case)]
 #[derive(Module, Debug)]
-pub struct BambaMixer<B: Backend> {
+pub struct BambaMixer<B: BambaBackend> {
     pub in_proj: Linear<B>,
     pub conv1d: CausalConv1d<B>,
     pub dt_bias: Param<Tensor<B, 1>>,
@@ -61,7 +61,7 @@ pub struct BambaMixer<B: Backend> {
     pub dt_max: f64,
 }
 
-impl<B: Backend> BambaMixer<B> {
+impl<B: BambaBackend> BambaMixer<B> {
     pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
         let (h, di, cd, nh) = (
             cfg.hidden_size,

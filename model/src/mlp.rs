@@ -1,9 +1,9 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
+use crate::ops::BambaBackend;
 use burn::module::Module;
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 
 use crate::config::BambaConfig;
 use crate::error::ModelError;
@@ -11,13 +11,13 @@ use crate::linear::Linear;
 use crate::params::VarBuilder;
 
 #[derive(Module, Debug)]
-pub struct BambaMlp<B: Backend> {
+pub struct BambaMlp<B: BambaBackend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> BambaMlp<B> {
+impl<B: BambaBackend> BambaMlp<B> {
     pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
         let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {

@@ -1,8 +1,8 @@
 //! `BambaForCausalLM`: embeddings, the layer stack, final norm, LM head, and
 //! the causal-LM loss (cross-entropy with optional z-loss).
 
+use crate::ops::{BambaBackend, matmul};
 use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
 use crate::config::BambaConfig;
@@ -14,7 +14,7 @@ use crate::params::VarBuilder;
 use crate::rope::rope_tables;
 
 #[derive(Module, Debug)]
-pub struct BambaModel<B: Backend> {
+pub struct BambaModel<B: BambaBackend> {
     pub embed_tokens: Embedding<B>,
     pub layers: Vec<BambaDecoderLayer<B>>,
     pub final_layernorm: RmsNorm<B>,
@@ -22,7 +22,7 @@ pub struct BambaModel<B: Backend> {
     pub rope_theta: f64,
 }
 
-impl<B: Backend> BambaModel<B> {
+impl<B: BambaBackend> BambaModel<B> {
     pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| BambaDecoderLayer::new(&vb.pp("layers").pp(i), cfg, i))
@@ -53,14 +53,14 @@ impl<B: Backend> BambaModel<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct BambaForCausalLM<B: Backend> {
+pub struct BambaForCausalLM<B: BambaBackend> {
     pub model: BambaModel<B>,
     /// Absent when `tie_word_embeddings`: the embedding matrix is the head.
     pub lm_head: Option<Linear<B>>,
     pub z_loss_coefficient: f64,
 }
 
-impl<B: Backend> BambaForCausalLM<B> {
+impl<B: BambaBackend> BambaForCausalLM<B> {
     /// Builds the model with HF names from `vb` (seeded init or a checkpoint).
     pub fn new(vb: &VarBuilder<B>, cfg: &BambaConfig) -> Result<Self, ModelError> {
         cfg.validate()?;
@@ -90,9 +90,7 @@ impl<B: Backend> BambaForCausalLM<B> {
                 let [b, l, d] = h.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                h.reshape([b * l, d])
-                    .matmul(w.transpose())
-                    .reshape([b, l, v])
+                matmul(h.reshape([b * l, d]), w.transpose()).reshape([b, l, v])
             }
         }
     }
@@ -106,7 +104,7 @@ impl<B: Backend> BambaForCausalLM<B> {
 
 /// Mean next-token cross-entropy over all positions, in f32, plus
 /// `z_coef * mean(logsumexp(logits)^2)` (PaLM's z-loss) when `z_coef > 0`.
-pub fn causal_lm_loss<B: Backend>(
+pub fn causal_lm_loss<B: BambaBackend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
     z_coef: f64,
@@ -125,7 +123,7 @@ pub fn causal_lm_loss<B: Backend>(
 
 /// HF's `BambaForCausalLM` loss on unshifted `input_ids` used as labels:
 /// cross-entropy on `(logits[:, :-1], ids[:, 1:])`, z-loss over every position.
-pub fn hf_causal_lm_loss<B: Backend>(
+pub fn hf_causal_lm_loss<B: BambaBackend>(
     logits: Tensor<B, 3>,
     input_ids: Tensor<B, 2, Int>,
     z_coef: f64,
@@ -145,7 +143,7 @@ pub fn hf_causal_lm_loss<B: Backend>(
 }
 
 /// Row-wise `log(sum(exp(x)))` of `[rows, v]`, shifted by the row max for range.
-fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+fn logsumexp<B: BambaBackend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let max = x.clone().max_dim(1).detach();
     (x - max.clone()).exp().sum_dim(1).log() + max
 }

@@ -6,7 +6,7 @@
 //! `y_t = C_t h_t`. Inside a chunk of Q steps it is a masked (causal) matrix
 //! product; chunk-final states carry across chunks by the same decay.
 
-use burn::tensor::backend::Backend;
+use crate::ops::{BambaBackend, matmul};
 use burn::tensor::{Bool, DType, Tensor};
 
 /// `y` of the SSM (without the `D x` skip), computed in f32.
@@ -18,7 +18,7 @@ use burn::tensor::{Bool, DType, Tensor};
 ///
 /// Any `l` works: the sequence is zero-padded to a multiple of `chunk` and
 /// cropped after (padding adds nothing to earlier positions: causal).
-pub fn ssd_chunked<B: Backend>(
+pub fn ssd_chunked<B: BambaBackend>(
     x: Tensor<B, 4>,
     dt: Tensor<B, 3>,
     a: Tensor<B, 1>,
@@ -61,15 +61,13 @@ pub fn ssd_chunked<B: Backend>(
 
     // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix.
     let decay = segsum::<B, 4, 5>(adt).exp(); // [b, h, nc, q, q]
-    let scores = cm.clone().matmul(bm.clone().swap_dims(3, 4));
-    let y_diag = (scores * decay).matmul(x.clone()); // [b, h, nc, q, p]
+    let scores = matmul(cm.clone(), bm.clone().swap_dims(3, 4));
+    let y_diag = matmul(scores * decay, x.clone()); // [b, h, nc, q, p]
 
     // 2. The state each chunk leaves behind, from its own inputs only.
     let a_last = a_cumsum.clone().narrow(3, q - 1, 1); // [b, h, nc, 1]
     let decay_to_end = (a_last.clone() - a_cumsum.clone()).exp();
-    let states = (bm * decay_to_end.unsqueeze_dim::<5>(4))
-        .swap_dims(3, 4)
-        .matmul(x); // [b, h, nc, n, p]
+    let states = matmul((bm * decay_to_end.unsqueeze_dim::<5>(4)).swap_dims(3, 4), x); // [b, h, nc, n, p]
 
     // 3. Carry states across chunks: the state entering chunk c.
     let device = states.device();
@@ -82,11 +80,11 @@ pub fn ssd_chunked<B: Backend>(
         2,
     );
     let chunk_decay = segsum::<B, 3, 4>(chunk_a).exp(); // [b, h, nc+1, nc+1]
-    let carried = chunk_decay.matmul(states.reshape([b, h, nc + 1, n * p]));
+    let carried = matmul(chunk_decay, states.reshape([b, h, nc + 1, n * p]));
     let entering = carried.narrow(2, 0, nc).reshape([b, h, nc, n, p]);
 
     // 4. What the entering state contributes to each step of the chunk.
-    let y_off = cm.matmul(entering) * a_cumsum.exp().unsqueeze_dim::<5>(4);
+    let y_off = matmul(cm, entering) * a_cumsum.exp().unsqueeze_dim::<5>(4);
 
     (y_diag + y_off)
         .permute([0, 2, 3, 1, 4])
@@ -99,7 +97,7 @@ pub fn ssd_chunked<B: Backend>(
 /// Summed by masked cumsum rather than `cumsum[i] - cumsum[j]`, which loses
 /// precision when the totals are large; masked with -inf *before* `exp` so the
 /// upper triangle is an exact 0 and never `inf * 0`.
-fn segsum<B: Backend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tensor<B, D2> {
+fn segsum<B: BambaBackend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tensor<B, D2> {
     let mut shape = [0; D2];
     shape[..D].copy_from_slice(&x.dims());
     let t = shape[D - 1];
@@ -119,7 +117,7 @@ fn segsum<B: Backend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tenso
 }
 
 /// Zero-pads dim 1 (the sequence) by `pad` steps.
-fn pad_seq<B: Backend, const D: usize>(x: Tensor<B, D>, pad: usize) -> Tensor<B, D> {
+fn pad_seq<B: BambaBackend, const D: usize>(x: Tensor<B, D>, pad: usize) -> Tensor<B, D> {
     if pad == 0 {
         return x;
     }

@@ -5,7 +5,8 @@
 //! AVX2/AVX-512), transposed views multiply without copies, and cloning is
 //! O(1) copy-on-write; burn-ndarray's matmul is the slower `matrixmultiply`
 //! and burn-cpu needs an MLIR/LLVM toolchain at build time.
-//! CUDA: burn's CubeCL CUDA runtime (feature `cuda`), f32 or bf16 compute.
+//! CUDA: burn's CubeCL CUDA runtime (feature `cuda`), f32 or bf16 compute, with
+//! the model's GEMMs on cuBLAS (`bamba_model::ops`).
 
 use burn::backend::{Autodiff, Flex};
 
@@ -68,4 +69,48 @@ macro_rules! with_backend {
             }
         }
     }};
+}
+
+/// The CUDA device of this process: one GPU per local rank.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(local_rank: usize) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(local_rank)
+}
+
+/// A human name for the device (`NVIDIA H100 80GB HBM3`, `cpu`), for MFU peaks and reports.
+pub fn device_name(device: crate::config::Device, local_rank: usize) -> String {
+    match device {
+        crate::config::Device::Cpu => "cpu".into(),
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda => cudarc::driver::CudaContext::new(local_rank)
+            .and_then(|c| c.name())
+            .unwrap_or_else(|_| "cuda".into()),
+        #[cfg(not(feature = "cuda"))]
+        crate::config::Device::Cuda => {
+            let _ = local_rank;
+            "cuda".into()
+        }
+    }
+}
+
+/// Reads memory in use: the device's used memory on CUDA (as `nvidia-smi`
+/// counts it: burn's pool included), the process RSS on CPU.
+pub fn memory_probe(device: crate::config::Device, local_rank: usize) -> Box<dyn Fn() -> u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda => {
+            let ctx = cudarc::driver::CudaContext::new(local_rank).ok();
+            Box::new(move || {
+                ctx.as_ref()
+                    .and_then(|c| c.bind_to_thread().ok())
+                    .and_then(|_| cudarc::driver::result::mem_get_info().ok())
+                    .map(|(free, total)| (total - free) as u64)
+                    .unwrap_or(0)
+            })
+        }
+        _ => {
+            let _ = local_rank;
+            Box::new(crate::metrics::process_rss_bytes)
+        }
+    }
 }

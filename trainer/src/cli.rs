@@ -107,6 +107,70 @@ fn is_curriculum(text: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `$body` with `$B` the training backend that `$cfg` asks for, `$rt`
+/// this process's runtime (rank, world, communicators) and `$dev` its device
+/// (GPU `LOCAL_RANK` on CUDA).
+macro_rules! on_backend {
+    ($cfg:expr, |$B:ident, $rt:ident, $dev:ident| $body:expr) => {
+        match ($cfg.training.device, $cfg.training.precision) {
+            (Device::Cpu, _) => {
+                type $B = crate::backend::CpuTrain;
+                let $rt = crate::runtime::from_env::<crate::backend::Cpu>(&$cfg)?;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            (Device::Cuda, Precision::F32) => {
+                type $B = crate::backend::CudaTrain<f32>;
+                let $rt = crate::runtime::from_env::<crate::backend::Cuda<f32>>(&$cfg)?;
+                let $dev = crate::backend::cuda_device($rt.local_rank);
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            (Device::Cuda, Precision::Bf16) => {
+                type $B = crate::backend::CudaTrain<burn::tensor::bf16>;
+                let $rt =
+                    crate::runtime::from_env::<crate::backend::Cuda<burn::tensor::bf16>>(&$cfg)?;
+                let $dev = crate::backend::cuda_device($rt.local_rank);
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            (Device::Cuda, _) => {
+                let _ = Precision::F32;
+                bail!("training.device is cuda but this binary was built without `--features cuda`")
+            }
+        }
+    };
+}
+
+/// `bamba-train bench`: timed training steps of a config, JSON lines on stdout.
+pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
+    if let Some(n) = args.nproc_per_node {
+        return launch_local(n);
+    }
+    let path = args.config.as_ref().context("bench needs --config")?;
+    let mut sets = args.set.clone();
+    // Benchmarks never read or write checkpoints.
+    sets.extend([
+        "checkpoint.resume=none".into(),
+        "checkpoint.every_steps=0".into(),
+        "checkpoint.save_final=false".into(),
+    ]);
+    let cfg = load_config(path, &sets)?;
+    let local_rank = crate::dist::DistEnv::from_env()
+        .map(|e| e.local_rank)
+        .unwrap_or(0);
+    let name = crate::backend::device_name(cfg.training.device, local_rank);
+    let probe = crate::backend::memory_probe(cfg.training.device, local_rank);
+    on_backend!(cfg, |B, rt, dev| crate::bench::run(
+        Trainer::<B>::new(cfg, rt, dev, None)?,
+        &bench,
+        &name,
+        probe,
+    )?);
+    Ok(0)
+}
+
 fn run_stage(cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<i32> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
@@ -124,35 +188,8 @@ fn run_stage(cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<i32> {
             &mut |w| eprintln!("warning: {w}"),
         )?,
     };
-    let summary = match (cfg.training.device, cfg.training.precision) {
-        (Device::Cpu, _) => {
-            let rt = crate::runtime::from_env::<crate::backend::Cpu>(&cfg)?;
-            Trainer::<crate::backend::CpuTrain>::new(cfg, rt, Default::default(), resume)?
-                .train(stop)?
-        }
-        #[cfg(feature = "cuda")]
-        (Device::Cuda, Precision::F32) => {
-            let rt = crate::runtime::from_env::<crate::backend::Cuda<f32>>(&cfg)?;
-            Trainer::<crate::backend::CudaTrain<f32>>::new(cfg, rt, Default::default(), resume)?
-                .train(stop)?
-        }
-        #[cfg(feature = "cuda")]
-        (Device::Cuda, Precision::Bf16) => {
-            let rt = crate::runtime::from_env::<crate::backend::Cuda<burn::tensor::bf16>>(&cfg)?;
-            Trainer::<crate::backend::CudaTrain<burn::tensor::bf16>>::new(
-                cfg,
-                rt,
-                Default::default(),
-                resume,
-            )?
-            .train(stop)?
-        }
-        #[cfg(not(feature = "cuda"))]
-        (Device::Cuda, _) => {
-            bail!("training.device is cuda but this binary was built without `--features cuda`")
-        }
-    };
-    let _ = Precision::F32;
+    let summary = on_backend!(cfg, |B, rt, dev| Trainer::<B>::new(cfg, rt, dev, resume)?
+        .train(stop)?);
     Ok(if summary.preempted {
         PREEMPTED_EXIT_CODE
     } else {

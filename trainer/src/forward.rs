@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use bamba_model::BambaAutodiffBackend;
 use bamba_model::hf::{named_grads, to_f32};
 use bamba_model::{BambaConfig, BambaForCausalLM, NamedTensor, hf_causal_lm_loss};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
@@ -53,7 +53,7 @@ pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, [usize; 2])> {
 }
 
 /// Runs the pass on backend `B`.
-pub fn run<B: AutodiffBackend>(
+pub fn run<B: BambaAutodiffBackend>(
     model_dir: &Path,
     ids: &[i64],
     shape: [usize; 2],
@@ -121,4 +121,43 @@ pub fn write_outputs(path: &Path, out: &ForwardOutputs) -> Result<()> {
 
 fn le_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ForwardArgs {
+    /// HF model directory: config.json plus model.safetensors or sharded safetensors with an index.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// safetensors file with `input_ids` (int64, [batch, seq]).
+    #[arg(long)]
+    pub inputs: std::path::PathBuf,
+    /// Output safetensors: `logits` [batch, seq, vocab], `loss` [1], `grad.<HF name>` (all f32).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[arg(long, value_enum, default_value_t = crate::backend::DeviceKind::Cpu)]
+    pub device: crate::backend::DeviceKind,
+    /// Compute precision (bf16 on the GPU only).
+    #[arg(long, value_enum, default_value_t = crate::backend::Precision::F32)]
+    pub dtype: crate::backend::Precision,
+}
+
+/// Reads the inputs, runs the pass on the chosen backend, writes the outputs.
+pub fn main(args: ForwardArgs) -> Result<()> {
+    let (ids, shape) = read_input_ids(&args.inputs)?;
+    let t = std::time::Instant::now();
+    let out = crate::with_backend!(args.device, args.dtype, |B, dev| run::<B>(
+        &args.model,
+        &ids,
+        shape,
+        &dev
+    )?);
+    write_outputs(&args.out, &out)?;
+    eprintln!(
+        "loss {:.6}, {} gradients, {:.2} s -> {}",
+        out.loss,
+        out.grads.len(),
+        t.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
 }

@@ -46,6 +46,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
     },
+    /// Time full training steps of a config (warm-up, timed, profiled) and print JSON lines:
+    /// tokens/s per device, MFU, device memory, and the step split into phases.
+    Bench {
+        #[command(flatten)]
+        train: cli::TrainArgs,
+        #[command(flatten)]
+        bench: bamba_train::bench::BenchArgs,
+    },
+    /// One forward + backward of an HF checkpoint (logits, loss, gradients): the parity check.
+    Forward(bamba_train::forward::ForwardArgs),
 }
 
 fn main() {
@@ -57,6 +67,8 @@ fn main() {
             dtype,
             max_shard_gb,
         }) => cli::export_hf(&checkpoint, &out, &dtype, max_shard_gb).map(|_| 0),
+        Some(Cmd::Bench { train, bench }) => cli::bench(train, bench),
+        Some(Cmd::Forward(f)) => bamba_train::forward::main(f).map(|_| 0),
         None => cli::train(args.train),
     };
     match result {

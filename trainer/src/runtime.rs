@@ -72,7 +72,7 @@ impl<B: Backend> Runtime<B> {
 /// Joins the process group described by the environment (torchrun or SLURM
 /// variables; a single process without them) and builds the communicators of
 /// the configured strategy.
-pub fn from_env<B: Backend>(cfg: &TrainConfig) -> Result<Runtime<B>> {
+pub fn from_env<B: CommBackend>(cfg: &TrainConfig) -> Result<Runtime<B>> {
     let env = DistEnv::from_env()?;
     if env.world_size == 1 {
         return Ok(Runtime {
@@ -95,10 +95,11 @@ pub fn from_env<B: Backend>(cfg: &TrainConfig) -> Result<Runtime<B>> {
     };
     let d = dist::init(&env, &opts).context("joining the process group")?;
     let (rank, world) = (env.rank, env.world_size);
-    let host = |c: Box<dyn Collectives>| -> Box<dyn Comm<B>> { Box::new(HostComm(c)) };
+    let local = env.local_rank;
+    let host = |c: Box<dyn Collectives>| B::comm(c, local);
     let (shard, replicate): (Box<dyn Comm<B>>, Box<dyn Comm<B>>) = match cfg.parallelism.strategy {
-        Strategy::Fsdp => (host(d.world.split(0, rank)?), Box::new(Solo)),
-        Strategy::Ddp => (Box::new(Solo), host(d.world.split(0, rank)?)),
+        Strategy::Fsdp => (host(d.world.split(0, rank)?)?, Box::new(Solo)),
+        Strategy::Ddp => (Box::new(Solo), host(d.world.split(0, rank)?)?),
         Strategy::Hsdp => {
             let g = match cfg.parallelism.shard_group_size {
                 0 => env.local_world_size,
@@ -108,8 +109,8 @@ pub fn from_env<B: Backend>(cfg: &TrainConfig) -> Result<Runtime<B>> {
                 bail!("parallelism.shard_group_size {g} does not divide the {world} ranks");
             }
             (
-                host(d.world.split(rank / g, rank)?),
-                host(d.world.split(rank % g, rank)?),
+                host(d.world.split(rank / g, rank)?)?,
+                host(d.world.split(rank % g, rank)?)?,
             )
         }
     };
@@ -118,12 +119,38 @@ pub fn from_env<B: Backend>(cfg: &TrainConfig) -> Result<Runtime<B>> {
         world,
         local_rank: env.local_rank,
         strategy: cfg.parallelism.strategy,
-        world_comm: host(d.world.split(0, rank)?),
+        world_comm: host(d.world.split(0, rank)?)?,
         shard_comm: shard,
         replicate_comm: replicate,
         control: Box::new(d.world.split(0, rank)?),
         _dist: Some(d),
     })
+}
+
+/// How a backend's tensors travel between ranks: NCCL on device memory for
+/// CUDA, the host transport for CPU tensors (which live in host memory).
+pub trait CommBackend: Backend {
+    /// A communicator over the ranks of `group`, on local device `local_rank`.
+    fn comm(group: Box<dyn Collectives>, local_rank: usize) -> Result<Box<dyn Comm<Self>>>;
+}
+
+impl CommBackend for crate::backend::Cpu {
+    fn comm(group: Box<dyn Collectives>, _: usize) -> Result<Box<dyn Comm<Self>>> {
+        Ok(Box::new(HostComm(group)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<F: burn_cubecl::FloatElement> CommBackend for crate::backend::Cuda<F> {
+    fn comm(group: Box<dyn Collectives>, local_rank: usize) -> Result<Box<dyn Comm<Self>>> {
+        if std::env::var_os("BAMBA_HOST_COMM").is_some() {
+            // Debugging aid: route GPU collectives through the host transport.
+            return Ok(Box::new(HostComm(group)));
+        }
+        Ok(Box::new(crate::fsdp::nccl::NcclComm::new(
+            &*group, local_rank,
+        )?))
+    }
 }
 
 /// Collectives through host memory (the CPU backend's tensors live there anyway).

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use bamba_data::{DatasetSpec, Loader, LoaderConfig, LoaderState};
+use bamba_model::BambaAutodiffBackend;
 use bamba_model::init::InitSource;
 use bamba_model::{BambaConfig, BambaForCausalLM, HfCheckpoint, ParamSource, VarBuilder};
 use burn::module::AutodiffModule;
@@ -43,7 +44,7 @@ struct PendingSave {
     writer: JoinHandle<Result<Vec<FileEntry>>>,
 }
 
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: BambaAutodiffBackend> {
     pub cfg: TrainConfig,
     pub model_cfg: BambaConfig,
     model: Option<BambaForCausalLM<B>>,
@@ -62,6 +63,22 @@ pub struct Trainer<B: AutodiffBackend> {
     consecutive_bad: u32,
     wandb_run_id: Option<String>,
     pending: Option<PendingSave>,
+    /// Per-phase step times, when benchmarking (syncs the device at each phase end).
+    pub phases: Option<PhaseTimes>,
+}
+
+/// Seconds spent in each phase of the steps timed so far (`bamba-train bench`).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PhaseTimes {
+    pub gather_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// Flattening gradients into the per-layer buffers (accumulation).
+    pub accumulate_s: f64,
+    /// Reduce-scatter, clipping and AdamW on the local shard.
+    pub optimizer_s: f64,
+    #[serde(skip)]
+    mark: Option<Instant>,
 }
 
 /// Values of every parameter are zero until the first gather fills them.
@@ -104,7 +121,7 @@ fn data_rank(cfg: &TrainConfig, rank: usize, world: usize) -> (usize, usize) {
     }
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: BambaAutodiffBackend> Trainer<B> {
     /// Builds the run: resumes from `resume_from` if given, else starts from
     /// `model.init_from` weights or a seeded init.
     pub fn new(
@@ -212,6 +229,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             consecutive_bad: 0,
             wandb_run_id,
             pending: None,
+            phases: None,
         })
     }
 
@@ -229,10 +247,33 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// One optimizer step over the global batch. Returns the global mean loss
     /// (NaN if the step was skipped) and whether every rank asked to stop.
+    /// Processes in the run.
+    pub fn world(&self) -> usize {
+        self.rt.world
+    }
+
+    pub fn is_rank0(&self) -> bool {
+        self.rt.rank == 0
+    }
+
+    /// Ends a phase when profiling: waits for the device, adds the time to `field`.
+    fn phase(&mut self, field: fn(&mut PhaseTimes) -> &mut f64) {
+        if let Some(p) = &mut self.phases {
+            let _ = B::sync(&self.device);
+            let now = Instant::now();
+            *field(p) += (now - p.mark.unwrap_or(now)).as_secs_f64();
+            p.mark = Some(now);
+        }
+    }
+
     pub fn train_step(
         &mut self,
         stop_requested: bool,
     ) -> Result<(f64, Option<Tensor<Inner<B>, 1>>, bool)> {
+        if let Some(p) = &mut self.phases {
+            let _ = B::sync(&self.device);
+            p.mark = Some(Instant::now());
+        }
         let model = self.sharded.gather_into(
             self.model.take().expect("model present between steps"),
             &*self.rt.shard_comm,
@@ -259,9 +300,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 None => self.loader.next_batch(mb)?,
             };
             let (inputs, targets) = self.batch_tensors(lines, mb);
+            self.phase(|p| &mut p.gather_s);
             let loss = model.loss(inputs, targets) / self.accum as f64;
+            self.phase(|p| &mut p.forward_s);
             let grads = loss.backward();
+            self.phase(|p| &mut p.backward_s);
             self.sharded.accumulate(&model, &grads);
+            self.phase(|p| &mut p.accumulate_s);
             let l = loss.inner().cast(DType::F32);
             loss_sum = Some(match loss_sum {
                 Some(s) => s + l,
@@ -332,6 +377,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             shard,
             replicate,
         )?;
+        self.phase(|p| &mut p.optimizer_s);
         Ok((loss, Some(norm), stop))
     }
 

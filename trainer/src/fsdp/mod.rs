@@ -10,10 +10,14 @@
 
 pub mod comm;
 pub mod layout;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+mod streamed;
 
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
+use bamba_model::BambaAutodiffBackend;
 use bamba_model::ParamSource;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -27,7 +31,7 @@ use crate::optim::adamw::{AdamW, Moments};
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
 /// One rank's slice of the training state, plus its communicators.
-pub struct Sharded<B: AutodiffBackend> {
+pub struct Sharded<B: BambaAutodiffBackend> {
     pub layout: Layout,
     /// Which slice this rank holds.
     pub shard_rank: usize,
@@ -38,12 +42,14 @@ pub struct Sharded<B: AutodiffBackend> {
     decay: Vec<Tensor<Inner<B>, 1>>,
     /// Per unit, gradients summed over this step's micro-batches (full, unsharded).
     grads: Vec<Option<Tensor<Inner<B>, 1>>>,
+    /// Per unit, this rank's reduced gradient slice, once reduce-scattered.
+    reduced: Vec<Option<Tensor<Inner<B>, 1>>>,
     /// Compute dtype of the gathered parameters.
     pub compute: DType,
     device: burn::tensor::Device<Inner<B>>,
 }
 
-impl<B: AutodiffBackend> Sharded<B> {
+impl<B: BambaAutodiffBackend> Sharded<B> {
     /// This rank's slices, read from `source` by HF name (only the slice is kept).
     pub fn new(
         layout: Layout,
@@ -83,6 +89,7 @@ impl<B: AutodiffBackend> Sharded<B> {
             master,
             moments,
             decay,
+            reduced: grads.clone(),
             grads,
             compute,
             device: device.clone(),
@@ -128,6 +135,7 @@ impl<B: AutodiffBackend> Sharded<B> {
             master,
             moments,
             decay,
+            reduced: grads.clone(),
             grads,
             compute,
             device: device.clone(),
@@ -140,17 +148,13 @@ impl<B: AutodiffBackend> Sharded<B> {
         model: M,
         shard_comm: &dyn Comm<Inner<B>>,
     ) -> Result<M> {
-        let mut values = HashMap::new();
+        let mut setter = SetParams::<B>::new();
         for (unit, shard) in self.layout.units.iter().zip(&self.master) {
             let full = shard_comm.all_gather(shard.clone().cast(self.compute))?;
             for p in &unit.params {
-                values.insert(p.name.clone(), full.clone().narrow(0, p.offset, p.numel));
+                setter.insert(&p.name, full.clone().narrow(0, p.offset, p.numel), &p.shape);
             }
         }
-        let mut setter = SetParams::<B> {
-            path: vec![],
-            values,
-        };
         let model = model.map(&mut setter);
         anyhow::ensure!(
             setter.values.is_empty(),
@@ -162,18 +166,13 @@ impl<B: AutodiffBackend> Sharded<B> {
 
     /// Adds this micro-batch's gradients (already scaled by 1/accumulation).
     pub fn accumulate<M: Module<B>>(&mut self, model: &M, grads: &B::Gradients) {
-        let mut collect = CollectGrads::<B> {
-            path: vec![],
-            grads,
-            out: HashMap::new(),
-        };
-        model.visit(&mut collect);
+        let mut found = collect_grads::<B, M>(model, "", grads);
         for (i, unit) in self.layout.units.iter().enumerate() {
             let padded = unit.padded(self.layout.shards);
             let mut parts: Vec<Tensor<Inner<B>, 1>> = unit
                 .params
                 .iter()
-                .map(|p| match collect.out.remove(&p.name) {
+                .map(|p| match found.remove(&p.name) {
                     Some(g) => g.cast(DType::F32),
                     None => Tensor::zeros([p.numel], &self.device),
                 })
@@ -201,15 +200,11 @@ impl<B: AutodiffBackend> Sharded<B> {
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<Tensor<Inner<B>, 1>> {
         let mut shards = Vec::with_capacity(self.layout.units.len());
-        for (i, unit) in self.layout.units.iter().enumerate() {
-            let full = self.grads[i]
-                .take()
-                .unwrap_or_else(|| Tensor::zeros([unit.padded(self.layout.shards)], &self.device));
-            let mut shard = shard_comm.reduce_scatter_mean(full)?;
-            if replicate_comm.size() > 1 {
-                shard = replicate_comm.all_reduce_mean(shard)?;
+        for i in 0..self.layout.units.len() {
+            if self.reduced[i].is_none() {
+                self.reduce_unit(i, shard_comm, replicate_comm)?;
             }
-            shards.push(shard);
+            shards.push(self.reduced[i].take().expect("reduced above"));
         }
         // Replicas hold identical slices: the norm sums over the shard group only.
         let local = shards
@@ -248,9 +243,32 @@ impl<B: AutodiffBackend> Sharded<B> {
         Ok(norm)
     }
 
+    /// Reduce-scatters unit `i`'s summed gradients to this rank's slice (and
+    /// averages it over replicas), freeing the full buffer.
+    fn reduce_unit(
+        &mut self,
+        i: usize,
+        shard_comm: &dyn Comm<Inner<B>>,
+        replicate_comm: &dyn Comm<Inner<B>>,
+    ) -> Result<()> {
+        let full = self.grads[i].take().unwrap_or_else(|| {
+            Tensor::zeros(
+                [self.layout.units[i].padded(self.layout.shards)],
+                &self.device,
+            )
+        });
+        let mut shard = shard_comm.reduce_scatter_mean(full)?;
+        if replicate_comm.size() > 1 {
+            shard = replicate_comm.all_reduce_mean(shard)?;
+        }
+        self.reduced[i] = Some(shard);
+        Ok(())
+    }
+
     /// Drops gradients of a step that is skipped (non-finite loss).
     pub fn discard_grads(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
+        self.reduced.iter_mut().for_each(|g| *g = None);
     }
 
     /// Bytes of parameters, gradients slices and optimizer state this rank keeps between steps.
@@ -280,13 +298,45 @@ fn flat<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
-/// Replaces each parameter by its gathered value (by HF name), as a fresh leaf.
-struct SetParams<B: AutodiffBackend> {
+/// Replaces parameters by gathered values (by HF name) as fresh tracked
+/// leaves; parameters without a value are left as they are.
+struct SetParams<B: BambaAutodiffBackend> {
     path: Vec<String>,
-    values: HashMap<String, Tensor<Inner<B>, 1>>,
+    values: HashMap<String, (Tensor<Inner<B>, 1>, Vec<usize>)>,
+    /// Map every parameter to a 1-element placeholder instead (frees memory).
+    free: bool,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for SetParams<B> {
+impl<B: BambaAutodiffBackend> SetParams<B> {
+    fn new() -> Self {
+        Self {
+            path: vec![],
+            values: HashMap::new(),
+            free: false,
+        }
+    }
+
+    fn insert(&mut self, name: &str, flat: Tensor<Inner<B>, 1>, shape: &[usize]) {
+        self.values.insert(name.to_string(), (flat, shape.to_vec()));
+    }
+
+    /// Sets the values under `prefix` (the module's own HF path) into `module`.
+    fn apply<M: Module<B>>(&mut self, module: M, prefix: &str) -> M {
+        self.path = prefix.split('.').map(String::from).collect();
+        let m = module.map(self);
+        self.path.clear();
+        m
+    }
+
+    /// `module` with every parameter replaced by a placeholder.
+    fn free<M: Module<B>>(module: M) -> M {
+        let mut s = Self::new();
+        s.free = true;
+        module.map(&mut s)
+    }
+}
+
+impl<B: BambaAutodiffBackend> ModuleMapper<B> for SetParams<B> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -294,14 +344,39 @@ impl<B: AutodiffBackend> ModuleMapper<B> for SetParams<B> {
         self.path.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
         let (id, old, mapper) = param.consume();
-        let Some(flat) = self.values.remove(&name) else {
+        if self.free {
+            let device = old.device();
+            return Param::from_mapped_value(id, Tensor::zeros([1; D], &device), mapper);
+        }
+        let name = self.path.join(".");
+        let Some((flat, shape)) = self.values.remove(&name) else {
             return Param::from_mapped_value(id, old, mapper);
         };
-        let value = Tensor::<B, D>::from_inner(flat.reshape(old.dims())).require_grad();
+        let shape: [usize; D] = shape.try_into().expect("layout shape matches the module");
+        let value = Tensor::<B, D>::from_inner(flat.reshape(shape)).require_grad();
         Param::from_mapped_value(id, value, mapper)
     }
+}
+
+/// The gradients of `module`'s parameters, flattened, by HF name (`prefix` is
+/// the module's own path; empty for the whole model).
+fn collect_grads<B: BambaAutodiffBackend, M: Module<B>>(
+    module: &M,
+    prefix: &str,
+    grads: &B::Gradients,
+) -> HashMap<String, Tensor<Inner<B>, 1>> {
+    let mut c = CollectGrads::<B> {
+        path: prefix
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        grads,
+        out: HashMap::new(),
+    };
+    module.visit(&mut c);
+    c.out
 }
 
 /// Each parameter's gradient, flattened, by HF name.
@@ -311,7 +386,7 @@ struct CollectGrads<'a, B: AutodiffBackend> {
     out: HashMap<String, Tensor<Inner<B>, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for CollectGrads<'_, B> {
+impl<B: BambaAutodiffBackend> ModuleVisitor<B> for CollectGrads<'_, B> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }

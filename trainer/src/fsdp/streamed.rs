@@ -1,0 +1,185 @@
+//! Per-layer FSDP with full activation checkpointing, for models whose
+//! gathered parameters, gradients or activations do not fit at once.
+//!
+//! Forward runs unit by unit without an autodiff graph: all-gather a layer's
+//! parameters, run it, keep only its input, free the gathered copy. Backward
+//! walks the units in reverse: gather again, recompute the unit's forward
+//! from its saved input with the graph on, backpropagate the incoming
+//! gradient through it (`sum(y * dy)`), add the parameter gradients to the
+//! unit's buffer, reduce-scatter them on the last micro-batch, free. Peak
+//! memory is one unit's parameters, gradients and activations plus the saved
+//! layer inputs (as torchtitan's per-block FSDP with full AC).
+
+use anyhow::{Result, ensure};
+use bamba_model::model::causal_lm_loss;
+use bamba_model::ops::matmul;
+use bamba_model::rope::rope_tables;
+use bamba_model::{BambaAutodiffBackend, BambaForCausalLM};
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::{Int, Tensor};
+
+use super::{Comm, Inner, SetParams, Sharded};
+
+impl<B: BambaAutodiffBackend> Sharded<B> {
+    fn unit_index(&self, name: &str) -> Result<usize> {
+        self.layout
+            .units
+            .iter()
+            .position(|u| u.name == name)
+            .ok_or_else(|| anyhow::anyhow!("layout has no unit {name}"))
+    }
+
+    /// Gathers unit `i` and returns its parameters by HF name (compute dtype).
+    fn gather_unit(&self, i: usize, comm: &dyn Comm<Inner<B>>) -> Result<SetParams<B>> {
+        let unit = &self.layout.units[i];
+        let full = comm.all_gather(self.master[i].clone().cast(self.compute))?;
+        let mut set = SetParams::new();
+        for p in &unit.params {
+            set.insert(&p.name, full.clone().narrow(0, p.offset, p.numel), &p.shape);
+        }
+        Ok(set)
+    }
+
+    /// One micro-batch, unit by unit. Returns the (scaled) loss; gradients go
+    /// to the unit buffers, reduce-scattered when `last` (no communication
+    /// for earlier micro-batches of an accumulation).
+    pub fn streamed_step(
+        &mut self,
+        model: &mut BambaForCausalLM<B>,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        scale: f64,
+        last: bool,
+        shard_comm: &dyn Comm<Inner<B>>,
+        replicate_comm: &dyn Comm<Inner<B>>,
+    ) -> Result<Tensor<Inner<B>, 1>> {
+        let n_layers = model.model.layers.len();
+        let embed = self.unit_index("embed")?;
+        let head = self.unit_index("head")?;
+        let layer_units: Vec<usize> = (0..n_layers)
+            .map(|i| self.unit_index(&format!("layers.{i}")))
+            .collect::<Result<_>>()?;
+        let tied = model.lm_head.is_none();
+        let l = inputs.dims()[1];
+        let m = &mut model.model;
+
+        // Forward without a graph, keeping each layer's input.
+        let mut set = self.gather_unit(embed, shard_comm)?;
+        m.embed_tokens = set.apply(m.embed_tokens.clone(), "model.embed_tokens");
+        let mut h = m.embed_tokens.valid().forward(inputs.clone().inner());
+        if !tied {
+            m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
+        }
+        let rope_inner = rope_tables(l, m.rotary_dim, m.rope_theta, &h.device());
+        let mut saved = Vec::with_capacity(n_layers + 1);
+        for (i, &u) in layer_units.iter().enumerate() {
+            let mut set = self.gather_unit(u, shard_comm)?;
+            let name = format!("model.layers.{i}");
+            let layer = set.apply(m.layers[i].clone(), &name);
+            let next = layer.valid().forward(h.clone(), &rope_inner);
+            saved.push(h);
+            h = next;
+        }
+        saved.push(h);
+
+        // Head: final norm, LM head (or the tied embedding), loss.
+        let mut set = self.gather_unit(head, shard_comm)?;
+        let final_norm = set.apply(m.final_layernorm.clone(), "model.final_layernorm");
+        let lm_head = model.lm_head.clone().map(|h| set.apply(h, "lm_head"));
+        let x = Tensor::<B, 3>::from_inner(saved.pop().expect("pushed")).require_grad();
+        let y = final_norm.forward(x.clone());
+        let logits = match &lm_head {
+            Some(h) => h.forward(y),
+            None => {
+                let [b, l, d] = y.dims();
+                let w = m.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                matmul(y.reshape([b * l, d]), w.transpose()).reshape([b, l, v])
+            }
+        };
+        let loss = causal_lm_loss(logits, targets, model.z_loss_coefficient) * scale;
+        let grads = loss.backward();
+        let mut dy = x.grad(&grads).expect("the head's input is tracked");
+        self.add_unit_grads(head, &final_norm, "model.final_layernorm", &grads);
+        if let Some(h) = &lm_head {
+            self.add_unit_grads(head, h, "lm_head", &grads);
+        }
+        if tied {
+            self.add_unit_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
+        }
+        drop((final_norm, lm_head, grads));
+        if last {
+            self.reduce_unit(head, shard_comm, replicate_comm)?;
+        }
+
+        // Layers in reverse: recompute with the graph, backpropagate dy.
+        let rope = (
+            Tensor::from_inner(rope_inner.0.clone()),
+            Tensor::from_inner(rope_inner.1.clone()),
+        );
+        for (i, &u) in layer_units.iter().enumerate().rev() {
+            let mut set = self.gather_unit(u, shard_comm)?;
+            let name = format!("model.layers.{i}");
+            let layer = set.apply(m.layers[i].clone(), &name);
+            let x = Tensor::<B, 3>::from_inner(saved.pop().expect("one per layer")).require_grad();
+            let y = layer.forward(x.clone(), &rope);
+            let grads = (y * Tensor::from_inner(dy)).sum().backward();
+            dy = x.grad(&grads).expect("the layer's input is tracked");
+            self.add_unit_grads(u, &layer, &name, &grads);
+            drop((layer, grads));
+            if last {
+                self.reduce_unit(u, shard_comm, replicate_comm)?;
+            }
+        }
+
+        // Embedding: its gradient is dy scattered onto the looked-up rows.
+        if !tied {
+            let mut set = self.gather_unit(embed, shard_comm)?;
+            m.embed_tokens = set.apply(m.embed_tokens.clone(), "model.embed_tokens");
+        }
+        let e = m.embed_tokens.forward(inputs);
+        let grads = (e * Tensor::from_inner(dy)).sum().backward();
+        self.add_unit_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
+        m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
+        if last {
+            self.reduce_unit(embed, shard_comm, replicate_comm)?;
+        }
+        ensure!(saved.is_empty(), "every saved activation is consumed");
+        Ok(loss.inner())
+    }
+
+    /// Adds the gradients of `module`'s parameters (paths under `prefix`) to unit `i`.
+    fn add_unit_grads<M: Module<B>>(
+        &mut self,
+        i: usize,
+        module: &M,
+        prefix: &str,
+        grads: &B::Gradients,
+    ) {
+        let mut found = super::collect_grads::<B, M>(module, prefix, grads);
+        let unit = &self.layout.units[i];
+        let mut parts = Vec::with_capacity(unit.params.len() + 1);
+        let mut any = false;
+        for p in &unit.params {
+            parts.push(match found.remove(&p.name) {
+                Some(g) => {
+                    any = true;
+                    g.cast(burn::tensor::DType::F32)
+                }
+                None => Tensor::zeros([p.numel], &self.device),
+            });
+        }
+        if !any {
+            return;
+        }
+        let padded = unit.padded(self.layout.shards);
+        if padded > unit.numel {
+            parts.push(Tensor::zeros([padded - unit.numel], &self.device));
+        }
+        let g = Tensor::cat(parts, 0);
+        self.grads[i] = Some(match self.grads[i].take() {
+            Some(acc) => acc + g,
+            None => g,
+        });
+    }
+}
