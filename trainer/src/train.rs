@@ -21,7 +21,11 @@ use crate::checkpoint::{self, CheckpointMeta, FileEntry, RankShard, format};
 use crate::config::{DatasetEntry, Distribute, Precision, ResumeMode, TrainConfig};
 use crate::fsdp::{Layout, Sharded};
 use crate::metrics::progress::Progress;
-use crate::metrics::{JsonlSink, StepMetrics, mfu, process_rss_bytes};
+use crate::metrics::wandb::Wandb;
+use crate::metrics::{
+    JsonlSink, StepMetrics, default_peak_tflops, device_name, logged_steps_up_to, mfu,
+    process_rss_bytes,
+};
 use crate::optim::{AdamW, Schedule};
 use crate::runtime::Runtime;
 
@@ -549,6 +553,42 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         self.complete_pending_save()
     }
 
+    fn eval_due(&self, step: u64) -> bool {
+        self.cfg.eval.every_steps > 0 && step % self.cfg.eval.every_steps == 0
+    }
+
+    /// Whether `step` writes a metrics row (evaluation steps always do).
+    fn row_due(&self, step: u64, total: u64) -> bool {
+        step % self.cfg.logging.every_steps == 0 || step == total || self.eval_due(step)
+    }
+
+    /// Rank 0, `logging.wandb` set: the W&B run, continuing the checkpoint's
+    /// run id at the history row after the last one logged up to the
+    /// resumed step. Never fails: W&B problems only warn.
+    fn start_wandb(&mut self, total: u64) -> Option<Wandb> {
+        let section = self
+            .cfg
+            .logging
+            .wandb
+            .as_ref()
+            .filter(|_| self.rt.rank == 0)?;
+        let offset = match &self.wandb_run_id {
+            Some(_) if self.step > 0 => {
+                logged_steps_up_to(&self.cfg.checkpoint.output_dir, self.step).unwrap_or_else(
+                    || (1..=self.step).filter(|s| self.row_due(*s, total)).count() as u64,
+                )
+            }
+            _ => 0,
+        };
+        let mut config = serde_json::to_value(&self.cfg).unwrap_or_default();
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("world_size".into(), self.rt.world.into());
+        }
+        let w = Wandb::start(section, self.wandb_run_id.clone(), offset, config)?;
+        self.wandb_run_id = Some(w.run_id().to_string());
+        Some(w)
+    }
+
     /// Runs to the configured end (or a stop signal), logging and checkpointing.
     pub fn train(&mut self, stop: Arc<AtomicBool>) -> Result<RunSummary> {
         let total = self.cfg.total_steps();
@@ -558,8 +598,13 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         } else {
             None
         };
+        let wandb = self.start_wandb(total);
         let flops = self.model_cfg.flops_per_token(self.cfg.data.seq_len);
-        let peak = self.cfg.logging.peak_tflops.unwrap_or(989.0);
+        let peak = self
+            .cfg
+            .logging
+            .peak_tflops
+            .unwrap_or_else(|| default_peak_tflops(&device_name(self.cfg.training.device)));
         let mut losses = vec![];
         let mut last_ckpt = None;
         let mut preempted = false;
@@ -580,7 +625,8 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     self.step, self.skipped
                 ));
             }
-            let log_now = self.step % self.cfg.logging.every_steps == 0 || self.step == total;
+            let eval_now = self.eval_due(self.step);
+            let log_now = self.row_due(self.step, total);
             let mut row = None;
             if log_now {
                 let (t0, tok0, step0) = window;
@@ -604,13 +650,16 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     skipped_steps: self.skipped,
                     ..Default::default()
                 };
-                if self.cfg.eval.every_steps > 0 && self.step % self.cfg.eval.every_steps == 0 {
+                if eval_now {
                     let el = self.evaluate()?;
                     m.eval_loss = Some(el);
                     m.eval_ppl = Some(el.exp());
                 }
                 if let Some(s) = &mut sink {
                     s.write(&m)?;
+                }
+                if let Some(w) = &wandb {
+                    w.log(self.step, &m);
                 }
                 row = Some(m);
                 window = (Instant::now(), self.tokens_seen, self.step);
@@ -635,6 +684,10 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         }
         self.complete_pending_save_blocking()?;
         progress.finish();
+        // On an error return above, dropping `wandb` finishes the run with exit code 1.
+        if let Some(w) = wandb {
+            w.finish(if preempted { PREEMPTED_EXIT_CODE } else { 0 });
+        }
         Ok(RunSummary {
             final_step: self.step,
             tokens_seen: self.tokens_seen,

@@ -45,6 +45,42 @@ impl ConfigError {
             msg: msg.into(),
         }
     }
+    /// Gives an error without a line (checks across fields, or a config
+    /// deserialized after `--set` overrides) the line of its key in `text`,
+    /// or says which `--set` gave the value.
+    fn located(self, text: &str, overrides: &[String]) -> Self {
+        match self {
+            Self::Invalid {
+                file,
+                key,
+                line: None,
+                msg,
+            } => {
+                let set = overrides.iter().rev().find(|o| {
+                    let k = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+                    key == k
+                        || key.starts_with(&format!("{k}."))
+                        || key.starts_with(&format!("{k}["))
+                });
+                match set {
+                    Some(o) => Self::Invalid {
+                        file,
+                        key,
+                        line: None,
+                        msg: format!("{msg} (set by --set {o})"),
+                    },
+                    None => Self::Invalid {
+                        file,
+                        line: key_line(text, &key),
+                        key,
+                        msg,
+                    },
+                }
+            }
+            e => e,
+        }
+    }
+
     fn in_file(self, path: &Path) -> Self {
         match self {
             Self::Invalid { key, line, msg, .. } => Self::Invalid {
@@ -69,6 +105,10 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig, Con
 
 /// Parses YAML text (with overrides) into a validated config.
 pub fn parse_config(text: &str, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
+    parse_unlocated(text, overrides).map_err(|e| e.located(text, overrides))
+}
+
+fn parse_unlocated(text: &str, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
     let cfg: TrainConfig = if overrides.is_empty() {
         // Straight from the text, so errors carry line numbers.
         let de = serde_norway::Deserializer::from_str(text);
@@ -107,6 +147,96 @@ fn path_error(e: serde_path_to_error::Error<serde_norway::Error>) -> ConfigError
         line,
         msg,
     }
+}
+
+/// The 1-based line of `key` (`a.b[2].c`, as serde_path_to_error writes
+/// paths) in YAML `text`; `None` if it is not written there (a default).
+/// Follows block and flow mappings and block lists by indentation, the way
+/// configs are written; the parent's extent bounds each search.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| match l.find(" #") {
+            Some(i) => &l[..i],
+            None if l.trim_start().starts_with('#') => "",
+            None => l,
+        })
+        .collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    // Lines [lo, hi) with line `lo` read from column `col`.
+    let (mut lo, mut hi, mut col) = (0usize, lines.len(), 0usize);
+    // The end of the block under a key (or list item) at column `c` on line `i`.
+    let block_end = |i: usize, c: usize| {
+        (i + 1..lines.len())
+            .find(|&j| !lines[j].trim().is_empty() && indent(lines[j]) <= c)
+            .unwrap_or(lines.len())
+    };
+    let mut found = None;
+    for seg in key.split('.') {
+        let (name, indices) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if !name.is_empty() && name != "<root>" {
+            let mut hit = None;
+            'search: for i in lo..hi.min(lines.len()) {
+                let l = lines[i];
+                let from = if i == lo { col.min(l.len()) } else { 0 };
+                let mut start = from;
+                while let Some(p) = l[start..].find(name) {
+                    let at = start + p;
+                    let before = l[..at].chars().next_back();
+                    let after = l[at + name.len()..].trim_start();
+                    let bounded =
+                        matches!(before, None | Some(' ' | '{' | ',' | '-' | '\t')) && at >= from;
+                    if bounded && after.starts_with(':') {
+                        hit = Some((i, at));
+                        break 'search;
+                    }
+                    start = at + name.len();
+                }
+            }
+            let (i, at) = hit?;
+            found = Some(i);
+            let rest = l_after_colon(lines[i], at + name.len());
+            if rest.trim().is_empty() {
+                (lo, hi, col) = (i + 1, block_end(i, at), 0);
+            } else {
+                (lo, hi, col) = (i, i + 1, lines[i].len() - rest.len());
+            }
+        }
+        for idx in indices
+            .split(|c| c == '[' || c == ']')
+            .filter(|s| !s.is_empty())
+        {
+            let n: usize = idx.parse().ok()?;
+            // Block list items: lines starting with `-` at the list's indent.
+            let items: Vec<usize> = (lo..hi.min(lines.len()))
+                .filter(|&j| j > lo || col == 0)
+                .filter(|&j| lines[j].trim_start().starts_with('-'))
+                .collect();
+            let item_indent = items.iter().map(|&j| indent(lines[j])).min();
+            let items: Vec<usize> = items
+                .into_iter()
+                .filter(|&j| Some(indent(lines[j])) == item_indent)
+                .collect();
+            match items.get(n) {
+                Some(&j) => {
+                    found = Some(j);
+                    (lo, hi, col) = (j, block_end(j, indent(lines[j])), indent(lines[j]) + 1);
+                }
+                // A flow list on one line: the line of the list.
+                None => return found.map(|l| l + 1),
+            }
+        }
+    }
+    found.map(|l| l + 1)
+}
+
+fn l_after_colon(line: &str, key_end: usize) -> &str {
+    let rest = &line[key_end..];
+    let colon = rest.find(':').map_or(rest.len(), |i| i + 1);
+    &rest[colon..]
 }
 
 /// `a.b.c=value`: sets a nested key, creating mappings on the way; the value
@@ -466,5 +596,290 @@ training: { global_batch_sequences: 8, micro_batch: 2, steps: 10 }
         }
         let e = err(&GOOD.replace("seq_len: 64", "seq_len: lots"), &[]);
         assert!(e.contains("line 4"), "{e}");
+    }
+
+    /// Every key on its own line, so that each error's line is known.
+    const FULL: &str = "model:
+  preset: tiny
+data:
+  seq_len: 64
+  logical_shards: 12
+  datasets:
+    - { name: a, path: data/a, weight: 1.0 }
+    - name: b
+      path: data/b
+      weight: 2.0
+optimizer:
+  lr: 3.0e-4
+  betas: [0.9, 0.95]
+  eps: 1.0e-8
+  weight_decay: 0.1
+schedule:
+  warmup_steps: 2
+  decay: { kind: cosine }
+  final_lr: 1.0e-5
+training:
+  global_batch_sequences: 8
+  micro_batch: 2
+  steps: 10
+  grad_clip: 1.0
+parallelism:
+  activation_checkpointing: 0.0
+  timeout_s: 600
+checkpoint:
+  keep_last: 3
+logging:
+  every_steps: 10
+  peak_tflops: 989
+eval:
+  every_steps: 0
+";
+
+    #[test]
+    fn config_errors_name_key_path_and_line() {
+        parse_config(FULL, &[]).unwrap();
+        // (replace this, with this, key path in the message, its line)
+        let cases: &[(&str, &str, &str, Option<usize>)] = &[
+            (
+                "logical_shards: 12",
+                "logical_shard: 12",
+                "data.logical_shard",
+                Some(5),
+            ),
+            ("seq_len: 64", "seq_len: lots", "data.seq_len", Some(4)),
+            ("steps: 10", "steps: -10", "training.steps", Some(23)),
+            (
+                "weight: 1.0",
+                "weight: -1.0",
+                "data.datasets[0].weight",
+                Some(7),
+            ),
+            (
+                "weight: 2.0",
+                "weight: 0",
+                "data.datasets[1].weight",
+                Some(10),
+            ),
+            ("name: b", "name: a", "data.datasets[1].name", Some(8)),
+            ("seq_len: 64", "seq_len: 1", "data.seq_len", Some(4)),
+            (
+                "logical_shards: 12",
+                "logical_shards: 0",
+                "data.logical_shards",
+                Some(5),
+            ),
+            (
+                "global_batch_sequences: 8",
+                "global_batch_tokens: 100",
+                "training.global_batch_tokens",
+                Some(21),
+            ),
+            (
+                "global_batch_sequences: 8",
+                "global_batch_sequences: 0",
+                "training.global_batch_sequences",
+                Some(21),
+            ),
+            (
+                "micro_batch: 2",
+                "micro_batch: 0",
+                "training.micro_batch",
+                Some(22),
+            ),
+            ("steps: 10", "steps: 0", "training.steps", Some(23)),
+            ("steps: 10", "steps: 1.0e40", "training.steps", Some(23)),
+            (
+                "grad_clip: 1.0",
+                "grad_clip: -1",
+                "training.grad_clip",
+                Some(24),
+            ),
+            (
+                "grad_clip: 1.0",
+                "precision: bf16",
+                "training.precision",
+                Some(24),
+            ),
+            (
+                "grad_clip: 1.0",
+                "precision: fp8",
+                "training.precision",
+                Some(24),
+            ),
+            ("lr: 3.0e-4", "lr: 0", "optimizer.lr", Some(12)),
+            ("lr: 3.0e-4", "lr: fast", "optimizer.lr", Some(12)),
+            (
+                "betas: [0.9, 0.95]",
+                "betas: [0.9, 1.5]",
+                "optimizer.betas",
+                Some(13),
+            ),
+            (
+                "betas: [0.9, 0.95]",
+                "betas: [0.9]",
+                "optimizer.betas",
+                Some(13),
+            ),
+            ("eps: 1.0e-8", "eps: 0", "optimizer.eps", Some(14)),
+            (
+                "weight_decay: 0.1",
+                "weight_decay: -0.1",
+                "optimizer.weight_decay",
+                Some(15),
+            ),
+            (
+                "warmup_steps: 2",
+                "warmup_steps: 20",
+                "schedule.warmup_steps",
+                Some(17),
+            ),
+            (
+                "{ kind: cosine }",
+                "{ kind: exponential }",
+                "schedule.decay",
+                Some(18),
+            ),
+            (
+                "{ kind: cosine }",
+                "{ kind: wsd, decay_steps: 9 }",
+                "schedule.decay.decay_steps",
+                Some(18),
+            ),
+            (
+                "final_lr: 1.0e-5",
+                "final_lr: 1.0",
+                "schedule.final_lr",
+                Some(19),
+            ),
+            (
+                "activation_checkpointing: 0.0",
+                "activation_checkpointing: 1.5",
+                "parallelism.activation_checkpointing",
+                Some(26),
+            ),
+            (
+                "timeout_s: 600",
+                "timeout_s: 0",
+                "parallelism.timeout_s",
+                Some(27),
+            ),
+            (
+                "keep_last: 3",
+                "keep_last: 0",
+                "checkpoint.keep_last",
+                Some(29),
+            ),
+            (
+                "every_steps: 10",
+                "every_steps: 0",
+                "logging.every_steps",
+                Some(31),
+            ),
+            (
+                "peak_tflops: 989",
+                "peak_tflops: -1",
+                "logging.peak_tflops",
+                Some(32),
+            ),
+            (
+                "eval:\n  every_steps: 0",
+                "eval:\n  every_steps: 5",
+                "eval.datasets",
+                None,
+            ),
+            ("eval:\n  every_steps: 0", "eval: 7\n", "eval", Some(33)),
+            ("preset: tiny", "preset: huge", "model.preset", Some(2)),
+            ("preset: tiny", "preset: [tiny]", "model.preset", Some(2)),
+        ];
+        for (from, to, key, line) in cases {
+            assert!(FULL.contains(from), "{from}");
+            let e = err(&FULL.replacen(from, to, 1), &[]);
+            assert!(e.contains(key), "`{to}`: expected key `{key}` in: {e}");
+            match line {
+                Some(l) => assert!(
+                    e.contains(&format!("(line {l})")),
+                    "`{to}`: expected line {l} in: {e}"
+                ),
+                None => assert!(!e.contains("(line"), "`{to}`: no line expected: {e}"),
+            }
+        }
+        assert!(cases.len() >= 30);
+
+        // Malformed YAML: the parser's line.
+        for (from, to, line) in [
+            ("betas: [0.9, 0.95]", "betas: [0.9, 0.95", 13),
+            ("  eps: 1.0e-8", "\teps: 1.0e-8", 14),
+            ("  eps: 1.0e-8", "  lr: 1.0e-8", 12),
+        ] {
+            let e = err(&FULL.replacen(from, to, 1), &[]);
+            assert!(e.contains("line"), "`{to}`: {e}");
+            assert!(
+                e.contains(&line.to_string()),
+                "`{to}`: expected line {line}: {e}"
+            );
+        }
+
+        // With --set: a bad value names the override; a bad key of the
+        // file still gets its line.
+        let e = err(FULL, &["optimizer.lr=-1"]);
+        assert!(
+            e.contains("optimizer.lr") && e.contains("--set optimizer.lr=-1"),
+            "{e}"
+        );
+        let e = err(
+            &FULL.replacen("seq_len: 64", "seq_len: lots", 1),
+            &["optimizer.lr=1e-4"],
+        );
+        assert!(e.contains("data.seq_len") && e.contains("(line 4)"), "{e}");
+        let e = err(
+            &FULL.replacen("keep_last: 3", "keep_last: 0", 1),
+            &["optimizer.lr=1e-4"],
+        );
+        assert!(
+            e.contains("checkpoint.keep_last") && e.contains("(line 29)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn garbage_configs_are_errors_not_panics() {
+        for text in [
+            "",
+            "---",
+            "~",
+            "42",
+            "[1, 2]",
+            "model: {",
+            "data:\n  datasets: [{}]",
+            "data:\n  datasets: 5",
+            "\u{0}\u{1}\u{2}",
+            "a: b: c",
+            "model: !tag x",
+            "data: &a\n  seq_len: *a",
+            "training: { steps: 18446744073709551616 }",
+            "stages: []",
+            ": : :",
+            "- - -",
+        ] {
+            for sets in [vec![], vec!["training.steps=1".to_string()]] {
+                assert!(parse_config(text, &sets).is_err(), "{text:?} parsed");
+            }
+        }
+        for bad in ["=1", "a..b=1", "x", "data=[", "optimizer.lr.x=1"] {
+            assert!(parse_config(GOOD, &[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_lines_follow_blocks_flows_and_lists() {
+        assert_eq!(key_line(FULL, "training.steps"), Some(23));
+        assert_eq!(key_line(FULL, "data.datasets[0].weight"), Some(7));
+        assert_eq!(key_line(FULL, "data.datasets[1].path"), Some(9));
+        assert_eq!(key_line(FULL, "data.datasets[1]"), Some(8));
+        assert_eq!(key_line(FULL, "schedule.decay.kind"), Some(18));
+        // `steps` under logging is `every_steps`; under eval too: not found.
+        assert_eq!(key_line(FULL, "eval.steps"), None);
+        assert_eq!(key_line(FULL, "checkpoint.every_steps"), None);
+        assert_eq!(key_line(GOOD, "training.micro_batch"), Some(7));
     }
 }

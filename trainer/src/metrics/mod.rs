@@ -80,3 +80,67 @@ pub fn default_peak_tflops(device_name: &str) -> f64 {
     let n = device_name.to_ascii_lowercase();
     if n.contains("a100") { 312.0 } else { 989.0 }
 }
+
+/// Rows of `<dir>/metrics.jsonl` at steps `<= step`, each step counted once
+/// (a run that crashed after its last checkpoint logged some steps twice).
+/// This is the W&B history length of a run resumed at `step`: every row
+/// written here was also sent to W&B, and rows past `step` are overwritten
+/// by the resumed run. `None` when the file cannot be read.
+pub fn logged_steps_up_to(dir: &Path, step: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).ok()?;
+    let steps: std::collections::BTreeSet<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("step").and_then(serde_json::Value::as_u64))
+        .filter(|s| *s <= step)
+        .collect();
+    Some(steps.len() as u64)
+}
+
+/// The accelerator's name for the MFU peak: `cpu`, or the first GPU's name
+/// from `nvidia-smi` (nodes are homogeneous); empty if it cannot be queried.
+pub fn device_name(device: crate::config::Device) -> String {
+    match device {
+        crate::config::Device::Cpu => "cpu".into(),
+        crate::config::Device::Cuda => std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader"])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mfu_peak_by_device_name() {
+        assert_eq!(default_peak_tflops("NVIDIA H100 80GB HBM3"), 989.0);
+        assert_eq!(default_peak_tflops("NVIDIA H200"), 989.0);
+        assert_eq!(default_peak_tflops("NVIDIA A100-SXM4-80GB"), 312.0);
+        assert_eq!(default_peak_tflops("cpu"), 989.0);
+        // 1e12 FLOP per token at 989 tokens/s on a 989 TFLOP/s device: 100%.
+        assert!((mfu(1e12, 989.0, 989.0) - 1.0).abs() < 1e-12);
+        assert_eq!(device_name(crate::config::Device::Cpu), "cpu");
+    }
+
+    #[test]
+    fn logged_steps_count_each_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = "{\"step\":2}\n{\"step\":4}\n{\"step\":6}\n{\"step\":4}\n{\"step\":6}\nbroken\n{\"step\":8}\n";
+        std::fs::write(dir.path().join("metrics.jsonl"), rows).unwrap();
+        assert_eq!(logged_steps_up_to(dir.path(), 6), Some(3));
+        assert_eq!(logged_steps_up_to(dir.path(), 100), Some(4));
+        assert_eq!(logged_steps_up_to(dir.path(), 1), Some(0));
+        assert_eq!(logged_steps_up_to(&dir.path().join("none"), 6), None);
+    }
+}

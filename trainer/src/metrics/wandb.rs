@@ -21,6 +21,12 @@
 //! while rows keep buffering (bounded: beyond `max_buffered_rows` the oldest
 //! are dropped, with a warning). A missing key or a rejected request (other
 //! 4xx) disables W&B with a warning; the run itself never fails because of W&B.
+//! [`Wandb::finish`] waits for the final flush only if W&B was reached at
+//! some point of the run: one that was never reachable delays no exit.
+//!
+//! `Trainer::train` starts it on rank 0 when `logging.wandb` is set, sends
+//! every metrics.jsonl row, and keeps the run id in the checkpoints so that a
+//! resumed run continues the same W&B run.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -410,6 +416,15 @@ impl Worker {
             if now >= deadline {
                 eprintln!(
                     "warning: wandb: could not reach W&B before the deadline; {} rows not sent",
+                    self.pending.len()
+                );
+                return;
+            }
+            // Never reached W&B during the whole run (it could not even create
+            // the run): waiting out the deadline would only delay the exit.
+            if !self.created && self.failing {
+                eprintln!(
+                    "warning: wandb: W&B was unreachable for the whole run; {} rows not sent",
                     self.pending.len()
                 );
                 return;

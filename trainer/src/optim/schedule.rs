@@ -120,4 +120,47 @@ mod tests {
             1e-5 + (3e-4 - 1e-5) * 0.5 * (1.0 + (std::f64::consts::PI / 10_000.0).cos())
         ));
     }
+
+    #[test]
+    fn warmups_and_decays_at_their_boundaries() {
+        let decays = [
+            Decay::Cosine,
+            Decay::Linear,
+            Decay::Constant,
+            Decay::Wsd { decay_steps: 1000 },
+        ];
+        for warmup in [WarmupShape::Linear, WarmupShape::Quadratic] {
+            for decay in decays {
+                let s = sched(warmup, decay);
+                // Warmup: 0 before the first step, the peak at its end.
+                assert_eq!(s.lr(0), 0.0, "{warmup:?} {decay:?}");
+                let quarter = match warmup {
+                    WarmupShape::Linear => 0.25,
+                    WarmupShape::Quadratic => 0.0625,
+                };
+                assert!(close(s.lr(500), 3e-4 * quarter), "{warmup:?} {decay:?}");
+                assert!(close(s.lr(2000), 3e-4), "{warmup:?} {decay:?}");
+                // Then never rises, and ends at the final LR (constant: the peak).
+                let end = if decay == Decay::Constant { 3e-4 } else { 1e-5 };
+                assert!(close(s.lr(10_000), end), "{warmup:?} {decay:?}");
+                assert!(close(s.lr(12_345), end), "{warmup:?} {decay:?}");
+                let mut prev = s.lr(2000);
+                for step in (2001..=10_000).step_by(97) {
+                    let lr = s.lr(step);
+                    assert!(lr <= prev + 1e-18, "{decay:?} rises at {step}");
+                    assert!(lr >= 1e-5 - 1e-18, "{decay:?} below final_lr at {step}");
+                    prev = lr;
+                }
+            }
+        }
+        // Cosine and linear a quarter into the decay; WSD holds until its decay.
+        let q = sched(WarmupShape::Linear, Decay::Cosine);
+        let quarter = 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos());
+        assert!(close(q.lr(4000), 1e-5 + (3e-4 - 1e-5) * quarter));
+        let l = sched(WarmupShape::Linear, Decay::Linear);
+        assert!(close(l.lr(4000), 3e-4 - (3e-4 - 1e-5) * 0.25));
+        let w = sched(WarmupShape::Quadratic, Decay::Wsd { decay_steps: 1000 });
+        assert!(close(w.lr(2001), 3e-4) && close(w.lr(8999), 3e-4));
+        assert!(close(w.lr(9250), 3e-4 - (3e-4 - 1e-5) * 0.25));
+    }
 }
