@@ -132,6 +132,19 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             "{ strategy: hsdp, shard_group_size: 2, timeout_s: 20 }",
         ),
         ("ddp2", 2, 1, "{ strategy: ddp, timeout_s: 20 }"),
+        // Per-layer gathers with recomputation (all layers, then every other one).
+        (
+            "fsdp2_streamed",
+            2,
+            2,
+            "{ strategy: fsdp, activation_checkpointing: 1.0, timeout_s: 20 }",
+        ),
+        (
+            "hsdp2x2_ac_half",
+            4,
+            1,
+            "{ strategy: hsdp, shard_group_size: 2, activation_checkpointing: 0.5, timeout_s: 20 }",
+        ),
     ] {
         let cfg = write_config(d, name, 8, micro, "");
         let text = std::fs::read_to_string(&cfg).unwrap();
@@ -151,7 +164,7 @@ fn sharded_training_matches_single_process_for_every_strategy() {
         };
         let shards = match name {
             "ddp2" => 1.0,
-            "hsdp2x2" => 2.0,
+            "hsdp2x2" | "hsdp2x2_ac_half" => 2.0,
             _ => nproc as f64,
         };
         let ratio = held(name) / held("single");
@@ -159,6 +172,43 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             (ratio - 1.0 / shards).abs() < 0.01,
             "{name}: a rank holds {ratio:.4} of the state, expected 1/{shards}"
         );
+    }
+}
+
+/// The streamed step (per-layer gathers, recomputation) is the same math as
+/// the whole-model step, with tied embeddings too (the head then needs the
+/// embedding unit, whose gradient has two contributions).
+#[test]
+fn streamed_layers_match_the_whole_model_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for tied in [false, true] {
+        let runs: Vec<_> = [0.0, 1.0, 0.5]
+            .iter()
+            .map(|ac| {
+                let name = format!("tied{tied}_ac{ac}");
+                let cfg = write_config(d, &name, 3, 4, "");
+                let text = std::fs::read_to_string(&cfg)
+                    .unwrap()
+                    .replace(
+                        "attn_layer_indices: [1] }",
+                        &format!("attn_layer_indices: [1], tie_word_embeddings: {tied} }}"),
+                    )
+                    .replace(
+                        "parallelism: { timeout_s: 20 }",
+                        &format!(
+                            "parallelism: {{ activation_checkpointing: {ac}, timeout_s: 20 }}"
+                        ),
+                    );
+                std::fs::write(&cfg, text).unwrap();
+                train(&cfg, 1, &[]);
+                (losses(&d.join(&name)), weights(&d.join(&name), 3), name)
+            })
+            .collect();
+        for (l, w, name) in &runs[1..] {
+            assert_losses(name, l, &runs[0].0);
+            assert_close(name, w, &runs[0].1, 1e-5);
+        }
     }
 }
 

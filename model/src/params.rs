@@ -16,7 +16,8 @@ pub trait ParamSource {
 
 /// Builds parameters under a name prefix on one device.
 pub struct VarBuilder<'a, B: Backend> {
-    source: &'a dyn ParamSource,
+    /// `None`: every parameter is a 1-element placeholder (see `placeholders`).
+    source: Option<&'a dyn ParamSource>,
     prefix: String,
     device: B::Device,
 }
@@ -24,7 +25,17 @@ pub struct VarBuilder<'a, B: Backend> {
 impl<'a, B: Backend> VarBuilder<'a, B> {
     pub fn new(source: &'a dyn ParamSource, device: &B::Device) -> Self {
         Self {
-            source,
+            source: Some(source),
+            prefix: String::new(),
+            device: device.clone(),
+        }
+    }
+
+    /// A builder of 1-element placeholder parameters: the module tree without
+    /// its memory, for owners that set the real values later (FSDP gathers).
+    pub fn placeholders(device: &B::Device) -> Self {
+        Self {
+            source: None,
             prefix: String::new(),
             device: device.clone(),
         }
@@ -54,8 +65,14 @@ impl<'a, B: Backend> VarBuilder<'a, B> {
         name: &str,
         shape: [usize; D],
     ) -> Result<Param<Tensor<B, D>>, ModelError> {
+        let Some(source) = self.source else {
+            return Ok(Param::from_data(
+                TensorData::new(vec![0f32], [1; D]),
+                &self.device,
+            ));
+        };
         let full = self.pp(name).prefix;
-        let values = self.source.load(&full, &shape)?;
+        let values = source.load(&full, &shape)?;
         if values.len() != shape.iter().product::<usize>() {
             return Err(ModelError::tensor(
                 full,

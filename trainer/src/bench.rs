@@ -104,6 +104,7 @@ pub fn run<B: BambaAutodiffBackend>(
             "forward": phases.forward_s / n,
             "backward": phases.backward_s / n,
             "accumulate": phases.accumulate_s / n,
+            "streamed_forward_backward": phases.streamed_s / n,
             "optimizer": phases.optimizer_s / n,
         },
     });

@@ -22,10 +22,7 @@ use crate::config::{DatasetEntry, Distribute, Precision, ResumeMode, TrainConfig
 use crate::fsdp::{Layout, Sharded};
 use crate::metrics::progress::Progress;
 use crate::metrics::wandb::Wandb;
-use crate::metrics::{
-    JsonlSink, StepMetrics, default_peak_tflops, device_name, logged_steps_up_to, mfu,
-    process_rss_bytes,
-};
+use crate::metrics::{JsonlSink, StepMetrics, default_peak_tflops, logged_steps_up_to, mfu};
 use crate::optim::{AdamW, Schedule};
 use crate::runtime::Runtime;
 
@@ -77,21 +74,15 @@ pub struct PhaseTimes {
     pub gather_s: f64,
     pub forward_s: f64,
     pub backward_s: f64,
+    /// Streamed mode: forward + backward with per-layer gathers and
+    /// reduce-scatters (they interleave, so they are timed together).
+    pub streamed_s: f64,
     /// Flattening gradients into the per-layer buffers (accumulation).
     pub accumulate_s: f64,
     /// Reduce-scatter, clipping and AdamW on the local shard.
     pub optimizer_s: f64,
     #[serde(skip)]
     mark: Option<Instant>,
-}
-
-/// Values of every parameter are zero until the first gather fills them.
-struct Zeros;
-
-impl ParamSource for Zeros {
-    fn load(&self, _: &str, shape: &[usize]) -> Result<Vec<f32>, bamba_model::ModelError> {
-        Ok(vec![0.0; shape.iter().product()])
-    }
 }
 
 fn loader_config(cfg: &TrainConfig, datasets: &[DatasetEntry]) -> LoaderConfig {
@@ -186,7 +177,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             }
         };
 
-        let model = BambaForCausalLM::<B>::new(&VarBuilder::new(&Zeros, &device), &model_cfg)?;
+        let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?;
         let lcfg = loader_config(&cfg, &cfg.data.datasets);
         let (drank, dworld) = data_rank(&cfg, rt.rank, rt.world);
         let (mut step, mut opt_step, mut tokens_seen, mut skipped, mut wandb_run_id) =
@@ -278,10 +269,13 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             let _ = B::sync(&self.device);
             p.mark = Some(Instant::now());
         }
-        let model = self.sharded.gather_into(
-            self.model.take().expect("model present between steps"),
-            &*self.rt.shard_comm,
-        )?;
+        // Streamed: per-layer gathers inside the step (fsdp/streamed.rs);
+        // otherwise the whole model is gathered once per step.
+        let ac = self.cfg.parallelism.activation_checkpointing;
+        let mut model = self.model.take().expect("model present between steps");
+        if ac == 0.0 {
+            model = self.sharded.gather_into(model, &*self.rt.shard_comm)?;
+        }
         let mb = self.cfg.training.micro_batch;
         let mut loss_sum: Option<Tensor<Inner<B>, 1>> = None;
         // By-row: draw the whole global batch, keep this rank's contiguous rows.
@@ -298,20 +292,36 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             }
             Distribute::ByShard => None,
         };
-        for _ in 0..self.accum {
+        for k in 0..self.accum {
             let lines = match &mut global {
                 Some(rows) => rows.drain(..mb * (self.cfg.data.seq_len + 1)).collect(),
                 None => self.loader.next_batch(mb)?,
             };
             let (inputs, targets) = self.batch_tensors(lines, mb);
             self.phase(|p| &mut p.gather_s);
-            let loss = model.loss(inputs, targets) / self.accum as f64;
-            self.phase(|p| &mut p.forward_s);
-            let grads = loss.backward();
-            self.phase(|p| &mut p.backward_s);
-            self.sharded.accumulate(&model, &grads);
-            self.phase(|p| &mut p.accumulate_s);
-            let l = loss.inner().cast(DType::F32);
+            let l = if ac > 0.0 {
+                let l = self.sharded.streamed_step(
+                    &mut model,
+                    inputs,
+                    targets,
+                    1.0 / self.accum as f64,
+                    k + 1 == self.accum,
+                    ac,
+                    &*self.rt.shard_comm,
+                    &*self.rt.replicate_comm,
+                )?;
+                self.phase(|p| &mut p.streamed_s);
+                l
+            } else {
+                let loss = model.loss(inputs, targets) / self.accum as f64;
+                self.phase(|p| &mut p.forward_s);
+                let grads = loss.backward();
+                self.phase(|p| &mut p.backward_s);
+                self.sharded.accumulate(&model, &grads);
+                self.phase(|p| &mut p.accumulate_s);
+                loss.inner()
+            };
+            let l = l.cast(DType::F32);
             loss_sum = Some(match loss_sum {
                 Some(s) => s + l,
                 None => l,
@@ -600,11 +610,13 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         };
         let wandb = self.start_wandb(total);
         let flops = self.model_cfg.flops_per_token(self.cfg.data.seq_len);
-        let peak = self
-            .cfg
-            .logging
-            .peak_tflops
-            .unwrap_or_else(|| default_peak_tflops(&device_name(self.cfg.training.device)));
+        let peak = self.cfg.logging.peak_tflops.unwrap_or_else(|| {
+            default_peak_tflops(&crate::backend::device_name(
+                self.cfg.training.device,
+                self.rt.local_rank,
+            ))
+        });
+        let memory = crate::backend::memory_probe(self.cfg.training.device, self.rt.local_rank);
         let mut losses = vec![];
         let mut last_ckpt = None;
         let mut preempted = false;
@@ -646,7 +658,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     tokens_per_s_per_device: per_dev,
                     mfu: mfu(flops, per_dev, peak),
                     step_time_s: dt / (self.step - step0) as f64,
-                    memory_bytes: process_rss_bytes(),
+                    memory_bytes: memory(),
                     skipped_steps: self.skipped,
                     ..Default::default()
                 };

@@ -9,6 +9,10 @@
 //! unit's buffer, reduce-scatter them on the last micro-batch, free. Peak
 //! memory is one unit's parameters, gradients and activations plus the saved
 //! layer inputs (as torchtitan's per-block FSDP with full AC).
+//!
+//! With an activation-checkpointing fraction `p < 1`, a spread-out share
+//! `1 - p` of the layers keep their parameters and graph from the forward
+//! instead (no second gather, no recompute), trading memory for speed.
 
 use anyhow::{Result, ensure};
 use bamba_model::model::causal_lm_loss;
@@ -50,6 +54,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         targets: Tensor<B, 2, Int>,
         scale: f64,
         last: bool,
+        checkpoint_fraction: f64,
         shard_comm: &dyn Comm<Inner<B>>,
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<Tensor<Inner<B>, 1>> {
@@ -71,22 +76,42 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
         }
         let rope_inner = rope_tables(l, m.rotary_dim, m.rope_theta, &h.device());
+        let rope = (
+            Tensor::<B, 4>::from_inner(rope_inner.0.clone()),
+            Tensor::<B, 4>::from_inner(rope_inner.1.clone()),
+        );
+        // Layer i is recomputed when the fraction's count steps up at i.
+        let recompute = |i: usize| {
+            let p = checkpoint_fraction.clamp(0.0, 1.0);
+            ((i + 1) as f64 * p).floor() > (i as f64 * p).floor()
+        };
         let mut saved = Vec::with_capacity(n_layers + 1);
+        let mut kept = Vec::with_capacity(n_layers);
         for (i, &u) in layer_units.iter().enumerate() {
             let mut set = self.gather_unit(u, shard_comm)?;
             let name = format!("model.layers.{i}");
             let layer = set.apply(m.layers[i].clone(), &name);
-            let next = layer.valid().forward(h.clone(), &rope_inner);
-            saved.push(h);
-            h = next;
+            if recompute(i) {
+                let next = layer.valid().forward(h.clone(), &rope_inner);
+                saved.push(Some(h));
+                kept.push(None);
+                h = next;
+            } else {
+                let x = Tensor::<B, 3>::from_inner(h).require_grad();
+                let y = layer.forward(x.clone(), &rope);
+                h = y.clone().inner();
+                saved.push(None);
+                kept.push(Some((layer, x, y)));
+            }
         }
-        saved.push(h);
+        saved.push(Some(h));
 
         // Head: final norm, LM head (or the tied embedding), loss.
         let mut set = self.gather_unit(head, shard_comm)?;
         let final_norm = set.apply(m.final_layernorm.clone(), "model.final_layernorm");
         let lm_head = model.lm_head.clone().map(|h| set.apply(h, "lm_head"));
-        let x = Tensor::<B, 3>::from_inner(saved.pop().expect("pushed")).require_grad();
+        let last_h = saved.pop().flatten().expect("the last layer's output");
+        let x = Tensor::<B, 3>::from_inner(last_h).require_grad();
         let y = final_norm.forward(x.clone());
         let logits = match &lm_head {
             Some(h) => h.forward(y),
@@ -112,17 +137,22 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             self.reduce_unit(head, shard_comm, replicate_comm)?;
         }
 
-        // Layers in reverse: recompute with the graph, backpropagate dy.
-        let rope = (
-            Tensor::from_inner(rope_inner.0.clone()),
-            Tensor::from_inner(rope_inner.1.clone()),
-        );
+        // Layers in reverse: recompute with the graph (or use the kept one),
+        // backpropagate dy.
         for (i, &u) in layer_units.iter().enumerate().rev() {
-            let mut set = self.gather_unit(u, shard_comm)?;
             let name = format!("model.layers.{i}");
-            let layer = set.apply(m.layers[i].clone(), &name);
-            let x = Tensor::<B, 3>::from_inner(saved.pop().expect("one per layer")).require_grad();
-            let y = layer.forward(x.clone(), &rope);
+            let input = saved.pop().expect("one per layer");
+            let (layer, x, y) = match kept.pop().expect("one per layer") {
+                Some(k) => k,
+                None => {
+                    let mut set = self.gather_unit(u, shard_comm)?;
+                    let layer = set.apply(m.layers[i].clone(), &name);
+                    let input = input.expect("saved for a recomputed layer");
+                    let x = Tensor::<B, 3>::from_inner(input).require_grad();
+                    let y = layer.forward(x.clone(), &rope);
+                    (layer, x, y)
+                }
+            };
             let grads = (y * Tensor::from_inner(dy)).sum().backward();
             dy = x.grad(&grads).expect("the layer's input is tracked");
             self.add_unit_grads(u, &layer, &name, &grads);

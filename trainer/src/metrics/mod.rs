@@ -97,27 +97,6 @@ pub fn logged_steps_up_to(dir: &Path, step: u64) -> Option<u64> {
     Some(steps.len() as u64)
 }
 
-/// The accelerator's name for the MFU peak: `cpu`, or the first GPU's name
-/// from `nvidia-smi` (nodes are homogeneous); empty if it cannot be queried.
-pub fn device_name(device: crate::config::Device) -> String {
-    match device {
-        crate::config::Device::Cpu => "cpu".into(),
-        crate::config::Device::Cuda => std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=name", "--format=csv,noheader"])
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(|l| l.trim().to_string())
-            })
-            .unwrap_or_default(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +109,10 @@ mod tests {
         assert_eq!(default_peak_tflops("cpu"), 989.0);
         // 1e12 FLOP per token at 989 tokens/s on a 989 TFLOP/s device: 100%.
         assert!((mfu(1e12, 989.0, 989.0) - 1.0).abs() < 1e-12);
-        assert_eq!(device_name(crate::config::Device::Cpu), "cpu");
+        assert_eq!(
+            crate::backend::device_name(crate::config::Device::Cpu, 0),
+            "cpu"
+        );
     }
 
     #[test]
