@@ -13,6 +13,12 @@ use burn::backend::{Autodiff, Flex};
 pub type Cpu = Flex;
 pub type CpuTrain = Autodiff<Cpu>;
 
+/// The CUDA backend. Its default float type stays f32 whatever the compute
+/// precision: bf16 runs as bf16 *tensors* (parameters gathered in bf16, so
+/// activations follow), which keeps the f32 parts (softmax, SSD decay, loss)
+/// in the backend's native type. burn 0.21's kernels mishandle f32 tensors
+/// in a bf16-default backend (out-of-bounds gather in the loss, seen with
+/// compute-sanitizer on the H100).
 #[cfg(feature = "cuda")]
 pub type Cuda<F = f32> = burn::backend::Cuda<F, i32>;
 #[cfg(feature = "cuda")]
@@ -49,15 +55,10 @@ macro_rules! with_backend {
                     "bf16 runs on the GPU only (--device cuda); the CPU backend trains in f32"
                 )
             }
+            // bf16 computes with bf16 tensors in the f32 backend (see `Cuda`).
             #[cfg(feature = "cuda")]
-            (DeviceKind::Cuda, Precision::F32) => {
+            (DeviceKind::Cuda, _) => {
                 type $B = $crate::backend::CudaTrain<f32>;
-                let $dev = Default::default();
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            (DeviceKind::Cuda, Precision::Bf16) => {
-                type $B = $crate::backend::CudaTrain<burn::tensor::bf16>;
                 let $dev = Default::default();
                 $body
             }

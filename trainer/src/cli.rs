@@ -119,18 +119,11 @@ macro_rules! on_backend {
                 let $dev = Default::default();
                 $body
             }
+            // bf16: bf16 tensors in the f32 backend (see `backend::Cuda`).
             #[cfg(feature = "cuda")]
-            (Device::Cuda, Precision::F32) => {
+            (Device::Cuda, _) => {
                 type $B = crate::backend::CudaTrain<f32>;
                 let $rt = crate::runtime::from_env::<crate::backend::Cuda<f32>>(&$cfg)?;
-                let $dev = crate::backend::cuda_device($rt.local_rank);
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            (Device::Cuda, Precision::Bf16) => {
-                type $B = crate::backend::CudaTrain<burn::tensor::bf16>;
-                let $rt =
-                    crate::runtime::from_env::<crate::backend::Cuda<burn::tensor::bf16>>(&$cfg)?;
                 let $dev = crate::backend::cuda_device($rt.local_rank);
                 $body
             }

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use bamba_model::BambaAutodiffBackend;
 use bamba_model::hf::{named_grads, to_f32};
 use bamba_model::{BambaConfig, BambaForCausalLM, NamedTensor, hf_causal_lm_loss};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 pub struct ForwardOutputs {
@@ -52,14 +53,27 @@ pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, [usize; 2])> {
     Ok((ids, [*b, *s]))
 }
 
-/// Runs the pass on backend `B`.
+/// Casts every parameter to the compute dtype, as a fresh tracked leaf.
+struct CastParams(DType);
+
+impl<B: BambaAutodiffBackend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, value, mapper) = param.consume();
+        let value = value.cast(self.0).detach().require_grad();
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Runs the pass on backend `B`, computing in `compute` (f32 or bf16).
 pub fn run<B: BambaAutodiffBackend>(
     model_dir: &Path,
     ids: &[i64],
     shape: [usize; 2],
     device: &B::Device,
+    compute: DType,
 ) -> Result<ForwardOutputs> {
     let (model, cfg) = BambaForCausalLM::<B>::from_hf_dir(model_dir, device)?;
+    let model = model.map(&mut CastParams(compute));
     check_ids(&cfg, ids)?;
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), shape), device);
     let logits = model.forward(input.clone());
@@ -149,7 +163,11 @@ pub fn main(args: ForwardArgs) -> Result<()> {
         &args.model,
         &ids,
         shape,
-        &dev
+        &dev,
+        match args.dtype {
+            crate::backend::Precision::F32 => DType::F32,
+            crate::backend::Precision::Bf16 => DType::BF16,
+        }
     )?);
     write_outputs(&args.out, &out)?;
     eprintln!(

@@ -223,12 +223,14 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         } else {
             None
         };
-        for (i, grad) in shards.into_iter().enumerate() {
+        // Moments move through the update (no placeholder: a zero-size
+        // tensor is an invalid kernel launch on CUDA).
+        let all_moments = std::mem::take(&mut self.moments);
+        for (i, (grad, moments)) in shards.into_iter().zip(all_moments).enumerate() {
             let grad = match &coef {
                 Some(c) => grad * c.clone(),
                 None => grad,
             };
-            let moments = std::mem::replace(&mut self.moments[i], Moments::zeros(0, &self.device));
             let (p, m) = opt.update(
                 self.master[i].clone(),
                 grad,
@@ -238,7 +240,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 step,
             );
             self.master[i] = p;
-            self.moments[i] = m;
+            self.moments.push(m);
         }
         Ok(norm)
     }
