@@ -200,8 +200,14 @@ up() {
     if [ "$(grep -c ' idle$' <<<"$state")" = 2 ]; then
       break
     fi
+    # A daemon writes its pid file a moment after it forks: a missing file is
+    # only an error after a few seconds, a dead pid at once.
     for f in "$DIR/run/slurmctld.pid" "$DIR/run/slurmd-${NODES[0]}.pid" "$DIR/run/slurmd-${NODES[1]}.pid"; do
-      pid_alive "$f" || fail "daemon with pid file $f is not running (node states: ${state:-none})"
+      if [ -f "$f" ]; then
+        pid_alive "$f" || fail "daemon $(cat "$f") (pid file $f) died (node states: ${state:-none})"
+      elif ((SECONDS - t0 > 10)); then
+        fail "no pid file $f after 10 s: the daemon did not start (node states: ${state:-none})"
+      fi
     done
     if ((SECONDS - t0 > 60)); then
       fail "nodes not idle after 60 s: ${state:-sinfo gave nothing}"
