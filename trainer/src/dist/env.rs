@@ -165,11 +165,32 @@ fn slurm(vars: &HashMap<String, String>) -> Result<DistEnv, DistError> {
     let world_size = parse_required::<usize>(vars, "SLURM_NTASKS", WHY)?;
     let local_rank = parse_required::<usize>(vars, "SLURM_LOCALID", WHY)?;
 
-    // Tasks on each node, in node order. SLURM_NTASKS_PER_NODE is only set
-    // with --ntasks-per-node; SLURM_TASKS_PER_NODE is always set and may be
-    // uneven ("4(x2),3").
-    let per_node: Vec<usize> =
-        if let Some(n) = parse_optional::<usize>(vars, "SLURM_NTASKS_PER_NODE")? {
+    // Tasks on each node of this step, in node order. srun sets
+    // SLURM_STEP_TASKS_PER_NODE and SLURM_TASKS_PER_NODE to the step's layout
+    // (may be uneven: "4(x2),3"). SLURM_NTASKS_PER_NODE only echoes an
+    // --ntasks-per-node option, often sbatch's, which a step with another
+    // layout inherits unchanged (`srun -n3` in a 2 x 2 job keeps "2"): it is
+    // the last resort.
+    let listed = ["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"]
+        .iter()
+        .find_map(|v| {
+            vars.get(*v)
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| (*v, l))
+        });
+    let per_node: Vec<usize> = match listed {
+        Some((var, raw)) => parse_tasks_per_node(raw).map_err(|reason| DistError::BadEnv {
+            var: var.into(),
+            value: raw.clone(),
+            reason,
+        })?,
+        None => {
+            let n = parse_optional::<usize>(vars, "SLURM_NTASKS_PER_NODE")?.ok_or_else(|| {
+                DistError::MissingEnv {
+                    var: "SLURM_TASKS_PER_NODE".into(),
+                    context: WHY.into(),
+                }
+            })?;
             if n == 0 {
                 return Err(DistError::BadEnv {
                     var: "SLURM_NTASKS_PER_NODE".into(),
@@ -178,14 +199,8 @@ fn slurm(vars: &HashMap<String, String>) -> Result<DistEnv, DistError> {
                 });
             }
             vec![n; world_size.div_ceil(n)]
-        } else {
-            let raw = required(vars, "SLURM_TASKS_PER_NODE", WHY)?;
-            parse_tasks_per_node(raw).map_err(|reason| DistError::BadEnv {
-                var: "SLURM_TASKS_PER_NODE".into(),
-                value: raw.into(),
-                reason,
-            })?
-        };
+        }
+    };
     // SLURM_NODEID is exact; otherwise place the rank with SLURM's default
     // block distribution (consecutive ranks fill a node).
     let node_rank = match parse_optional::<usize>(vars, "SLURM_NODEID")? {
@@ -208,15 +223,20 @@ fn slurm(vars: &HashMap<String, String>) -> Result<DistEnv, DistError> {
     let master_addr = match vars.get("MASTER_ADDR") {
         Some(a) => a.clone(),
         None => {
-            let (var, list) = ["SLURM_JOB_NODELIST", "SLURM_NODELIST"]
-                .iter()
-                .find_map(|v| vars.get(*v).map(|l| (*v, l)))
-                .ok_or_else(|| DistError::MissingEnv {
-                    var: "SLURM_JOB_NODELIST".into(),
-                    context:
-                        "under SLURM when MASTER_ADDR is not set (the first node hosts the store)"
-                            .into(),
-                })?;
+            // The step's nodes: a step on part of the allocation (`srun -N1
+            // -w node2`) has its rank 0 on the first of them, not of the job's.
+            let (var, list) = [
+                "SLURM_STEP_NODELIST",
+                "SLURM_JOB_NODELIST",
+                "SLURM_NODELIST",
+            ]
+            .iter()
+            .find_map(|v| vars.get(*v).map(|l| (*v, l)))
+            .ok_or_else(|| DistError::MissingEnv {
+                var: "SLURM_JOB_NODELIST".into(),
+                context: "under SLURM when MASTER_ADDR is not set (the first node hosts the store)"
+                    .into(),
+            })?;
             first_host(list).map_err(|reason| DistError::BadEnv {
                 var: var.into(),
                 value: list.clone(),
@@ -586,6 +606,44 @@ mod tests {
         assert_eq!(last.master_port, 20007);
         let mid = at("5", "1");
         assert_eq!((mid.node_rank, mid.local_world_size), (1, 4));
+    }
+
+    #[test]
+    fn slurm_step_layout_wins_over_the_jobs() {
+        // `srun -n3` in an `sbatch -N2 --ntasks-per-node=2` job: srun keeps
+        // the batch script's SLURM_NTASKS_PER_NODE=2 but sets the step's
+        // layout in SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE.
+        let env = DistEnv::from_vars(&vars(&[
+            ("SLURM_PROCID", "2"),
+            ("SLURM_NTASKS", "3"),
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_NODEID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "2"),
+            ("SLURM_TASKS_PER_NODE", "2,1"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2,1"),
+            ("SLURM_JOB_NODELIST", "n[1-2]"),
+            ("SLURM_STEP_NODELIST", "n[1-2]"),
+            ("SLURM_JOB_ID", "9"),
+        ]))
+        .unwrap();
+        assert_eq!((env.node_rank, env.local_world_size), (1, 1));
+        // `srun -N1 -w n2` in that job: rank 0 runs on n2, the step's first node.
+        let env = DistEnv::from_vars(&vars(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODEID", "0"),
+            ("SLURM_NTASKS_PER_NODE", "2"),
+            ("SLURM_TASKS_PER_NODE", "2"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2"),
+            ("SLURM_JOB_NODELIST", "n[1-2]"),
+            ("SLURM_NODELIST", "n[1-2]"),
+            ("SLURM_STEP_NODELIST", "n2"),
+            ("SLURM_JOB_ID", "9"),
+        ]))
+        .unwrap();
+        assert_eq!(env.master_addr, "n2");
+        assert_eq!(env.local_world_size, 2);
     }
 
     #[test]
