@@ -12,7 +12,7 @@ use bamba_model::{BambaConfig, SaveDtype};
 use serde::Deserialize;
 
 use crate::checkpoint::{self, format};
-use crate::config::{Device, Precision, TrainConfig, load_config, parse_config};
+use crate::config::{Device, TrainConfig, load_config, parse_config};
 use crate::fsdp::Layout;
 use crate::train::{PREEMPTED_EXIT_CODE, Trainer};
 
@@ -129,7 +129,6 @@ macro_rules! on_backend {
             }
             #[cfg(not(feature = "cuda"))]
             (Device::Cuda, _) => {
-                let _ = Precision::F32;
                 bail!("training.device is cuda but this binary was built without `--features cuda`")
             }
         }
