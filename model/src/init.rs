@@ -76,8 +76,28 @@ pub struct InitSource<'a> {
 }
 
 impl InitSource<'_> {
-    /// Elements `start..start + len` of the flattened parameter `name`.
+    /// Elements `start..start + len` of the flattened parameter `name`,
+    /// generated on all cores for large ranges (the stream is addressable,
+    /// so the values do not depend on the split).
     pub fn values(&self, name: &str, start: usize, len: usize) -> Vec<f32> {
+        const CHUNK: usize = 1 << 20;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if len < 2 * CHUNK || threads == 1 {
+            return self.values_serial(name, start, len);
+        }
+        let per = len.div_ceil(threads).max(CHUNK);
+        let mut out = vec![0f32; len];
+        std::thread::scope(|s| {
+            for (i, part) in out.chunks_mut(per).enumerate() {
+                s.spawn(move || {
+                    part.copy_from_slice(&self.values_serial(name, start + i * per, part.len()))
+                });
+            }
+        });
+        out
+    }
+
+    fn values_serial(&self, name: &str, start: usize, len: usize) -> Vec<f32> {
         let rule = InitRule::for_param(self.cfg, name);
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(fnv1a(name));
@@ -96,6 +116,16 @@ impl InitSource<'_> {
 impl ParamSource for InitSource<'_> {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         Ok(self.values(name, 0, shape.iter().product()))
+    }
+
+    fn load_range(
+        &self,
+        name: &str,
+        _shape: &[usize],
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        Ok(self.values(name, start, len))
     }
 }
 

@@ -8,8 +8,6 @@ use crate::ops::BambaBackend;
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use burn::tensor::activation::{silu, softplus};
-use burn::tensor::module::conv1d;
-use burn::tensor::ops::ConvOptions;
 
 use crate::config::BambaConfig;
 use crate::error::ModelError;
@@ -28,17 +26,26 @@ pub struct CausalConv1d<B: BambaBackend> {
 
 impl<B: BambaBackend> CausalConv1d<B> {
     /// `[b, l, c] -> [b, l, c]`; output `t` sees inputs `t-d_conv+1 ..= t`.
+    ///
+    /// As `d_conv` shifted multiply-adds on the `[b, l, c]` layout rather than
+    /// a grouped convolution: the same math, elementwise both ways, where
+    /// burn 0.21's CUDA depthwise-conv backward took 2 s per layer at 4k tokens.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [_, l, c] = x.dims();
+        let [b, l, c] = x.dims();
         let k = self.weight.dims()[2];
-        // Symmetric padding k-1 then keep the first l outputs: left padding only.
-        let y = conv1d(
-            x.swap_dims(1, 2),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            ConvOptions::new([1], [k - 1], [1], c),
-        );
-        y.narrow(2, 0, l).swap_dims(1, 2)
+        let w = self.weight.val().reshape([c, k]);
+        let pad = Tensor::<B, 3>::zeros([b, k - 1, c], &x.device()).cast(x.dtype());
+        let xp = Tensor::cat(vec![pad, x], 1);
+        let tap =
+            |j: usize| xp.clone().narrow(1, j, l) * w.clone().narrow(1, j, 1).reshape([1, 1, c]);
+        let mut y = tap(0);
+        for j in 1..k {
+            y = y + tap(j);
+        }
+        match &self.bias {
+            Some(bias) => y + bias.val().reshape([1, 1, c]),
+            None => y,
+        }
     }
 }
 

@@ -12,6 +12,18 @@ use crate::error::ModelError;
 /// Supplies the values of a parameter, by HF name, as f32.
 pub trait ParamSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
+
+    /// Elements `start..start + len` of the flattened parameter (an FSDP
+    /// rank's slice); sources that can produce a slice alone override this.
+    fn load_range(
+        &self,
+        name: &str,
+        shape: &[usize],
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        Ok(self.load(name, shape)?[start..start + len].to_vec())
+    }
 }
 
 /// Builds parameters under a name prefix on one device.

@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Profiled steps (device sync at each phase end) for the phase split.
     #[arg(long, default_value_t = 2)]
     pub profile_steps: u64,
+    /// Instead of training steps, time forward and backward of each piece of
+    /// the model (layers, conv, SSD scan, projections, head) at the config's shape.
+    #[arg(long)]
+    pub ops: bool,
 }
 
 /// Device memory in use (bytes) as the driver reports it, or the process RSS on CPU.
@@ -110,4 +114,119 @@ pub fn run<B: BambaAutodiffBackend>(
     });
     line(summary.clone());
     Ok(summary)
+}
+
+/// `bamba-train bench --ops`: forward and backward of the model's pieces at
+/// the config's shape (one Mamba layer, one attention layer, the conv, the
+/// SSD scan, one projection, the LM head with loss), each timed alone with a
+/// device sync, to show where a step's time goes.
+pub fn ops<B: BambaAutodiffBackend>(
+    model_cfg: &bamba_model::BambaConfig,
+    batch: usize,
+    seq: usize,
+    compute: burn::tensor::DType,
+    device: &B::Device,
+) -> Result<()> {
+    use bamba_model::init::InitSource;
+    use bamba_model::layer::BambaDecoderLayer;
+    use bamba_model::linear::Linear;
+    use bamba_model::rope::rope_tables;
+    use bamba_model::ssd::ssd_chunked;
+    use bamba_model::{VarBuilder, causal_lm_loss};
+    use burn::module::Module;
+    use burn::tensor::{Distribution, Int, Tensor};
+
+    let source = InitSource {
+        cfg: model_cfg,
+        seed: 0,
+    };
+    let vb = VarBuilder::<B>::new(&source, device);
+    let cast = |t: Tensor<B, 3>| t.cast(compute).detach().require_grad();
+    let rand = |shape: [usize; 3]| {
+        cast(Tensor::<B, 3>::random(
+            shape,
+            Distribution::Normal(0.0, 1.0),
+            device,
+        ))
+    };
+    let time = |name: &str, f: &mut dyn FnMut() -> Tensor<B, 1>| {
+        for round in 0..3 {
+            let _ = B::sync(device);
+            let t0 = Instant::now();
+            let out = f();
+            let _ = B::sync(device);
+            let t1 = Instant::now();
+            let _grads = out.backward();
+            let _ = B::sync(device);
+            let t2 = Instant::now();
+            if round == 2 {
+                println!(
+                    "{}",
+                    json!({"op": name, "forward_ms": (t1 - t0).as_secs_f64() * 1e3,
+                        "backward_ms": (t2 - t1).as_secs_f64() * 1e3})
+                );
+            }
+        }
+    };
+    let h = model_cfg.hidden_size;
+    let (b, l) = (batch, seq);
+    let lp = vb.pp("model").pp("layers");
+    let mamba_i = (0..model_cfg.num_hidden_layers)
+        .find(|&i| !model_cfg.is_attention(i))
+        .unwrap_or(0);
+    let mamba = BambaDecoderLayer::<B>::new(&lp.pp(mamba_i), model_cfg, mamba_i)?
+        .map(&mut crate::forward::CastParams(compute));
+    let rope = rope_tables(l, model_cfg.rotary_dim(), model_cfg.rope_theta, device);
+    let x = rand([b, l, h]);
+    time("mamba_layer", &mut || mamba.forward(x.clone(), &rope).sum());
+    let mixer = mamba.mamba.as_ref().expect("a mamba layer");
+    time("mamba_mixer", &mut || mixer.forward(x.clone()).sum());
+    time("in_proj", &mut || mixer.in_proj.forward(x.clone()).sum());
+    time("mlp", &mut || mamba.feed_forward.forward(x.clone()).sum());
+    time("rmsnorm", &mut || {
+        mamba.input_layernorm.forward(x.clone()).sum()
+    });
+    let cd = model_cfg.conv_dim();
+    let xc = rand([b, l, cd]);
+    time("conv1d", &mut || mixer.conv1d.forward(xc.clone()).sum());
+    let (nh, p, g, n) = (
+        model_cfg.mamba_n_heads,
+        model_cfg.mamba_d_head,
+        model_cfg.mamba_n_groups,
+        model_cfg.mamba_d_state,
+    );
+    let r4 = |s: [usize; 4]| {
+        Tensor::<B, 4>::random(s, Distribution::Normal(0.0, 1.0), device)
+            .cast(compute)
+            .require_grad()
+    };
+    let (xs, bm, cm) = (r4([b, l, nh, p]), r4([b, l, g, n]), r4([b, l, g, n]));
+    let dt = Tensor::<B, 3>::random([b, l, nh], Distribution::Uniform(0.001, 0.1), device)
+        .require_grad();
+    let a = Tensor::<B, 1>::random([nh], Distribution::Uniform(-8.0, -1.0), device);
+    time("ssd_chunked", &mut || {
+        ssd_chunked(
+            xs.clone(),
+            dt.clone(),
+            a.clone(),
+            bm.clone(),
+            cm.clone(),
+            model_cfg.mamba_chunk_size,
+        )
+        .sum()
+    });
+    if let Some(ai) = model_cfg.attn_layer_indices.first().copied() {
+        let attn = BambaDecoderLayer::<B>::new(&lp.pp(ai), model_cfg, ai)?
+            .map(&mut crate::forward::CastParams(compute));
+        time("attention_layer", &mut || {
+            attn.forward(x.clone(), &rope).sum()
+        });
+    }
+    let head = Linear::<B>::new(&vb.pp("lm_head"), h, model_cfg.vocab_size, false)?
+        .map(&mut crate::forward::CastParams(compute));
+    let targets = Tensor::<B, 2, Int>::zeros([b, l], device);
+    time("lm_head_loss", &mut || {
+        causal_lm_loss(head.forward(x.clone()), targets.clone(), 0.0)
+    });
+    Ok(())
 }

@@ -154,6 +154,18 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         .unwrap_or(0);
     let name = crate::backend::device_name(cfg.training.device, local_rank);
     let probe = crate::backend::memory_probe(cfg.training.device, local_rank);
+    if bench.ops {
+        let model_cfg = cfg.model_config()?;
+        let compute = match cfg.training.precision {
+            crate::config::Precision::F32 => burn::tensor::DType::F32,
+            crate::config::Precision::Bf16 => burn::tensor::DType::BF16,
+        };
+        let (b, l) = (cfg.training.micro_batch, cfg.data.seq_len);
+        on_backend!(cfg, |B, _rt, dev| crate::bench::ops::<B>(
+            &model_cfg, b, l, compute, &dev
+        )?);
+        return Ok(0);
+    }
     on_backend!(cfg, |B, rt, dev| crate::bench::run(
         Trainer::<B>::new(cfg, rt, dev, None)?,
         &bench,

@@ -54,7 +54,7 @@ pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, [usize; 2])> {
 }
 
 /// Casts every parameter to the compute dtype, as a fresh tracked leaf.
-struct CastParams(DType);
+pub struct CastParams(pub DType);
 
 impl<B: BambaAutodiffBackend> ModuleMapper<B> for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {

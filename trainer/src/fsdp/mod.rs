@@ -61,20 +61,15 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     ) -> Result<Self> {
         let rank = shard_rank;
         let (mut master, mut moments) = (vec![], vec![]);
-        let mut cache: HashMap<String, Vec<f32>> = HashMap::new();
         for unit in &layout.units {
             let start = rank * unit.shard_len;
             let mut values = vec![0f32; unit.shard_len];
             for (slot, at, to, n) in overlaps(unit, start, unit.shard_len) {
-                if !cache.contains_key(&slot.name) {
-                    let v = source
-                        .load(&slot.name, &slot.shape)
-                        .with_context(|| format!("loading {}", slot.name))?;
-                    cache.insert(slot.name.clone(), v);
-                }
-                values[to..to + n].copy_from_slice(&cache[&slot.name][at..at + n]);
+                let v = source
+                    .load_range(&slot.name, &slot.shape, at, n)
+                    .with_context(|| format!("loading {}", slot.name))?;
+                values[to..to + n].copy_from_slice(&v);
             }
-            cache.clear();
             master.push(flat(values, device));
             moments.push(Moments::zeros(unit.shard_len, device));
         }
