@@ -9,8 +9,16 @@ site=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__p
 [ -n "$site" ] && export LD_LIBRARY_PATH="$site/nccl/lib:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-bash scripts/gpu_smoke.sh "$bin" 2 2>&1 | grep -v '^step [1-3]/'
-for cfg in bamba-1b bamba-9b; do
+[ -z "${SKIP_SMOKE:-}" ] && bash scripts/gpu_smoke.sh "$bin" 2 2>&1 | grep -v '^step [1-3]/'
+echo "== collectives, 256 MB f32: bamba-train (NCCL through cudarc) then torch.distributed"
+timeout 120 "$bin" bench --collectives 256 --config configs/bench/bamba-1b.yaml --nproc-per-node 2 2>&1 | grep collective
+timeout 120 python3 -m torch.distributed.run --nproc_per_node 2 scripts/bench/torch_collectives.py 256 2>&1 | grep collective
+echo "== checkpoint of the 1B config (fsdp x2): stall and write throughput"
+timeout 200 "$bin" --config configs/bench/bamba-1b.yaml --set training.global_batch_sequences=2 --set training.micro_batch=1 \
+  --set parallelism.activation_checkpointing=1 --set training.steps=3 --set checkpoint.every_steps=2 \
+  --set checkpoint.output_dir=/tmp/ckpt-1b --nproc-per-node 2 2>&1 | grep -E "checkpoint step|^step|error" | tail -6
+du -sh /tmp/ckpt-1b/checkpoints/step_* 2>/dev/null
+for cfg in ${BENCH_CONFIGS-bamba-1b bamba-9b}; do
   echo "== bench $cfg fsdp x2, 1 x 4096 per GPU"
   timeout "${BENCH_TIMEOUT:-200}" "$bin" bench --config configs/bench/$cfg.yaml --warmup 1 --steps 2 --profile-steps 1 \
     --set training.global_batch_sequences=2 --set training.micro_batch=1 \

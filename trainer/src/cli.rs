@@ -154,6 +154,13 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         .unwrap_or(0);
     let name = crate::backend::device_name(cfg.training.device, local_rank);
     let probe = crate::backend::memory_probe(cfg.training.device, local_rank);
+    if let Some(mb) = bench.collectives {
+        on_backend!(cfg, |B, rt, dev| {
+            let _: Option<B> = None;
+            crate::bench::collectives(&rt, &dev, mb)?
+        });
+        return Ok(0);
+    }
     if bench.ops {
         let model_cfg = cfg.model_config()?;
         let compute = match cfg.training.precision {

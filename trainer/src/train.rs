@@ -42,7 +42,10 @@ pub struct RunSummary {
 struct PendingSave {
     step: u64,
     meta: CheckpointMeta,
-    writer: JoinHandle<Result<Vec<FileEntry>>>,
+    /// Files written, and the seconds the (background) write took.
+    writer: JoinHandle<Result<(Vec<FileEntry>, f64)>>,
+    /// Seconds training waited: copying the shards off the device.
+    stall_s: f64,
 }
 
 pub struct Trainer<B: BambaAutodiffBackend> {
@@ -421,6 +424,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
     /// now; files are written in the background (or now if `async_save` is off).
     pub fn save(&mut self) -> Result<PathBuf> {
         self.complete_pending_save_blocking()?;
+        let t0 = Instant::now();
         let out = self.cfg.checkpoint.output_dir.clone();
         let tmp = checkpoint::tmp_step_dir(&out, self.step);
         if self.rt.rank == 0 {
@@ -439,7 +443,8 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         let loader_state = serde_json::to_vec(&self.loader.state())?;
         let (rank, shard_rank) = (self.rt.rank, self.rt.shard_comm.rank());
         let tmp_w = tmp.clone();
-        let write = move || -> Result<Vec<FileEntry>> {
+        let write = move || -> Result<(Vec<FileEntry>, f64)> {
+            let t = Instant::now();
             let mut files = vec![format::write_file(
                 &tmp_w,
                 &format::loader_file(rank),
@@ -452,8 +457,9 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     &format::encode_shard(&shard)?,
                 )?);
             }
-            Ok(files)
+            Ok((files, t.elapsed().as_secs_f64()))
         };
+        let stall_s = t0.elapsed().as_secs_f64();
         let meta = self.meta();
         let writer = if self.cfg.checkpoint.async_save {
             std::thread::spawn(write)
@@ -465,6 +471,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             step: self.step,
             meta,
             writer,
+            stall_s,
         });
         if !self.cfg.checkpoint.async_save {
             self.complete_pending_save_blocking()?;
@@ -529,10 +536,22 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let files = p
+        let (files, write_s) = p
             .writer
             .join()
             .map_err(|_| anyhow::anyhow!("checkpoint writer panicked"))??;
+        if self.rt.rank == 0 {
+            // Rank 0's own files: every rank writes a similar share in parallel.
+            let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+            eprintln!(
+                "checkpoint step {}: training stalled {:.2} s (shards copied off the device); rank 0 wrote {:.2} GB in {:.2} s ({:.2} GB/s) in the background",
+                p.step,
+                p.stall_s,
+                bytes as f64 / 1e9,
+                write_s,
+                bytes as f64 / 1e9 / write_s.max(1e-9)
+            );
+        }
         let all = self
             .rt
             .control
