@@ -93,27 +93,24 @@ pub fn ssd_chunked<B: BambaBackend>(
         .cast(dtype)
 }
 
-/// `out[.., i, j] = x[j+1] + ... + x[i]` for `j <= i`, `-inf` above the diagonal.
-/// Summed by masked cumsum rather than `cumsum[i] - cumsum[j]`, which loses
-/// precision when the totals are large; masked with -inf *before* `exp` so the
-/// upper triangle is an exact 0 and never `inf * 0`.
+/// `out[.., i, j] = x[j+1] + .. + x[i]` for `j <= i`, `-inf` above the
+/// diagonal: the log-decay from step `j` to step `i`. As a difference of one
+/// cumulative sum (one pass over `[.., t, t]`) rather than HF's cumsum of the
+/// masked `[.., t, t]` expansion, which costs `t` passes on the GPU; in f32 the
+/// difference stays within the parity tolerances (tests/parity.rs).
 fn segsum<B: BambaBackend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tensor<B, D2> {
     let mut shape = [0; D2];
     shape[..D].copy_from_slice(&x.dims());
     let t = shape[D - 1];
     shape[D] = t;
     let device = x.device();
-    let strict_upper = Tensor::<B, 2, Bool>::tril_mask([t, t], -1, &device)
-        .unsqueeze::<D2>()
-        .expand(shape);
     let upper = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
         .unsqueeze::<D2>()
         .expand(shape);
-    x.unsqueeze_dim::<D2>(D)
-        .expand(shape)
-        .mask_fill(strict_upper, 0.0)
-        .cumsum(D - 1)
-        .mask_fill(upper, f32::NEG_INFINITY)
+    let cs = x.cumsum(D - 1);
+    let to = cs.clone().unsqueeze_dim::<D2>(D); // [.., i, 1]
+    let from = cs.unsqueeze_dim::<D2>(D - 1); // [.., 1, j]
+    (to - from).mask_fill(upper, f32::NEG_INFINITY)
 }
 
 /// Zero-pads dim 1 (the sequence) by `pad` steps.
