@@ -92,7 +92,14 @@ pub fn train(args: TrainArgs) -> Result<i32> {
         if i > 0 {
             eprintln!("curriculum: stage {} starts", i + 1);
         }
-        let code = run_stage(cfg, args.resume_from.clone())?;
+        // --resume-from names a checkpoint of the first stage run; later
+        // stages start as their configs say (stage 2 from stage 1's weights).
+        let resume_from = if i == 0 {
+            args.resume_from.clone()
+        } else {
+            None
+        };
+        let code = run_stage(cfg, resume_from)?;
         if code != 0 {
             return Ok(code);
         }

@@ -479,29 +479,52 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         Ok(checkpoint::step_dir(&out, self.step))
     }
 
+    /// This rank's state on the host, copied in a few large batches rather
+    /// than one copy per tensor (each waits for the device; a 1B checkpoint
+    /// has ~80 tensors).
     fn host_shard(&self) -> RankShard {
-        let host = |t: &Tensor<Inner<B>, 1>| {
-            t.clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32")
+        let sh = &self.sharded;
+        // Concatenated in batches of up to 256M values (1 GB): few copies,
+        // bounded extra device memory.
+        let host = |ts: Vec<Tensor<Inner<B>, 1>>| -> Vec<f32> {
+            let mut out = Vec::new();
+            let mut batch: Vec<Tensor<Inner<B>, 1>> = vec![];
+            let mut n = 0;
+            let flush = |batch: &mut Vec<Tensor<Inner<B>, 1>>, out: &mut Vec<f32>| {
+                if !batch.is_empty() {
+                    let data = Tensor::cat(std::mem::take(batch), 0).into_data();
+                    out.extend(data.convert::<f32>().to_vec::<f32>().expect("f32"));
+                }
+            };
+            for t in ts {
+                n += t.dims()[0];
+                batch.push(t);
+                if n >= 1 << 28 {
+                    flush(&mut batch, &mut out);
+                    n = 0;
+                }
+            }
+            flush(&mut batch, &mut out);
+            out
         };
+        let master = host(sh.master.clone());
+        let avg = host(sh.moments.iter().map(|m| m.exp_avg.clone()).collect());
+        let sq = host(sh.moments.iter().map(|m| m.exp_avg_sq.clone()).collect());
+        let mut at = 0;
         RankShard {
-            units: self
-                .sharded
+            units: sh
                 .layout
                 .units
                 .iter()
-                .enumerate()
-                .map(|(i, u)| {
-                    let m = &self.sharded.moments[i];
+                .map(|u| {
+                    let r = at..at + u.shard_len;
+                    at += u.shard_len;
                     (
                         u.name.clone(),
                         [
-                            host(&self.sharded.master[i]),
-                            host(&m.exp_avg),
-                            host(&m.exp_avg_sq),
+                            master[r.clone()].to_vec(),
+                            avg[r.clone()].to_vec(),
+                            sq[r].to_vec(),
                         ],
                     )
                 })
