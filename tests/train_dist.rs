@@ -212,6 +212,35 @@ fn streamed_layers_match_the_whole_model_step() {
     }
 }
 
+/// `parallelism.reduce_dtype: bf16` sends gradients through reduce-scatter
+/// in bf16: the run trains like the f32 one up to bf16 rounding of the
+/// gradients (the loss of every step close, the weights not bit-equal).
+#[test]
+fn bf16_gradient_reduction_trains_like_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut runs = vec![];
+    for rd in ["f32", "bf16"] {
+        let name = format!("reduce_{rd}");
+        let cfg = write_config(d, &name, 4, 2, "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "parallelism: { timeout_s: 20 }",
+            &format!("parallelism: {{ reduce_dtype: {rd}, timeout_s: 20 }}"),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        train(&cfg, 2, &[]);
+        runs.push((losses(&d.join(&name)), weights(&d.join(&name), 4)));
+    }
+    for ((s, a), (_, b)) in runs[0].0.iter().zip(&runs[1].0) {
+        assert!(
+            (a - b).abs() < 1e-2 * a.abs(),
+            "step {s}: loss {a} (f32) vs {b} (bf16)"
+        );
+    }
+    assert_ne!(runs[0].1, runs[1].1, "bf16 reduction rounds the gradients");
+    assert_close("bf16 reduction", &runs[1].1, &runs[0].1, 1e-2);
+}
+
 #[test]
 fn checkpoints_reshard_between_rank_counts() {
     let tmp = tempfile::tempdir().unwrap();

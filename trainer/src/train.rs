@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::checkpoint::{self, CheckpointMeta, FileEntry, RankShard, format};
-use crate::config::{DatasetEntry, Distribute, Precision, ResumeMode, TrainConfig};
+use crate::config::{DatasetEntry, Distribute, Precision, ReduceDtype, ResumeMode, TrainConfig};
 use crate::fsdp::{Layout, Sharded};
 use crate::metrics::progress::Progress;
 use crate::metrics::wandb::Wandb;
@@ -180,6 +180,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             }
         };
 
+        let mut sharded = sharded;
+        sharded.reduce = match cfg.parallelism.reduce_dtype {
+            ReduceDtype::F32 => DType::F32,
+            ReduceDtype::Bf16 => DType::BF16,
+        };
         let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?;
         let lcfg = loader_config(&cfg, &cfg.data.datasets);
         let (drank, dworld) = data_rank(&cfg, rt.rank, rt.world);

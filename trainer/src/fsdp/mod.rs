@@ -46,6 +46,9 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     reduced: Vec<Option<Tensor<Inner<B>, 1>>>,
     /// Compute dtype of the gathered parameters.
     pub compute: DType,
+    /// Dtype gradients travel in through reduce-scatter (f32, or bf16 as
+    /// fms-fsdp does: half the traffic); the local slice is f32 again.
+    pub reduce: DType,
     device: burn::tensor::Device<Inner<B>>,
 }
 
@@ -87,6 +90,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             reduced: grads.clone(),
             grads,
             compute,
+            reduce: DType::F32,
             device: device.clone(),
         })
     }
@@ -133,6 +137,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             reduced: grads.clone(),
             grads,
             compute,
+            reduce: DType::F32,
             device: device.clone(),
         })
     }
@@ -254,11 +259,11 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 &self.device,
             )
         });
-        let mut shard = shard_comm.reduce_scatter_mean(full)?;
+        let mut shard = shard_comm.reduce_scatter_mean(full.cast(self.reduce))?;
         if replicate_comm.size() > 1 {
             shard = replicate_comm.all_reduce_mean(shard)?;
         }
-        self.reduced[i] = Some(shard);
+        self.reduced[i] = Some(shard.cast(DType::F32));
         Ok(())
     }
 
