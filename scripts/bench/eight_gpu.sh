@@ -20,7 +20,7 @@ timeout 300 "$bin" bench "${common[@]}" --set training.global_batch_sequences=8 
 echo "== train 9B fsdp x8 for 4 steps with a checkpoint at step 2, then resume on 4 GPUs"
 out=/tmp/scale-9b
 timeout 400 "$bin" "${common[@]}" --set training.global_batch_sequences=8 --set training.steps=4 \
-  --set checkpoint.every_steps=2 --set checkpoint.keep_last=1 --set checkpoint.output_dir=$out --nproc-per-node 8 2>&1 | grep -E "^step|checkpoint" | tail -5
+  --set checkpoint.every_steps=2 --set checkpoint.keep_last=2 --set checkpoint.output_dir=$out --nproc-per-node 8 2>&1 | grep -E "^step|checkpoint" | tail -5
 rm -rf $out/checkpoints/step_4
 timeout 400 "$bin" "${common[@]}" --set training.global_batch_sequences=8 --set training.steps=4 \
   --set checkpoint.every_steps=0 --set checkpoint.output_dir=$out --nproc-per-node 4 2>&1 | grep -E "resumed|^step" | tail -4
