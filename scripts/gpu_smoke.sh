@@ -15,15 +15,24 @@ for prec in f32 bf16; do
   echo "== tiny cuda $prec, 1 process"
   timeout 120 "$bin" "${common[@]}" --set training.precision=$prec --set checkpoint.output_dir=/tmp/smoke-$prec-1 2>&1 | tail -3
   if [ "$nproc" -gt 1 ]; then
-    echo "== tiny cuda $prec, fsdp over $nproc processes (NCCL)"
-    timeout 120 "$bin" "${common[@]}" --set training.precision=$prec --set checkpoint.output_dir=/tmp/smoke-$prec-$nproc \
-      --set training.micro_batch=1 --nproc-per-node "$nproc" 2>&1 | tail -3
-    python3 - "$prec" "$nproc" <<'PY'
+    # Whole-model step, then the per-layer step with the collectives
+    # overlapped in the NCCL stream (prefetch), then without overlap.
+    for mode in whole overlap serial; do
+      case $mode in
+        whole) extra=() ;;
+        overlap) extra=(--set parallelism.activation_checkpointing=1 --set parallelism.overlap_comm=true) ;;
+        serial) extra=(--set parallelism.activation_checkpointing=1 --set parallelism.overlap_comm=false) ;;
+      esac
+      echo "== tiny cuda $prec, fsdp over $nproc processes (NCCL), $mode"
+      timeout 120 "$bin" "${common[@]}" --set training.precision=$prec --set checkpoint.output_dir=/tmp/smoke-$prec-$nproc-$mode \
+        --set training.micro_batch=1 "${extra[@]}" --nproc-per-node "$nproc" 2>&1 | tail -2
+      python3 - "$prec" "$nproc" "$mode" <<'PY'
 import json, sys
-prec, n = sys.argv[1], sys.argv[2]
+prec, n, mode = sys.argv[1:4]
 load = lambda p: [(r["step"], r["loss"]) for r in map(json.loads, open(p)) if "loss" in r]
-a, b = load(f"/tmp/smoke-{prec}-1/metrics.jsonl"), load(f"/tmp/smoke-{prec}-{n}/metrics.jsonl")
-print(json.dumps({"precision": prec, "nproc": int(n), "max_loss_diff": max(abs(x[1] - y[1]) for x, y in zip(a, b)), "losses_1": [round(x[1], 5) for x in a], "losses_n": [round(y[1], 5) for y in b]}))
+a, b = load(f"/tmp/smoke-{prec}-1/metrics.jsonl"), load(f"/tmp/smoke-{prec}-{n}-{mode}/metrics.jsonl")
+print(json.dumps({"precision": prec, "nproc": int(n), "mode": mode, "steps": len(b), "max_loss_diff": max(abs(x[1] - y[1]) for x, y in zip(a, b)), "losses_1": [round(x[1], 5) for x in a], "losses_n": [round(y[1], 5) for y in b]}))
 PY
+    done
   fi
 done

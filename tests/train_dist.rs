@@ -139,6 +139,13 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             2,
             "{ strategy: fsdp, activation_checkpointing: 1.0, timeout_s: 20 }",
         ),
+        // The same with each collective in turn (no prefetch, no overlap).
+        (
+            "fsdp2_streamed_serial",
+            2,
+            2,
+            "{ strategy: fsdp, activation_checkpointing: 1.0, overlap_comm: false, timeout_s: 20 }",
+        ),
         (
             "hsdp2x2_ac_half",
             4,

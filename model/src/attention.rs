@@ -1,10 +1,9 @@
 //! Causal self-attention with grouped KV heads and partial rotary embeddings
 //! (HF's `BambaAttention`, eager path).
 
-use crate::ops::{BambaBackend, matmul};
+use crate::ops::{BambaBackend, causal_softmax, matmul};
 use burn::module::Module;
-use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::Tensor;
 
 use crate::config::BambaConfig;
 use crate::error::ModelError;
@@ -52,18 +51,8 @@ impl<B: BambaBackend> BambaAttention<B> {
         let v = heads(self.v_proj.forward(x), nkv);
         let (k, v) = (repeat_kv(k, nq / nkv), repeat_kv(v, nq / nkv));
 
-        let dtype = q.dtype();
-        let scores = matmul(q, k.swap_dims(2, 3)) * (hd as f64).powf(-0.5);
-        // burn's tril_mask is true above the diagonal: exactly the future keys.
-        let future = Tensor::<B, 2, Bool>::tril_mask([l, l], 0, &scores.device())
-            .unsqueeze::<4>()
-            .expand([b, nq, l, l]);
-        // Softmax in f32 as HF does; the mask is -inf, so rows never see the future.
-        let probs = softmax(
-            scores.cast(DType::F32).mask_fill(future, f32::NEG_INFINITY),
-            3,
-        )
-        .cast(dtype);
+        // Softmax in f32 as HF does, in one pass where the backend fuses it.
+        let probs = causal_softmax(matmul(q, k.swap_dims(2, 3)), (hd as f64).powf(-0.5));
         let out = matmul(probs, v).swap_dims(1, 2).reshape([b, l, nq * hd]);
         self.o_proj.forward(out)
     }

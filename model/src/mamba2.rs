@@ -4,10 +4,9 @@
 // `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
 #![allow(non_snake_case)]
 
-use crate::ops::BambaBackend;
+use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, scale_heads};
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use burn::tensor::activation::{silu, softplus};
 
 use crate::config::BambaConfig;
 use crate::error::ModelError;
@@ -25,27 +24,10 @@ pub struct CausalConv1d<B: BambaBackend> {
 }
 
 impl<B: BambaBackend> CausalConv1d<B> {
-    /// `[b, l, c] -> [b, l, c]`; output `t` sees inputs `t-d_conv+1 ..= t`.
-    ///
-    /// As `d_conv` shifted multiply-adds on the `[b, l, c]` layout rather than
-    /// a grouped convolution: the same math, elementwise both ways, where
-    /// burn 0.21's CUDA depthwise-conv backward took 2 s per layer at 4k tokens.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, l, c] = x.dims();
-        let k = self.weight.dims()[2];
-        let w = self.weight.val().reshape([c, k]);
-        let pad = Tensor::<B, 3>::zeros([b, k - 1, c], &x.device()).cast(x.dtype());
-        let xp = Tensor::cat(vec![pad, x], 1);
-        let tap =
-            |j: usize| xp.clone().narrow(1, j, l) * w.clone().narrow(1, j, 1).reshape([1, 1, c]);
-        let mut y = tap(0);
-        for j in 1..k {
-            y = y + tap(j);
-        }
-        match &self.bias {
-            Some(bias) => y + bias.val().reshape([1, 1, c]),
-            None => y,
-        }
+    /// `silu(conv(x))`, `[b, l, c] -> [b, l, c]`; output `t` sees inputs
+    /// `t-d_conv+1 ..= t`.
+    pub fn forward_silu(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        conv1d_silu(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 
@@ -114,22 +96,16 @@ impl<B: BambaBackend> BambaMixer<B> {
         let xbc = proj.clone().narrow(2, di, conv_dim);
         let dt = proj.narrow(2, di + conv_dim, nh);
 
-        let xbc = silu(self.conv1d.forward(xbc));
+        let xbc = self.conv1d.forward_silu(xbc);
         let xs = xbc.clone().narrow(2, 0, di).reshape([b, l, nh, p]);
         let bm = xbc.clone().narrow(2, di, g * n).reshape([b, l, g, n]);
         let cm = xbc.narrow(2, di + g * n, g * n).reshape([b, l, g, n]);
 
-        let dt = softplus(dt + self.dt_bias.val().reshape([1, 1, nh]), 1.0);
-        // (0, inf) is HF's "no limit"; softplus is already > 0.
-        let dt = if self.dt_min > 0.0 || self.dt_max.is_finite() {
-            dt.clamp(self.dt_min, self.dt_max)
-        } else {
-            dt
-        };
+        let dt = dt_softplus(dt, self.dt_bias.val(), self.dt_min, self.dt_max);
         let a = self.A_log.val().exp().neg();
 
         let y = ssd_chunked(xs.clone(), dt, a, bm, cm, self.chunk_size);
-        let y = y + xs * self.D.val().reshape([1, 1, nh, 1]);
+        let y = y + scale_heads(xs, self.D.val());
         let y = self.norm.forward(y.reshape([b, l, di]), z);
         self.out_proj.forward(y)
     }

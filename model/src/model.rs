@@ -110,15 +110,8 @@ pub fn causal_lm_loss<B: BambaBackend>(
     z_coef: f64,
 ) -> Tensor<B, 1> {
     let [b, l, v] = logits.dims();
-    let logits = logits.cast(DType::F32).reshape([b * l, v]);
-    let lse = logsumexp(logits.clone());
-    let picked = logits.gather(1, targets.reshape([b * l, 1]));
-    let ce = (lse.clone() - picked).mean();
-    if z_coef > 0.0 {
-        ce + lse.powi_scalar(2).mean() * z_coef
-    } else {
-        ce
-    }
+    crate::ops::cross_entropy_rows(logits.reshape([b * l, v]), targets.reshape([b * l]), z_coef)
+        .mean()
 }
 
 /// HF's `BambaForCausalLM` loss on unshifted `input_ids` used as labels:
@@ -135,15 +128,9 @@ pub fn hf_causal_lm_loss<B: BambaBackend>(
         0.0,
     );
     if z_coef > 0.0 {
-        let lse = logsumexp(logits.cast(DType::F32).reshape([b * l, v]));
+        let lse = crate::ops::reference::logsumexp(logits.cast(DType::F32).reshape([b * l, v]));
         ce + lse.powi_scalar(2).mean() * z_coef
     } else {
         ce
     }
-}
-
-/// Row-wise `log(sum(exp(x)))` of `[rows, v]`, shifted by the row max for range.
-fn logsumexp<B: BambaBackend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let max = x.clone().max_dim(1).detach();
-    (x - max.clone()).exp().sum_dim(1).log() + max
 }

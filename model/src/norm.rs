@@ -2,26 +2,20 @@
 //! as HF does, so bf16 training keeps the reduction exact enough.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
+
+use crate::ops::{BambaBackend, rms_norm};
 
 use crate::error::ModelError;
 use crate::params::VarBuilder;
 
-/// `x * rsqrt(mean(x^2) + eps)` over the last dim, in f32.
-fn rms<B: Backend>(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
-    let var = x.clone().powi_scalar(2).mean_dim(2);
-    x * (var + eps).sqrt().recip()
-}
-
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: BambaBackend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: BambaBackend> RmsNorm<B> {
     pub fn new(vb: &VarBuilder<B>, dim: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(Self {
             weight: vb.get("weight", [dim])?,
@@ -30,9 +24,7 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        let y = rms(x.cast(DType::F32), self.eps).cast(dtype);
-        y * self.weight.val().unsqueeze::<3>()
+        rms_norm(x, None, self.weight.val(), self.eps)
     }
 }
 
@@ -42,12 +34,12 @@ impl<B: Backend> RmsNorm<B> {
 /// `mamba_split_conv1d_scan_combined` that trained Bamba; mamba_ssm's
 /// per-group variant only differs when `mamba_n_groups > 1`.
 #[derive(Module, Debug)]
-pub struct RmsNormGated<B: Backend> {
+pub struct RmsNormGated<B: BambaBackend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNormGated<B> {
+impl<B: BambaBackend> RmsNormGated<B> {
     pub fn new(vb: &VarBuilder<B>, dim: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(Self {
             weight: vb.get("weight", [dim])?,
@@ -56,9 +48,6 @@ impl<B: Backend> RmsNormGated<B> {
     }
 
     pub fn forward(&self, y: Tensor<B, 3>, z: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = y.dtype();
-        let gated = y.cast(DType::F32) * silu(z.cast(DType::F32));
-        let out = rms(gated, self.eps).cast(dtype);
-        out * self.weight.val().unsqueeze::<3>()
+        rms_norm(y, Some(z), self.weight.val(), self.eps)
     }
 }

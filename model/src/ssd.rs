@@ -6,8 +6,8 @@
 //! `y_t = C_t h_t`. Inside a chunk of Q steps it is a masked (causal) matrix
 //! product; chunk-final states carry across chunks by the same decay.
 
-use crate::ops::{BambaBackend, matmul};
-use burn::tensor::{Bool, DType, Tensor};
+use crate::ops::{BambaBackend, matmul, scale_heads, segsum_exp};
+use burn::tensor::{DType, Tensor};
 
 /// `y` of the SSM (without the `D x` skip), computed in f32.
 ///
@@ -28,6 +28,7 @@ pub fn ssd_chunked<B: BambaBackend>(
 ) -> Tensor<B, 4> {
     let [b, l, h, p] = x.dims();
     let [_, _, g, n] = bm.dims();
+    let hg = h / g;
     let dtype = x.dtype();
     let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
     let (x, bm, cm) = (f32(x), f32(bm), f32(cm));
@@ -39,39 +40,62 @@ pub fn ssd_chunked<B: BambaBackend>(
 
     // Discretise: x dt and A dt.
     let x = x * dt.clone().unsqueeze_dim::<4>(3);
-    let adt = dt * a.reshape([1, 1, h]);
+    let adt = scale_heads(dt, a);
 
-    // [b, l, ...] -> [b, h, chunk, step, ...]: heads and chunks become batch dims.
+    // Heads and chunks become batch dims: x, A dt per head as [b, h, chunk,
+    // step, ..]; B and C stay per group, [b, chunk, group, step, n], and
+    // meet the heads of their group as one wider matrix [.., step, hg * p]
+    // (no copy of B and C per head).
     let x = pad_seq(x, pad)
         .reshape([b, nc, q, h, p])
-        .permute([0, 3, 1, 2, 4]);
+        .permute([0, 3, 1, 2, 4]); // [b, h, nc, q, p]
     let adt = pad_seq(adt, pad)
         .reshape([b, nc, q, h])
-        .permute([0, 3, 1, 2]);
-    let per_head = |t: Tensor<B, 4>| -> Tensor<B, 5> {
+        .permute([0, 3, 1, 2]); // [b, h, nc, q]
+    let per_group = |t: Tensor<B, 4>| -> Tensor<B, 5> {
         pad_seq(t, pad)
-            .reshape([b, nc, q, g, 1, n])
-            .expand([b, nc, q, g, h / g, n])
-            .reshape([b, nc, q, h, n])
-            .permute([0, 3, 1, 2, 4])
+            .reshape([b, nc, q, g, n])
+            .permute([0, 1, 3, 2, 4])
     };
-    let (bm, cm) = (per_head(bm), per_head(cm));
+    let (bm, cm) = (per_group(bm), per_group(cm)); // [b, nc, g, q, n]
+    // [b, h, nc, r, p] <-> [b, nc, g, r, hg * p]
+    let to_groups = |t: Tensor<B, 5>, r: usize| -> Tensor<B, 5> {
+        t.reshape([b, g, hg, nc, r, p])
+            .permute([0, 3, 1, 4, 2, 5])
+            .reshape([b, nc, g, r, hg * p])
+    };
+    let to_heads = |t: Tensor<B, 5>, r: usize| -> Tensor<B, 5> {
+        t.reshape([b, nc, g, r, hg, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b, h, nc, r, p])
+    };
 
     let a_cumsum = adt.clone().cumsum(3); // [b, h, nc, q]
 
-    // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix.
-    let decay = segsum::<B, 4, 5>(adt).exp(); // [b, h, nc, q, q]
-    let scores = matmul(cm.clone(), bm.clone().swap_dims(3, 4));
-    let y_diag = matmul(scores * decay, x.clone()); // [b, h, nc, q, p]
+    // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix; C B^T
+    //    once per group, broadcast over the group's heads.
+    let decay = segsum_exp::<B, 4, 5>(adt); // [b, h, nc, q, q]
+    let scores = matmul(cm.clone(), bm.clone().swap_dims(3, 4)) // [b, nc, g, q, q]
+        .permute([0, 2, 1, 3, 4])
+        .unsqueeze_dim::<6>(2); // [b, g, 1, nc, q, q]
+    let masked = (decay.reshape([b, g, hg, nc, q, q]) * scores).reshape([b, h, nc, q, q]);
+    let y_diag = matmul(masked, x.clone()); // [b, h, nc, q, p]
 
     // 2. The state each chunk leaves behind, from its own inputs only.
     let a_last = a_cumsum.clone().narrow(3, q - 1, 1); // [b, h, nc, 1]
     let decay_to_end = (a_last.clone() - a_cumsum.clone()).exp();
-    let states = matmul((bm * decay_to_end.unsqueeze_dim::<5>(4)).swap_dims(3, 4), x); // [b, h, nc, n, p]
+    let x_end = to_groups(x * decay_to_end.unsqueeze_dim::<5>(4), q);
+    let states = to_heads(matmul(bm.swap_dims(3, 4), x_end), n); // [b, h, nc, n, p]
 
     // 3. Carry states across chunks: the state entering chunk c.
     let device = states.device();
-    let states = Tensor::cat(vec![Tensor::zeros([b, h, 1, n, p], &device), states], 2);
+    let states = Tensor::cat(
+        vec![
+            Tensor::zeros([b, h, 1, n * p], &device),
+            states.reshape([b, h, nc, n * p]),
+        ],
+        2,
+    );
     let chunk_a = Tensor::cat(
         vec![
             Tensor::zeros([b, h, 1], &device),
@@ -79,38 +103,19 @@ pub fn ssd_chunked<B: BambaBackend>(
         ],
         2,
     );
-    let chunk_decay = segsum::<B, 3, 4>(chunk_a).exp(); // [b, h, nc+1, nc+1]
-    let carried = matmul(chunk_decay, states.reshape([b, h, nc + 1, n * p]));
+    let chunk_decay = segsum_exp::<B, 3, 4>(chunk_a); // [b, h, nc+1, nc+1]
+    let carried = matmul(chunk_decay, states);
     let entering = carried.narrow(2, 0, nc).reshape([b, h, nc, n, p]);
 
     // 4. What the entering state contributes to each step of the chunk.
-    let y_off = matmul(cm, entering) * a_cumsum.exp().unsqueeze_dim::<5>(4);
+    let y_off = to_heads(matmul(cm, to_groups(entering, n)), q)
+        * a_cumsum.exp().unsqueeze_dim::<5>(4);
 
     (y_diag + y_off)
         .permute([0, 2, 3, 1, 4])
         .reshape([b, nc * q, h, p])
         .narrow(1, 0, l)
         .cast(dtype)
-}
-
-/// `out[.., i, j] = x[j+1] + .. + x[i]` for `j <= i`, `-inf` above the
-/// diagonal: the log-decay from step `j` to step `i`. As a difference of one
-/// cumulative sum (one pass over `[.., t, t]`) rather than HF's cumsum of the
-/// masked `[.., t, t]` expansion, which costs `t` passes on the GPU; in f32 the
-/// difference stays within the parity tolerances (tests/parity.rs).
-fn segsum<B: BambaBackend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tensor<B, D2> {
-    let mut shape = [0; D2];
-    shape[..D].copy_from_slice(&x.dims());
-    let t = shape[D - 1];
-    shape[D] = t;
-    let device = x.device();
-    let upper = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
-        .unsqueeze::<D2>()
-        .expand(shape);
-    let cs = x.cumsum(D - 1);
-    let to = cs.clone().unsqueeze_dim::<D2>(D); // [.., i, 1]
-    let from = cs.unsqueeze_dim::<D2>(D - 1); // [.., 1, j]
-    (to - from).mask_fill(upper, f32::NEG_INFINITY)
 }
 
 /// Zero-pads dim 1 (the sequence) by `pad` steps.

@@ -30,6 +30,14 @@ pub struct BenchArgs {
     /// the model (layers, conv, SSD scan, projections, head) at the config's shape.
     #[arg(long)]
     pub ops: bool,
+    /// Instead of training steps, check each fused kernel (forward and
+    /// gradients) against the same math in burn's ops, in f32 and bf16, and
+    /// print the largest differences.
+    #[arg(long)]
+    pub kernels: bool,
+    /// With `--ops`: only these pieces (comma-separated names, as printed).
+    #[arg(long, value_delimiter = ',', requires = "ops")]
+    pub only: Vec<String>,
     /// Instead of training steps, measure all-gather and reduce-scatter bus
     /// bandwidth of the shard group (as nccl-tests reports it) on this many MB.
     #[arg(long, value_name = "MB")]
@@ -129,6 +137,7 @@ pub fn ops<B: BambaAutodiffBackend>(
     batch: usize,
     seq: usize,
     compute: burn::tensor::DType,
+    only: &[String],
     device: &B::Device,
 ) -> Result<()> {
     use bamba_model::init::InitSource;
@@ -154,6 +163,9 @@ pub fn ops<B: BambaAutodiffBackend>(
         ))
     };
     let time = |name: &str, f: &mut dyn FnMut() -> Tensor<B, 1>| {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            return;
+        }
         for round in 0..3 {
             let _ = B::sync(device);
             let t0 = Instant::now();
@@ -192,7 +204,10 @@ pub fn ops<B: BambaAutodiffBackend>(
     });
     let cd = model_cfg.conv_dim();
     let xc = rand([b, l, cd]);
-    time("conv1d", &mut || mixer.conv1d.forward(xc.clone()).sum());
+    time("conv1d", &mut || mixer.conv1d.forward_silu(xc.clone()).sum());
+    let di = model_cfg.d_inner();
+    let (y, z) = (rand([b, l, di]), rand([b, l, di]));
+    time("gated_norm", &mut || mixer.norm.forward(y.clone(), z.clone()).sum());
     let (nh, p, g, n) = (
         model_cfg.mamba_n_heads,
         model_cfg.mamba_d_head,
@@ -275,4 +290,141 @@ pub fn collectives<B: burn::tensor::backend::Backend>(
         comm.reduce_scatter_mean(big.clone())
     })?;
     Ok(())
+}
+
+/// `bamba-train bench --kernels`: every fused piece against its burn-ops
+/// reference (`bamba_model::ops::reference`) on random inputs, forward and
+/// the gradient of each input, as JSON lines (`max_abs`, `rel` = max abs
+/// difference over the reference's max abs). On backends without fused
+/// kernels both sides are the reference.
+pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
+    use bamba_model::ops::{self, reference};
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    type Inputs<B> = Vec<Tensor<B, 1>>;
+    // Flattened inputs in, one output out, so one harness serves every piece.
+    type Piece<'a, B> = Box<dyn Fn(&Inputs<B>) -> Tensor<B, 1> + 'a>;
+    let mut ok = true;
+    let mut check = |name: &str, dtype: DType, shapes: &[Vec<usize>], fused: Piece<B>, refr: Piece<B>| {
+        let inputs: Vec<Tensor<B, 1>> = shapes
+            .iter()
+            .map(|s| {
+                let n: usize = s.iter().product();
+                Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device).cast(dtype)
+            })
+            .collect();
+        // One upstream gradient for both sides.
+        let out_len = refr(&inputs).dims()[0];
+        let g = Tensor::<B, 1>::random([out_len], Distribution::Normal(0.0, 1.0), device);
+        let run = |f: &Piece<B>| {
+            let xs: Vec<_> = inputs.iter().map(|t| t.clone().detach().require_grad()).collect();
+            let y = f(&xs);
+            let g = g.clone();
+            let grads = (y.clone().cast(DType::F32) * g).sum().backward();
+            let mut outs = vec![y.cast(DType::F32).inner()];
+            for x in &xs {
+                outs.push(x.grad(&grads).map(|t| t.cast(DType::F32)).unwrap_or_else(|| {
+                    Tensor::<B, 1>::zeros(x.dims(), device).inner()
+                }));
+            }
+            outs
+        };
+        let (a, b) = (run(&fused), run(&refr));
+        for (i, (a, b)) in a.into_iter().zip(b).enumerate() {
+            let what = if i == 0 { "output".to_string() } else { format!("grad{}", i - 1) };
+            let max_abs: f32 = (a - b.clone()).abs().max().into_scalar().elem();
+            let scale: f32 = b.abs().max().into_scalar().elem();
+            let rel = max_abs / scale.max(1e-12);
+            let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+            let pass = rel <= tol;
+            ok &= pass;
+            println!(
+                "{}",
+                json!({"kernel": name, "dtype": format!("{dtype:?}"), "value": what,
+                    "max_abs": max_abs, "rel": rel, "pass": pass})
+            );
+        }
+    };
+    use burn::tensor::ElementConversion;
+    for dtype in [DType::F32, DType::BF16] {
+        for (m, t) in [(30, 37), (1024, 256), (64, 17)] {
+            check(
+                &format!("segsum_exp_{m}x{t}"),
+                DType::F32,
+                &[vec![m, t]],
+                // Log-decays are negative: A dt < 0.
+                Box::new(move |x| ops::segsum_exp::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1).reshape([m * t * t])),
+                Box::new(move |x| reference::segsum::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1).exp().reshape([m * t * t])),
+            );
+        }
+        for (b, h, l) in [(2, 3, 37), (1, 16, 4096)] {
+            check(
+                &format!("causal_softmax_{b}x{h}x{l}"),
+                dtype,
+                &[vec![b, h, l, l]],
+                Box::new(move |x| ops::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125).reshape([b * h * l * l])),
+                Box::new(move |x| reference::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125).reshape([b * h * l * l])),
+            );
+        }
+        for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)] {
+            let t = Tensor::<B, 1, burn::tensor::Int>::random(
+                [rows],
+                Distribution::Uniform(0.0, v as f64),
+                device,
+            );
+            let t2 = t.clone();
+            check(
+                &format!("cross_entropy_{rows}x{v}_z{z}"),
+                dtype,
+                &[vec![rows, v]],
+                Box::new(move |x| ops::cross_entropy_rows(x[0].clone().reshape([rows, v]), t.clone(), z)),
+                Box::new(move |x| reference::cross_entropy_rows(x[0].clone().reshape([rows, v]), t2.clone(), z)),
+            );
+        }
+        for (b, l, h, p, gated) in [(2, 37, 4, 8, true), (1, 4096, 64, 64, true), (2, 50, 3, 5, false)] {
+            let d = h * p;
+            check(
+                &format!("rms_norm{}_{b}x{l}x{d}", if gated { "_gated" } else { "" }),
+                dtype,
+                &[vec![b, l, d], vec![b, l, d], vec![d]],
+                Box::new(move |x| {
+                    let z = gated.then(|| x[1].clone().reshape([b, l, d]));
+                    ops::rms_norm(x[0].clone().reshape([b, l, d]), z, x[2].clone(), 1e-5).reshape([b * l * d])
+                }),
+                Box::new(move |x| {
+                    let z = gated.then(|| x[1].clone().reshape([b, l, d]));
+                    reference::rms_norm(x[0].clone().reshape([b, l, d]), z, x[2].clone(), 1e-5).reshape([b * l * d])
+                }),
+            );
+            for (k, bias) in [(4, true), (3, false), (4, false), (3, true)] {
+                let c = d + 3;
+                let w = move |x: &Inputs<B>| x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
+                let bs = move |x: &Inputs<B>| bias.then(|| x[2].clone());
+                check(
+                    &format!("conv1d_silu_k{k}_bias{bias}_{b}x{l}x{c}"),
+                    dtype,
+                    &[vec![b, l, c], vec![c * k], vec![c]],
+                    Box::new(move |x| ops::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x)).reshape([b * l * c])),
+                    Box::new(move |x| reference::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x)).reshape([b * l * c])),
+                );
+            }
+            for (lo, hi) in [(0.0, f64::INFINITY), (0.001, 0.6)] {
+                check(
+                    &format!("dt_softplus_{lo}_{hi}_{b}x{l}x{h}"),
+                    dtype,
+                    &[vec![b, l, h], vec![h]],
+                    Box::new(move |x| ops::dt_softplus(x[0].clone().reshape([b, l, h]), x[1].clone(), lo, hi).reshape([b * l * h])),
+                    Box::new(move |x| reference::dt_softplus(x[0].clone().reshape([b, l, h]), x[1].clone(), lo, hi).reshape([b * l * h])),
+                );
+            }
+            check(
+                &format!("scale_heads_{b}x{l}x{h}x{p}"),
+                dtype,
+                &[vec![b, l, h, p], vec![h]],
+                Box::new(move |x| ops::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone()).reshape([b * l * h * p])),
+                Box::new(move |x| reference::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone()).reshape([b * l * h * p])),
+            );
+        }
+    }
+    Ok(ok)
 }

@@ -168,6 +168,10 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         });
         return Ok(0);
     }
+    if bench.kernels {
+        let ok = on_backend!(cfg, |B, _rt, dev| crate::bench::kernels::<B>(&dev)?);
+        return Ok(if ok { 0 } else { 1 });
+    }
     if bench.ops {
         let model_cfg = cfg.model_config()?;
         let compute = match cfg.training.precision {
@@ -176,7 +180,12 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         };
         let (b, l) = (cfg.training.micro_batch, cfg.data.seq_len);
         on_backend!(cfg, |B, _rt, dev| crate::bench::ops::<B>(
-            &model_cfg, b, l, compute, &dev
+            &model_cfg,
+            b,
+            l,
+            compute,
+            &bench.only,
+            &dev
         )?);
         return Ok(0);
     }

@@ -315,6 +315,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     1.0 / self.accum as f64,
                     k + 1 == self.accum,
                     ac,
+                    self.cfg.parallelism.overlap_comm,
                     &*self.rt.shard_comm,
                     &*self.rt.replicate_comm,
                 )?;

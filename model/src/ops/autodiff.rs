@@ -9,7 +9,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::tensor::TensorMetadata;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 
 use super::BambaBackend;
 
@@ -34,7 +34,287 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
     }
 }
 
+/// Fused (gated) RMSNorm: the backward kernel takes the saved inputs and
+/// the forward's inverse RMS. Parents: `x`, `w`, and `z` when gated.
+#[derive(Debug)]
+struct RmsNorm;
+
+type NormState<B> = (
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
+
+impl<B: BambaBackend> Backward<B, 3> for RmsNorm {
+    type State = NormState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, z, w, rstd) = ops.state;
+        let w_dtype = w.dtype();
+        let dout = grads.consume::<B>(&ops.node);
+        let (dx, dz, dw) = B::bamba_rms_norm_bwd(dout, x, z, w, rstd);
+        let [px, pw, pz] = ops.parents;
+        if let Some(n) = px {
+            grads.register::<B>(n.id, dx);
+        }
+        if let Some(n) = pw {
+            grads.register::<B>(n.id, B::float_cast(dw, w_dtype.into()));
+        }
+        if let (Some(n), Some(dz)) = (pz, dz) {
+            grads.register::<B>(n.id, dz);
+        }
+    }
+}
+
+/// Fused conv + SiLU; parents `x`, `w`, and the bias when there is one.
+#[derive(Debug)]
+struct Conv1dSilu;
+
+impl<B: BambaBackend> Backward<B, 3> for Conv1dSilu {
+    type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w, bias) = ops.state;
+        let w_dtype = w.dtype();
+        let b_dtype = bias.as_ref().map(|b| b.dtype());
+        let dy = grads.consume::<B>(&ops.node);
+        let (dx, dw, db) = B::bamba_conv1d_silu_bwd(dy, x, w, bias);
+        let [px, pw, pb] = ops.parents;
+        if let Some(n) = px {
+            grads.register::<B>(n.id, dx);
+        }
+        if let Some(n) = pw {
+            grads.register::<B>(n.id, B::float_cast(dw, w_dtype.into()));
+        }
+        if let (Some(n), Some(db), Some(dt)) = (pb, db, b_dtype) {
+            grads.register::<B>(n.id, B::float_cast(db, dt.into()));
+        }
+    }
+}
+
+/// Fused `dt`; parents `raw`, `bias`.
+#[derive(Debug)]
+struct DtSoftplus;
+
+impl<B: BambaBackend> Backward<B, 2> for DtSoftplus {
+    type State = (FloatTensor<B>, FloatTensor<B>, f64, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (raw, bias, lo, hi) = ops.state;
+        let b_dtype = bias.dtype();
+        let g = grads.consume::<B>(&ops.node);
+        let (draw, dbias) = B::bamba_dt_softplus_bwd(g, raw, bias, lo, hi);
+        let [pr, pb] = ops.parents;
+        if let Some(n) = pr {
+            grads.register::<B>(n.id, draw);
+        }
+        if let Some(n) = pb {
+            grads.register::<B>(n.id, B::float_cast(dbias, b_dtype.into()));
+        }
+    }
+}
+
+/// Fused per-head scale; parents `x`, `a`.
+#[derive(Debug)]
+struct ScaleHeads;
+
+impl<B: BambaBackend> Backward<B, 2> for ScaleHeads {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, a) = ops.state;
+        let a_dtype = a.dtype();
+        let g = grads.consume::<B>(&ops.node);
+        let (dx, da) = B::bamba_scale_heads_bwd(g, x, a);
+        let [px, pa] = ops.parents;
+        if let Some(n) = px {
+            grads.register::<B>(n.id, dx);
+        }
+        if let Some(n) = pa {
+            grads.register::<B>(n.id, B::float_cast(da, a_dtype.into()));
+        }
+    }
+}
+
+/// Fused cross-entropy; parent: the logits.
+#[derive(Debug)]
+struct CrossEntropy;
+
+impl<B: BambaBackend> Backward<B, 1> for CrossEntropy {
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets, lse, z) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let [p] = ops.parents;
+        if let Some(n) = p {
+            grads.register::<B>(n.id, B::bamba_cross_entropy_bwd(g, logits, targets, lse, z));
+        }
+    }
+}
+
+/// Fused causal softmax; parent: the scores. Backward needs only the output.
+#[derive(Debug)]
+struct CausalSoftmax;
+
+impl<B: BambaBackend> Backward<B, 1> for CausalSoftmax {
+    type State = (FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, scale) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let [p] = ops.parents;
+        if let Some(n) = p {
+            grads.register::<B>(n.id, B::bamba_causal_softmax_bwd(g, probs, scale));
+        }
+    }
+}
+
+/// Fused SSD decay matrix; parent: the cumulative sums.
+#[derive(Debug)]
+struct SegsumExp;
+
+impl<B: BambaBackend> Backward<B, 1> for SegsumExp {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<B>(&ops.node);
+        let [p] = ops.parents;
+        if let Some(n) = p {
+            grads.register::<B>(n.id, B::bamba_segsum_exp_bwd(g, ops.state));
+        }
+    }
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
+    fn bamba_fused() -> bool {
+        B::bamba_fused()
+    }
+
+    fn bamba_conv1d_silu(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let b_node = bias.as_ref().map_or_else(|| x.node.clone(), |b| b.node.clone());
+        let prep = Conv1dSilu
+            .prepare::<C>([x.node.clone(), w.node.clone(), b_node])
+            .compute_bound()
+            .stateful();
+        let (xp, wp, bp) = (x.primitive, w.primitive, bias.map(|b| b.primitive));
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_conv1d_silu_fwd(xp.clone(), wp.clone(), bp.clone());
+                prep.finish((xp, wp, bp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_conv1d_silu(xp, wp, bp)),
+        }
+    }
+
+    fn bamba_dt_softplus(
+        raw: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lo: f64,
+        hi: f64,
+    ) -> FloatTensor<Self> {
+        let prep = DtSoftplus
+            .prepare::<C>([raw.node.clone(), bias.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (rp, bp) = (raw.primitive, bias.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_dt_softplus_fwd(rp.clone(), bp.clone(), lo, hi);
+                prep.finish((rp, bp, lo, hi), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_dt_softplus(rp, bp, lo, hi)),
+        }
+    }
+
+    fn bamba_scale_heads(x: FloatTensor<Self>, a: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = ScaleHeads
+            .prepare::<C>([x.node.clone(), a.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (xp, ap) = (x.primitive, a.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_scale_heads_fwd(xp.clone(), ap.clone());
+                prep.finish((xp, ap), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_scale_heads(xp, ap)),
+        }
+    }
+
+    fn bamba_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        z: f64,
+    ) -> FloatTensor<Self> {
+        let prep = CrossEntropy
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful();
+        let lp = logits.primitive;
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (loss, lse) = B::bamba_cross_entropy_fwd(lp.clone(), targets.clone(), z);
+                prep.finish((lp, targets, lse, z), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_cross_entropy(lp, targets, z)),
+        }
+    }
+
+    fn bamba_causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let prep = CausalSoftmax
+            .prepare::<C>([scores.node.clone()])
+            .compute_bound()
+            .stateful();
+        let sp = scores.primitive;
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_causal_softmax_fwd(sp, scale);
+                prep.finish((out.clone(), scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_causal_softmax(sp, scale)),
+        }
+    }
+
+    fn bamba_segsum_exp(cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = SegsumExp.prepare::<C>([cs.node.clone()]).compute_bound().stateful();
+        let cp = cs.primitive;
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_segsum_exp_fwd(cp.clone());
+                prep.finish(cp, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_segsum_exp(cp)),
+        }
+    }
+
+    fn bamba_rms_norm(
+        x: FloatTensor<Self>,
+        z: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        // An untracked stand-in for the absent gate keeps one op of three parents.
+        let z_node = z.as_ref().map_or_else(|| x.node.clone(), |z| z.node.clone());
+        let prep = RmsNorm
+            .prepare::<C>([x.node.clone(), w.node.clone(), z_node])
+            .compute_bound()
+            .stateful();
+        let (xp, wp, zp) = (x.primitive, w.primitive, z.map(|z| z.primitive));
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (out, rstd) = B::bamba_rms_norm_fwd(xp.clone(), zp.clone(), wp.clone(), eps);
+                prep.finish((xp, zp, wp, rstd), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_rms_norm(xp, zp, wp, eps)),
+        }
+    }
+
     fn bamba_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let (ls, rs) = (lhs.shape(), rhs.shape());
         let batch = |s: &burn::tensor::Shape| s[..s.len() - 2].to_vec();

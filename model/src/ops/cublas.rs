@@ -37,6 +37,82 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         }
         gemm(lhs, rhs)
     }
+
+    fn bamba_fused() -> bool {
+        true
+    }
+
+    fn bamba_rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
+        super::fused::rms_norm_fwd(x, z, w, eps)
+    }
+
+    fn bamba_rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>, T) {
+        super::fused::rms_norm_bwd(dout, x, z, w, rstd)
+    }
+
+    fn bamba_conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
+        super::fused::conv1d_silu_fwd(x, w, bias)
+    }
+
+    fn bamba_conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) {
+        super::fused::conv1d_silu_bwd(dy, x, w, bias)
+    }
+
+    fn bamba_dt_softplus_fwd(raw: T, bias: T, lo: f64, hi: f64) -> T {
+        super::fused::dt_softplus_fwd(raw, bias, lo, hi)
+    }
+
+    fn bamba_dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
+        super::fused::dt_softplus_bwd(g, raw, bias, lo, hi)
+    }
+
+    fn bamba_scale_heads_fwd(x: T, a: T) -> T {
+        super::fused::scale_heads_fwd(x, a)
+    }
+
+    fn bamba_scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
+        super::fused::scale_heads_bwd(g, x, a)
+    }
+
+    fn bamba_sum_squares(x: T) -> T {
+        super::fused::sum_squares(x)
+    }
+
+    fn bamba_cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
+        super::fused::cross_entropy_fwd(logits, targets, z)
+    }
+
+    fn bamba_cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
+        super::fused::cross_entropy_bwd(g, logits, targets, lse, z)
+    }
+
+    fn bamba_causal_softmax_fwd(scores: T, scale: f64) -> T {
+        super::fused::causal_softmax_fwd(scores, scale)
+    }
+
+    fn bamba_causal_softmax_bwd(dprobs: T, probs: T, scale: f64) -> T {
+        super::fused::causal_softmax_bwd(dprobs, probs, scale)
+    }
+
+    fn bamba_segsum_exp_fwd(cs: T) -> T {
+        super::fused::segsum_exp_fwd(cs)
+    }
+
+    fn bamba_segsum_exp_bwd(dl: T, cs: T) -> T {
+        super::fused::segsum_exp_bwd(dl, cs)
+    }
+
+    fn bamba_adamw(s: super::AdamWState<Self>, h: &super::AdamWHyper) -> Option<[T; 3]> {
+        Some(super::fused::adamw(
+            s.param,
+            s.grad,
+            s.exp_avg,
+            s.exp_avg_sq,
+            s.decay_mask,
+            s.grad_scale,
+            h,
+        ))
+    }
 }
 
 /// How a `[rows, cols]` matrix (the last two dims) lies in memory, as

@@ -9,12 +9,23 @@
 //! burn's own device memory (`cublas.rs`).
 
 mod autodiff;
+mod pieces;
+pub mod reference;
 #[cfg(feature = "cuda")]
 pub mod cublas;
+#[cfg(feature = "cuda")]
+pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Tensor, TensorPrimitive};
+
+pub use pieces::{
+    causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
+    segsum_exp,
+};
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
 pub trait BambaBackend: Backend {
@@ -22,6 +33,228 @@ pub trait BambaBackend: Backend {
     fn bamba_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
     }
+
+    /// Whether the backend has the fused kernels below (`bamba_rms_norm*`);
+    /// the model uses burn's ops otherwise.
+    fn bamba_fused() -> bool {
+        false
+    }
+
+    /// `w * rmsnorm(x)`, or Mamba2's gated `w * rmsnorm(x * silu(z))`, over
+    /// the last dim, statistics in f32, in `x`'s dtype (`z`, `w` the same).
+    /// Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_rms_norm(
+        x: FloatTensor<Self>,
+        z: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        Self::bamba_rms_norm_fwd(x, z, w, eps).0
+    }
+
+    /// The forward kernel: the output and the f32 `[rows]` inverse RMS.
+    fn bamba_rms_norm_fwd(
+        _x: FloatTensor<Self>,
+        _z: Option<FloatTensor<Self>>,
+        _w: FloatTensor<Self>,
+        _eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused RMSNorm (bamba_fused() is false)")
+    }
+
+    /// The backward kernel: `(dx, dz, dw)`; `dw` in f32.
+    fn bamba_rms_norm_bwd(
+        _dout: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+        _z: Option<FloatTensor<Self>>,
+        _w: FloatTensor<Self>,
+        _rstd: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused RMSNorm (bamba_fused() is false)")
+    }
+
+    /// `silu(causal_depthwise_conv(x))`, `x [b, l, c]`, `w [c, 1, k]`, in
+    /// `x`'s dtype. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_conv1d_silu(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        Self::bamba_conv1d_silu_fwd(x, w, bias)
+    }
+
+    fn bamba_conv1d_silu_fwd(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused conv (bamba_fused() is false)")
+    }
+
+    /// `(dx, dw, db)`, the last two in f32.
+    fn bamba_conv1d_silu_bwd(
+        _dy: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _bias: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        unimplemented!("this backend has no fused conv (bamba_fused() is false)")
+    }
+
+    /// Mamba2's time step, `clamp(softplus(raw + bias), lo, hi)` in f32, for
+    /// `raw [b, l, h]` and `bias [h]`. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_dt_softplus(
+        raw: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        lo: f64,
+        hi: f64,
+    ) -> FloatTensor<Self> {
+        Self::bamba_dt_softplus_fwd(raw, bias, lo, hi)
+    }
+
+    fn bamba_dt_softplus_fwd(
+        _raw: FloatTensor<Self>,
+        _bias: FloatTensor<Self>,
+        _lo: f64,
+        _hi: f64,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused dt (bamba_fused() is false)")
+    }
+
+    /// `(draw, dbias)`, the bias gradient in f32.
+    fn bamba_dt_softplus_bwd(
+        _grad: FloatTensor<Self>,
+        _raw: FloatTensor<Self>,
+        _bias: FloatTensor<Self>,
+        _lo: f64,
+        _hi: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused dt (bamba_fused() is false)")
+    }
+
+    /// `x * a[head]` for `x [b, l, h, ..]`, `a [h]`, in `x`'s dtype. Only
+    /// called when [`BambaBackend::bamba_fused`].
+    fn bamba_scale_heads(x: FloatTensor<Self>, a: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_scale_heads_fwd(x, a)
+    }
+
+    fn bamba_scale_heads_fwd(_x: FloatTensor<Self>, _a: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused per-head scale (bamba_fused() is false)")
+    }
+
+    /// `(dx, da)`, `da` in f32.
+    fn bamba_scale_heads_bwd(
+        _grad: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+        _a: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused per-head scale (bamba_fused() is false)")
+    }
+
+    /// Per-row `lse(logits) - logits[target] + z * lse^2` in f32, `logits
+    /// [rows, vocab]`, `targets [rows]`. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        z: f64,
+    ) -> FloatTensor<Self> {
+        Self::bamba_cross_entropy_fwd(logits, targets, z).0
+    }
+
+    /// The per-row loss and `lse`.
+    fn bamba_cross_entropy_fwd(
+        _logits: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        _z: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused cross-entropy (bamba_fused() is false)")
+    }
+
+    /// `dlogits` for the per-row upstream gradient.
+    fn bamba_cross_entropy_bwd(
+        _grad: FloatTensor<Self>,
+        _logits: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _z: f64,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused cross-entropy (bamba_fused() is false)")
+    }
+
+    /// Causal softmax of attention scores `[.., l, l]` scaled by `scale`, in
+    /// the scores' dtype. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        Self::bamba_causal_softmax_fwd(scores, scale)
+    }
+
+    fn bamba_causal_softmax_fwd(_scores: FloatTensor<Self>, _scale: f64) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused softmax (bamba_fused() is false)")
+    }
+
+    /// `dscores` from `dprobs` and the forward's output.
+    fn bamba_causal_softmax_bwd(
+        _dprobs: FloatTensor<Self>,
+        _probs: FloatTensor<Self>,
+        _scale: f64,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused softmax (bamba_fused() is false)")
+    }
+
+    /// `L[.., i, j] = exp(cs_i - cs_j)` for `j <= i`, else 0, from f32
+    /// `cs [.., t]`. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_segsum_exp(cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_segsum_exp_fwd(cs)
+    }
+
+    fn bamba_segsum_exp_fwd(_cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused segsum (bamba_fused() is false)")
+    }
+
+    /// `dcs` from `dL`.
+    fn bamba_segsum_exp_bwd(_dl: FloatTensor<Self>, _cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused segsum (bamba_fused() is false)")
+    }
+
+    /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).
+    fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
+        x.powi_scalar(2).sum().into_primitive().tensor()
+    }
+
+    /// One AdamW update of flat f32 tensors in a single pass, where the
+    /// backend has a kernel for it (`None`: the caller runs the tensor ops).
+    fn bamba_adamw(
+        _state: AdamWState<Self>,
+        _hyper: &AdamWHyper,
+    ) -> Option<[FloatTensor<Self>; 3]> {
+        None
+    }
+}
+
+/// What one fused AdamW update reads: parameter, gradient, the two moments,
+/// an optional 0/1 weight-decay mask and an optional `[1]` gradient scale
+/// (the clipping coefficient, kept on the device).
+pub struct AdamWState<B: Backend> {
+    pub param: FloatTensor<B>,
+    pub grad: FloatTensor<B>,
+    pub exp_avg: FloatTensor<B>,
+    pub exp_avg_sq: FloatTensor<B>,
+    pub decay_mask: Option<FloatTensor<B>>,
+    pub grad_scale: Option<FloatTensor<B>>,
+}
+
+/// AdamW's scalars for one step, bias corrections folded in.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWHyper {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// `lr / (1 - beta1^t)`
+    pub lr_bc1: f64,
+    /// `1 / sqrt(1 - beta2^t)`
+    pub inv_sqrt_bc2: f64,
+    pub eps: f64,
+    /// `lr * weight_decay`
+    pub lr_wd: f64,
 }
 
 /// A training backend: autodiff over a [`BambaBackend`], itself one too, so
@@ -49,6 +282,13 @@ pub fn matmul<B: BambaBackend, const D: usize>(
     };
     let out = B::bamba_matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The sum of squares of a flat tensor, `[1]`.
+pub fn sum_squares<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_sum_squares(
+        x.into_primitive().tensor(),
+    )))
 }
 
 impl BambaBackend for burn::backend::Flex {}

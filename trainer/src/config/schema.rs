@@ -137,6 +137,11 @@ pub struct ParallelismSection {
     /// Fraction of layers whose activations are recomputed in backward.
     pub activation_checkpointing: f64,
     pub reduce_dtype: ReduceDtype,
+    /// Per-layer mode (activation_checkpointing > 0): prefetch the next
+    /// layer's all-gather and reduce-scatter gradients in a communication
+    /// stream beside compute (FSDP's forward/backward prefetch). Holds two
+    /// gathered layers at a time; `false` runs each collective in turn.
+    pub overlap_comm: bool,
     /// Seconds a collective or rendezvous waits for a peer before failing.
     pub timeout_s: u64,
 }
@@ -148,6 +153,7 @@ impl Default for ParallelismSection {
             shard_group_size: 0,
             activation_checkpointing: 0.0,
             reduce_dtype: ReduceDtype::F32,
+            overlap_comm: true,
             timeout_s: 600,
         }
     }

@@ -23,7 +23,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 
-pub use comm::{Comm, Solo};
+pub use comm::{Comm, Fence, Pending, Solo};
 pub use layout::{Layout, Unit, overlaps};
 
 use crate::optim::adamw::{AdamW, Moments};
@@ -209,7 +209,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         // Replicas hold identical slices: the norm sums over the shard group only.
         let local = shards
             .iter()
-            .map(|g| g.clone().powi_scalar(2).sum())
+            .map(|g| bamba_model::ops::sum_squares(g.clone()))
             .reduce(|a, b| a + b)
             .expect("at least one unit");
         let norm = shard_comm.all_reduce_sum(local)?.sqrt();
@@ -227,15 +227,12 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         // tensor is an invalid kernel launch on CUDA).
         let all_moments = std::mem::take(&mut self.moments);
         for (i, (grad, moments)) in shards.into_iter().zip(all_moments).enumerate() {
-            let grad = match &coef {
-                Some(c) => grad * c.clone(),
-                None => grad,
-            };
             let (p, m) = opt.update(
                 self.master[i].clone(),
                 grad,
                 moments,
                 Some(&self.decay[i]),
+                coef.as_ref(),
                 lr,
                 step,
             );
@@ -253,13 +250,39 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         shard_comm: &dyn Comm<Inner<B>>,
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<()> {
+        let pending = self.start_reduce(i, shard_comm, false)?;
+        self.finish_reduce(i, pending, replicate_comm)
+    }
+
+    /// Starts unit `i`'s reduce-scatter; with `overlap` it runs beside what
+    /// is enqueued next.
+    fn start_reduce(
+        &mut self,
+        i: usize,
+        shard_comm: &dyn Comm<Inner<B>>,
+        overlap: bool,
+    ) -> Result<Pending<Inner<B>>> {
         let full = self.grads[i].take().unwrap_or_else(|| {
             Tensor::zeros(
                 [self.layout.units[i].padded(self.layout.shards)],
                 &self.device,
             )
         });
-        let mut shard = shard_comm.reduce_scatter_mean(full.cast(self.reduce))?;
+        let full = full.cast(self.reduce);
+        if overlap {
+            shard_comm.start_reduce_scatter_mean(full)
+        } else {
+            shard_comm.reduce_scatter_mean(full).map(Pending::ready)
+        }
+    }
+
+    fn finish_reduce(
+        &mut self,
+        i: usize,
+        pending: Pending<Inner<B>>,
+        replicate_comm: &dyn Comm<Inner<B>>,
+    ) -> Result<()> {
+        let mut shard = pending.wait();
         if replicate_comm.size() > 1 {
             shard = replicate_comm.all_reduce_mean(shard)?;
         }

@@ -13,6 +13,11 @@
 //! With an activation-checkpointing fraction `p < 1`, a spread-out share
 //! `1 - p` of the layers keep their parameters and graph from the forward
 //! instead (no second gather, no recompute), trading memory for speed.
+//!
+//! With `overlap`, communication runs beside compute (FSDP's prefetch): the
+//! next unit's all-gather starts before the current unit's compute is
+//! enqueued, and a unit's reduce-scatter is waited for only after the next
+//! unit's backward is enqueued. That holds two gathered units at a time.
 
 use anyhow::{Result, ensure};
 use bamba_model::model::causal_lm_loss;
@@ -22,7 +27,50 @@ use bamba_model::{BambaAutodiffBackend, BambaForCausalLM};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::{Int, Tensor};
 
-use super::{Comm, Inner, SetParams, Sharded};
+use std::collections::VecDeque;
+
+use super::{Comm, Inner, Pending, SetParams, Sharded};
+
+/// Hands out gathered units in their order of use, the next one's
+/// all-gather already in flight when `overlap` is set.
+struct Gathers<B: BambaAutodiffBackend> {
+    order: VecDeque<usize>,
+    next: Option<(usize, Pending<Inner<B>>)>,
+    overlap: bool,
+}
+
+impl<B: BambaAutodiffBackend> Gathers<B> {
+    fn new(order: Vec<usize>, overlap: bool) -> Self {
+        Self {
+            order: order.into(),
+            next: None,
+            overlap,
+        }
+    }
+
+    /// Unit `want`'s parameters by HF name, in the compute dtype.
+    fn take(
+        &mut self,
+        want: usize,
+        sharded: &Sharded<B>,
+        comm: &dyn Comm<Inner<B>>,
+    ) -> Result<SetParams<B>> {
+        let (u, pending) = match self.next.take() {
+            Some(p) => p,
+            None => {
+                let u = self.order.pop_front().expect("a unit left to gather");
+                (u, sharded.start_gather(u, comm, self.overlap)?)
+            }
+        };
+        ensure!(u == want, "gather order: expected unit {want}, have {u}");
+        if self.overlap
+            && let Some(n) = self.order.pop_front()
+        {
+            self.next = Some((n, sharded.start_gather(n, comm, true)?));
+        }
+        Ok(sharded.unit_params(u, pending.wait()))
+    }
+}
 
 impl<B: BambaAutodiffBackend> Sharded<B> {
     fn unit_index(&self, name: &str) -> Result<usize> {
@@ -33,15 +81,29 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             .ok_or_else(|| anyhow::anyhow!("layout has no unit {name}"))
     }
 
-    /// Gathers unit `i` and returns its parameters by HF name (compute dtype).
-    fn gather_unit(&self, i: usize, comm: &dyn Comm<Inner<B>>) -> Result<SetParams<B>> {
+    /// Starts gathering unit `i` in the compute dtype (beside compute if `overlap`).
+    fn start_gather(
+        &self,
+        i: usize,
+        comm: &dyn Comm<Inner<B>>,
+        overlap: bool,
+    ) -> Result<Pending<Inner<B>>> {
+        let shard = self.master[i].clone().cast(self.compute);
+        if overlap {
+            comm.start_all_gather(shard)
+        } else {
+            comm.all_gather(shard).map(Pending::ready)
+        }
+    }
+
+    /// Unit `i`'s parameters by HF name, from its gathered flat buffer.
+    fn unit_params(&self, i: usize, full: Tensor<Inner<B>, 1>) -> SetParams<B> {
         let unit = &self.layout.units[i];
-        let full = comm.all_gather(self.master[i].clone().cast(self.compute))?;
         let mut set = SetParams::new();
         for p in &unit.params {
             set.insert(&p.name, full.clone().narrow(0, p.offset, p.numel), &p.shape);
         }
-        Ok(set)
+        set
     }
 
     /// One micro-batch, unit by unit. Returns the (scaled) loss; gradients go
@@ -55,6 +117,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         scale: f64,
         last: bool,
         checkpoint_fraction: f64,
+        overlap: bool,
         shard_comm: &dyn Comm<Inner<B>>,
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<Tensor<Inner<B>, 1>> {
@@ -67,9 +130,24 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let tied = model.lm_head.is_none();
         let l = inputs.dims()[1];
         let m = &mut model.model;
+        // Layer i is recomputed when the fraction's count steps up at i.
+        let recompute = |i: usize| {
+            let p = checkpoint_fraction.clamp(0.0, 1.0);
+            ((i + 1) as f64 * p).floor() > (i as f64 * p).floor()
+        };
+        // Every gather of the step, in order: forward, then backward's recomputes.
+        let mut order = vec![embed];
+        order.extend(&layer_units);
+        order.push(head);
+        order.extend((0..n_layers).rev().filter(|&i| recompute(i)).map(|i| layer_units[i]));
+        if !tied {
+            order.push(embed);
+        }
+        let mut gathers = Gathers::<B>::new(order, overlap);
+        let mut reduces: VecDeque<(usize, Pending<Inner<B>>)> = VecDeque::new();
 
         // Forward without a graph, keeping each layer's input.
-        let mut set = self.gather_unit(embed, shard_comm)?;
+        let mut set = gathers.take(embed, self, shard_comm)?;
         m.embed_tokens = set.apply(m.embed_tokens.clone(), "model.embed_tokens");
         let mut h = m.embed_tokens.valid().forward(inputs.clone().inner());
         if !tied {
@@ -80,15 +158,10 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             Tensor::<B, 4>::from_inner(rope_inner.0.clone()),
             Tensor::<B, 4>::from_inner(rope_inner.1.clone()),
         );
-        // Layer i is recomputed when the fraction's count steps up at i.
-        let recompute = |i: usize| {
-            let p = checkpoint_fraction.clamp(0.0, 1.0);
-            ((i + 1) as f64 * p).floor() > (i as f64 * p).floor()
-        };
         let mut saved = Vec::with_capacity(n_layers + 1);
         let mut kept = Vec::with_capacity(n_layers);
         for (i, &u) in layer_units.iter().enumerate() {
-            let mut set = self.gather_unit(u, shard_comm)?;
+            let mut set = gathers.take(u, self, shard_comm)?;
             let name = format!("model.layers.{i}");
             let layer = set.apply(m.layers[i].clone(), &name);
             if recompute(i) {
@@ -107,7 +180,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         saved.push(Some(h));
 
         // Head: final norm, LM head (or the tied embedding), loss.
-        let mut set = self.gather_unit(head, shard_comm)?;
+        let mut set = gathers.take(head, self, shard_comm)?;
         let final_norm = set.apply(m.final_layernorm.clone(), "model.final_layernorm");
         let lm_head = model.lm_head.clone().map(|h| set.apply(h, "lm_head"));
         let last_h = saved.pop().flatten().expect("the last layer's output");
@@ -134,7 +207,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         }
         drop((final_norm, lm_head, grads));
         if last {
-            self.reduce_unit(head, shard_comm, replicate_comm)?;
+            reduces.push_back((head, self.start_reduce(head, shard_comm, overlap)?));
         }
 
         // Layers in reverse: recompute with the graph (or use the kept one),
@@ -145,7 +218,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             let (layer, x, y) = match kept.pop().expect("one per layer") {
                 Some(k) => k,
                 None => {
-                    let mut set = self.gather_unit(u, shard_comm)?;
+                    let mut set = gathers.take(u, self, shard_comm)?;
                     let layer = set.apply(m.layers[i].clone(), &name);
                     let input = input.expect("saved for a recomputed layer");
                     let x = Tensor::<B, 3>::from_inner(input).require_grad();
@@ -158,13 +231,18 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             self.add_unit_grads(u, &layer, &name, &grads);
             drop((layer, grads));
             if last {
-                self.reduce_unit(u, shard_comm, replicate_comm)?;
+                reduces.push_back((u, self.start_reduce(u, shard_comm, overlap)?));
+                // The previous unit's reduce-scatter ran beside this backward.
+                while reduces.len() > 1 || !overlap {
+                    let Some((r, p)) = reduces.pop_front() else { break };
+                    self.finish_reduce(r, p, replicate_comm)?;
+                }
             }
         }
 
         // Embedding: its gradient is dy scattered onto the looked-up rows.
         if !tied {
-            let mut set = self.gather_unit(embed, shard_comm)?;
+            let mut set = gathers.take(embed, self, shard_comm)?;
             m.embed_tokens = set.apply(m.embed_tokens.clone(), "model.embed_tokens");
         }
         let e = m.embed_tokens.forward(inputs);
@@ -172,9 +250,13 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         self.add_unit_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
         m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
         if last {
-            self.reduce_unit(embed, shard_comm, replicate_comm)?;
+            reduces.push_back((embed, self.start_reduce(embed, shard_comm, overlap)?));
+        }
+        for (r, p) in reduces {
+            self.finish_reduce(r, p, replicate_comm)?;
         }
         ensure!(saved.is_empty(), "every saved activation is consumed");
+        ensure!(gathers.order.is_empty() && gathers.next.is_none(), "every gather is used");
         Ok(loss.inner())
     }
 

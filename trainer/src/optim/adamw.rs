@@ -2,8 +2,10 @@
 //! update order), on flat f32 tensors: each rank steps only its own shard of
 //! the master weights, and the moments live beside it with the same layout.
 
-use burn::tensor::Tensor;
+use bamba_model::BambaBackend;
+use bamba_model::ops::{AdamWHyper, AdamWState};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,21 +68,56 @@ pub struct AdamW {
 
 impl AdamW {
     /// One update of `param` in place semantics (returns the new tensors).
-    /// `step` is 1-based; `decay` is a per-element 0/1 mask or `None` for all-decay.
-    pub fn update<B: Backend>(
+    /// `step` is 1-based; `decay` is a per-element 0/1 mask or `None` for
+    /// all-decay; `grad_scale` (`[1]`, e.g. the clipping coefficient)
+    /// multiplies the gradient. One fused kernel where the backend has it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update<B: BambaBackend>(
         &self,
         param: Tensor<B, 1>,
         grad: Tensor<B, 1>,
         moments: Moments<B>,
         decay: Option<&Tensor<B, 1>>,
+        grad_scale: Option<&Tensor<B, 1>>,
         lr: f64,
         step: u64,
     ) -> (Tensor<B, 1>, Moments<B>) {
         let (b1, b2) = self.cfg.betas;
-        let exp_avg = moments.exp_avg * b1 + grad.clone() * (1.0 - b1);
-        let exp_avg_sq = moments.exp_avg_sq * b2 + grad.powi_scalar(2) * (1.0 - b2);
         let bc1 = 1.0 - b1.powi(step as i32);
         let bc2 = 1.0 - b2.powi(step as i32);
+        let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        let state = AdamWState {
+            param: prim(param.clone()),
+            grad: prim(grad.clone()),
+            exp_avg: prim(moments.exp_avg.clone()),
+            exp_avg_sq: prim(moments.exp_avg_sq.clone()),
+            decay_mask: decay.map(|t| prim(t.clone())),
+            grad_scale: grad_scale.map(|t| prim(t.clone())),
+        };
+        let hyper = AdamWHyper {
+            beta1: b1,
+            beta2: b2,
+            lr_bc1: lr / bc1,
+            inv_sqrt_bc2: 1.0 / bc2.sqrt(),
+            eps: self.cfg.eps,
+            lr_wd: lr * self.cfg.weight_decay,
+        };
+        if let Some([p, m, v]) = B::bamba_adamw(state, &hyper) {
+            let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
+            return (
+                t(p),
+                Moments {
+                    exp_avg: t(m),
+                    exp_avg_sq: t(v),
+                },
+            );
+        }
+        let grad = match grad_scale {
+            Some(c) => grad * c.clone(),
+            None => grad,
+        };
+        let exp_avg = moments.exp_avg * b1 + grad.clone() * (1.0 - b1);
+        let exp_avg_sq = moments.exp_avg_sq * b2 + grad.powi_scalar(2) * (1.0 - b2);
         let wd = lr * self.cfg.weight_decay;
         let param = match decay {
             _ if wd == 0.0 => param,
@@ -135,7 +172,7 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             let gt =
                 Tensor::from_data(TensorData::new(vec![*g as f32, 2.0 * *g as f32], [2]), &dev);
-            (p, m) = opt.update(p, gt, m, None, 1e-2, t as u64 + 1);
+            (p, m) = opt.update(p, gt, m, None, None, 1e-2, t as u64 + 1);
         }
         let got = p.into_data().to_vec::<f32>().unwrap();
         let want = [

@@ -1,0 +1,1142 @@
+//! Fused CUDA kernels (NVRTC, `nvrtc.rs`) behind the [`BambaBackend`] hooks:
+//! one pass over memory where burn's ops would make one per operation.
+
+use burn::tensor::DType;
+use burn::tensor::ops::FloatTensorOps;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+
+use super::nvrtc::{self, T, grid_for, launch, ptr};
+use super::AdamWHyper;
+use crate::kernel_args;
+
+/// The CUDA backend type, for burn's own ops on the kernels' tensors (the
+/// tensor type does not depend on its element parameters).
+type Cb = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
+
+const ADAMW: &str = r#"
+extern "C" __global__ void adamw_step(
+    const float* __restrict__ p, const float* __restrict__ g,
+    const float* __restrict__ m, const float* __restrict__ v,
+    const float* __restrict__ mask, const float* __restrict__ scale,
+    float* __restrict__ p_out, float* __restrict__ m_out, float* __restrict__ v_out,
+    long long n, float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
+{
+    const float c = scale ? scale[0] : 1.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i] * c;
+        float pi = p[i];
+        // Decoupled weight decay first, as torch.optim.AdamW.
+        pi = mask ? pi - pi * mask[i] * lr_wd : pi * (1.0f - lr_wd);
+        const float mi = b1 * m[i] + (1.0f - b1) * gi;
+        const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        pi = pi - mi / (sqrtf(vi) * inv_sqrt_bc2 + eps) * lr_bc1;
+        p_out[i] = pi;
+        m_out[i] = mi;
+        v_out[i] = vi;
+    }
+}
+
+// out[0] += sum(x^2) (out zeroed by the caller); blockDim.x == 256.
+extern "C" __global__ void sum_squares(const float* __restrict__ x, float* out, long long n) {
+    __shared__ float warp_sums[8];
+    float s = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        s += x[i] * x[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; ++w) t += warp_sums[w];
+        atomicAdd(out, t);
+    }
+}
+"#;
+
+/// `[1]`: the sum of squares of an f32 tensor.
+pub fn sum_squares(x: T) -> T {
+    let x = f32_contiguous(x, "sum_squares input");
+    let n = x.meta.shape().num_elements();
+    let out = burn_cubecl::ops::numeric::zeros_client(
+        x.client.clone(),
+        x.device.clone(),
+        [1].into(),
+        DType::F32,
+    );
+    if n == 0 {
+        return out;
+    }
+    let device = x.device.index;
+    let f = nvrtc::function(device, "adamw", ADAMW, "sum_squares");
+    let (mut o_p, stream) = ptr(&out);
+    let mut x_p = ptr(&x).0;
+    let mut n64 = n as i64;
+    let mut params = kernel_args!(x_p, o_p, n64);
+    // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
+    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    drop(x);
+    out
+}
+
+fn f32_contiguous(t: T, what: &str) -> T {
+    assert_eq!(t.dtype, DType::F32, "fused AdamW: {what} must be f32");
+    into_contiguous(t)
+}
+
+/// One AdamW step in one pass: reads p, g, m, v (and the mask), writes the new three.
+pub fn adamw(
+    p: T,
+    g: T,
+    m: T,
+    v: T,
+    mask: Option<T>,
+    scale: Option<T>,
+    h: &AdamWHyper,
+) -> [T; 3] {
+    let n = p.meta.shape().num_elements();
+    let (p, g) = (f32_contiguous(p, "param"), f32_contiguous(g, "grad"));
+    let (m, v) = (f32_contiguous(m, "exp_avg"), f32_contiguous(v, "exp_avg_sq"));
+    let mask = mask.map(|t| f32_contiguous(t, "decay mask"));
+    let scale = scale.map(|t| f32_contiguous(t, "grad scale"));
+    for t in [&g, &m, &v].into_iter().chain(mask.as_ref()) {
+        assert_eq!(t.meta.shape().num_elements(), n, "fused AdamW: operand sizes differ");
+    }
+    let out = || {
+        empty_device_contiguous_dtype(p.client.clone(), p.device.clone(), p.meta.shape().clone(), DType::F32)
+    };
+    let (po, mo, vo) = (out(), out(), out());
+    if n == 0 {
+        return [po, mo, vo];
+    }
+    let device = p.device.index;
+    let f = nvrtc::function(device, "adamw", ADAMW, "adamw_step");
+    let (mut po_p, stream) = ptr(&po);
+    let (mut p_p, mut g_p, mut m_p, mut v_p) = (ptr(&p).0, ptr(&g).0, ptr(&m).0, ptr(&v).0);
+    let mut mask_p = mask.as_ref().map_or(0, |t| ptr(t).0);
+    let mut scale_p = scale.as_ref().map_or(0, |t| ptr(t).0);
+    let (mut mo_p, mut vo_p) = (ptr(&mo).0, ptr(&vo).0);
+    let mut n64 = n as i64;
+    let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
+    let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
+    let (mut eps, mut lr_wd) = (h.eps as f32, h.lr_wd as f32);
+    let mut params = kernel_args!(
+        p_p, g_p, m_p, v_p, mask_p, scale_p, po_p, mo_p, vo_p, n64, b1, b2, lr_bc1,
+        inv_sqrt_bc2, eps, lr_wd
+    );
+    // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one),
+    // live until the launch is enqueued (burn reuses memory in stream order).
+    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    drop((p, g, m, v, mask, scale));
+    [po, mo, vo]
+}
+
+/// RMSNorm, optionally gated (Mamba2's `w * rmsnorm(x * silu(z))`), one
+/// block per row: statistics in f32, the normalised row rounded to the
+/// input dtype before the weight multiplies it (HF's order), `rstd` kept
+/// for backward. Backward recomputes the row from `x`, `z` and `rstd`,
+/// and writes per-block partial weight gradients (summed after).
+const NORM: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, float) { return v; }
+__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+
+__device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+    const int warps = blockDim.x >> 5;
+    for (int w = 0; w < warps; ++w) s += shared[w];
+    return s;
+}
+
+template <typename T, typename W>
+__device__ void norm_fwd(const T* x, const T* z, const W* w, T* out, float* rstd,
+                         long long rows, int d, float eps) {
+    __shared__ float shared[32];
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * d;
+        const T* zr = z ? z + r * d : nullptr;
+        float ss = 0.0f;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float g = ld(xr, c);
+            if (zr) { float zv = ld(zr, c); g *= zv * sigmoidf(zv); }
+            ss += g * g;
+        }
+        const float rs = rsqrtf(block_sum(ss, shared) / d + eps);
+        if (threadIdx.x == 0) rstd[r] = rs;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float g = ld(xr, c);
+            if (zr) { float zv = ld(zr, c); g *= zv * sigmoidf(zv); }
+            const float n = rnd(g * rs, T());
+            st(out + r * d, c, n * ld(w, c));
+        }
+    }
+}
+
+// dw_part: [gridDim.x, d] f32, this block's share of sum over rows of dout * n.
+template <typename T, typename W>
+__device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, const float* rstd,
+                         T* dx, T* dz, float* dw_part, long long rows, int d) {
+    __shared__ float shared[32];
+    constexpr int MAXC = 32;  // columns per thread: d <= MAXC * blockDim.x
+    float dw[MAXC];
+    for (int k = 0; k < MAXC; ++k) dw[k] = 0.0f;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long o = r * d;
+        const float rs = rstd[r];
+        float dot = 0.0f;  // sum(dn * g)
+#pragma unroll
+        for (int k = 0; k < MAXC; ++k) {
+            const int c = threadIdx.x + k * blockDim.x;
+            if (c < d) {
+                float g = ld(x + o, c);
+                if (z) { float zv = ld(z + o, c); g *= zv * sigmoidf(zv); }
+                const float dy = ld(dout + o, c);
+                dw[k] += dy * rnd(g * rs, T());
+                dot += dy * ld(w, c) * g;
+            }
+        }
+        const float m = block_sum(dot, shared) * rs * rs / d;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            const float xv = ld(x + o, c);
+            float g = xv, s = 1.0f, zv = 0.0f, sg = 0.0f;
+            if (z) { zv = ld(z + o, c); sg = sigmoidf(zv); s = zv * sg; g = xv * s; }
+            const float dn = ld(dout + o, c) * ld(w, c);
+            const float dg = rs * (dn - g * m);
+            if (z) {
+                st(dx + o, c, dg * s);
+                st(dz + o, c, dg * xv * sg * (1.0f + zv * (1.0f - sg)));
+            } else {
+                st(dx + o, c, dg);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < MAXC; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < d) dw_part[(long long)blockIdx.x * d + c] = dw[k];
+    }
+}
+
+#define NORM_KERNELS(SUF, T, W)                                                              \
+extern "C" __global__ void norm_fwd_##SUF(const T* x, const T* z, const W* w, T* out,        \
+                                          float* rstd, long long rows, int d, float eps) {    \
+    norm_fwd<T, W>(x, z, w, out, rstd, rows, d, eps);                                         \
+}                                                                                             \
+extern "C" __global__ void norm_bwd_##SUF(const T* dout, const T* x, const T* z, const W* w,  \
+                                          const float* rstd, T* dx, T* dz, float* dw_part,    \
+                                          long long rows, int d) {                            \
+    norm_bwd<T, W>(dout, x, z, w, rstd, dx, dz, dw_part, rows, d);                            \
+}
+NORM_KERNELS(f32, float, float)
+NORM_KERNELS(bf16, bf16_t, bf16_t)
+"#;
+
+const NORM_THREADS: u32 = 256;
+/// Columns per thread the backward kernel holds (`MAXC`).
+const NORM_MAX_COLS: usize = 32 * NORM_THREADS as usize;
+
+fn norm_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, NORM)
+}
+
+fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => panic!("fused RMSNorm: unsupported dtype {other:?}"),
+    }
+}
+
+fn norm_grid(rows: usize) -> (u32, u32, u32) {
+    (rows.clamp(1, 132 * 8) as u32, 1, 1)
+}
+
+fn empty(like: &T, shape: Vec<usize>, dtype: DType) -> T {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
+}
+
+/// Forward: `(out, rstd)`; `x`, `z` `[.., d]` of one dtype, `w` `[d]` of the same.
+pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
+    let shape = x.meta.shape().to_vec();
+    let d = *shape.last().expect("a norm over the last dim");
+    let rows = shape.iter().product::<usize>() / d.max(1);
+    assert!(d <= NORM_MAX_COLS, "fused RMSNorm: width {d} over {NORM_MAX_COLS}");
+    let dtype = x.dtype;
+    assert!(z.as_ref().is_none_or(|z| z.dtype == dtype) && w.dtype == dtype, "fused RMSNorm: mixed dtypes");
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    let z = z.map(into_contiguous);
+    let out = empty(&x, shape, dtype);
+    let rstd = empty(&x, vec![rows], DType::F32);
+    if rows == 0 || d == 0 {
+        return (out, rstd);
+    }
+    let device = x.device.index;
+    let f = nvrtc::function(device, "norm", &norm_src(), &format!("norm_fwd_{}", suffix(dtype)));
+    let (mut out_p, stream) = ptr(&out);
+    let (mut x_p, mut w_p, mut r_p) = (ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
+    let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
+    let (mut rows64, mut d32, mut eps32) = (rows as i64, d as i32, eps as f32);
+    let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32);
+    // SAFETY: the kernel's signature; buffers of `rows * d` (`d` for w, `rows` for rstd).
+    unsafe {
+        launch(device, f, norm_grid(rows), (NORM_THREADS, 1, 1), 0, stream, &mut params)
+    };
+    drop((x, z, w));
+    (out, rstd)
+}
+
+/// Backward: `(dx, dz, dw)` (dz when gated; dw in f32, `[d]`, before the
+/// cast to `w`'s dtype the caller does).
+pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>, T) {
+    let shape = x.meta.shape().to_vec();
+    let d = *shape.last().expect("a norm over the last dim");
+    let rows = shape.iter().product::<usize>() / d.max(1);
+    let dtype = x.dtype;
+    let dout = into_contiguous(if dout.dtype == dtype {
+        dout
+    } else {
+        burn_cubecl::kernel::cast(dout, dtype)
+    });
+    let (x, w, rstd) = (into_contiguous(x), into_contiguous(w), into_contiguous(rstd));
+    let z = z.map(into_contiguous);
+    let dx = empty(&x, shape.clone(), dtype);
+    let dz = z.as_ref().map(|_| empty(&x, shape, dtype));
+    let grid = norm_grid(rows);
+    let dw_part = empty(&x, vec![grid.0 as usize, d], DType::F32);
+    if rows > 0 && d > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "norm", &norm_src(), &format!("norm_bwd_{}", suffix(dtype)));
+        let (mut dx_p, stream) = ptr(&dx);
+        let (mut dy_p, mut x_p, mut w_p, mut r_p) = (ptr(&dout).0, ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
+        let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
+        let mut dz_p = dz.as_ref().map_or(0, |t| ptr(t).0);
+        let mut part_p = ptr(&dw_part).0;
+        let (mut rows64, mut d32) = (rows as i64, d as i32);
+        let mut params =
+            kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, part_p, rows64, d32);
+        // SAFETY: as in the forward; `dw_part` is `[grid, d]`.
+        unsafe { launch(device, f, grid, (NORM_THREADS, 1, 1), 0, stream, &mut params) };
+    }
+    drop((dout, x, z, w, rstd));
+    let dw = Cb::float_reshape(Cb::float_sum_dim(dw_part, 0), [d].into());
+    (dx, dz, dw)
+}
+
+/// Mamba2's causal depthwise conv with SiLU, `[b, l, c]`, weight `[c, 1, k]`:
+/// `y[t] = silu(bias + sum_j w[j] x[t - (k-1) + j])`, accumulated in f32 and
+/// rounded to the input dtype before the SiLU (as torch's conv then act).
+/// Backward: one pass per channel over a run of steps computes `du` (the
+/// gradient before SiLU, recomputed from `x`) and the weight and bias
+/// gradients (per-block sums, then one atomic add each); a second,
+/// elementwise pass gives `dx`.
+const CONV: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, float) { return v; }
+__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+#define KMAX 8
+
+// grid (b * l, ceil(c / blockDim.x)): one row per block row, channels across threads
+// (no 64-bit division per element).
+template <typename T>
+__device__ void conv_fwd(const T* x, const T* w, const T* bias, T* y, int l, int c, int k) {
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    const long long row = blockIdx.x;
+    const int t = (int)(row % l);
+    const long long i = row * c + ch;
+    float u = bias ? ld(bias, ch) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) {
+        const int tt = t - (k - 1) + j;
+        if (j < k && tt >= 0) u += ld(w, (long long)ch * k + j) * ld(x, i + (long long)(j - (k - 1)) * c);
+    }
+    u = rnd(u, T());
+    st(y, i, u / (1.0f + __expf(-u)));
+}
+
+// grid (ceil(c / blockDim.x), ceil(l / steps), b)
+template <typename T>
+__device__ void conv_bwd_dw(const T* x, const T* w, const T* bias, const T* dy, float* du,
+                            float* dw, float* db, int l, int c, int k, int steps) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    const long long base = (long long)blockIdx.z * l;
+    const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
+    float wv[KMAX], acc[KMAX];
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) { wv[j] = j < k ? ld(w, (long long)ch * k + j) : 0.0f; acc[j] = 0.0f; }
+    const float bv = bias ? ld(bias, ch) : 0.0f;
+    float accb = 0.0f;
+    for (int t = t0; t < t1; ++t) {
+        const long long i = (base + t) * c + ch;
+        float xs[KMAX];
+        float u = bv;
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) {
+            const int tt = t - (k - 1) + j;
+            xs[j] = (j < k && tt >= 0) ? ld(x, i + (long long)(j - (k - 1)) * c) : 0.0f;
+            u += wv[j] * xs[j];
+        }
+        u = rnd(u, T());
+        const float sg = 1.0f / (1.0f + __expf(-u));
+        const float d = ld(dy, i) * sg * (1.0f + u * (1.0f - sg));
+        du[i] = d;
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) acc[j] += d * xs[j];
+        accb += d;
+    }
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) if (j < k) atomicAdd(dw + (long long)ch * k + j, acc[j]);
+    if (db) atomicAdd(db + ch, accb);
+}
+
+// Same grid as the forward.
+template <typename T>
+__device__ void conv_bwd_dx(const float* du, const T* w, T* dx, int l, int c, int k) {
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    const long long row = blockIdx.x;
+    const int t = (int)(row % l);
+    const long long i = row * c + ch;
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) {
+        const int tt = t + (k - 1) - j;
+        if (j < k && tt < l) s += ld(w, (long long)ch * k + j) * du[i + (long long)((k - 1) - j) * c];
+    }
+    st(dx, i, s);
+}
+
+#define CONV_KERNELS(SUF, T)                                                                   \
+extern "C" __global__ void conv_fwd_##SUF(const T* x, const T* w, const T* bias, T* y,         \
+                                          int l, int c, int k) {                                \
+    conv_fwd<T>(x, w, bias, y, l, c, k);                                                        \
+}                                                                                               \
+extern "C" __global__ void conv_bwd_dw_##SUF(const T* x, const T* w, const T* bias,            \
+        const T* dy, float* du, float* dw, float* db, int l, int c, int k, int steps) {        \
+    conv_bwd_dw<T>(x, w, bias, dy, du, dw, db, l, c, k, steps);                                 \
+}                                                                                               \
+extern "C" __global__ void conv_bwd_dx_##SUF(const float* du, const T* w, T* dx, int l, int c, \
+                                             int k) {                                           \
+    conv_bwd_dx<T>(du, w, dx, l, c, k);                                                         \
+}
+CONV_KERNELS(f32, float)
+CONV_KERNELS(bf16, bf16_t)
+"#;
+
+/// Steps of the sequence one backward thread walks (and sums weight gradients over).
+const CONV_STEPS: usize = 64;
+
+/// Rows across the grid's x (up to 2^31 - 1), channels in blocks of 256 across y.
+fn conv_grid(rows: usize, c: usize) -> (u32, u32, u32) {
+    (rows as u32, c.div_ceil(256) as u32, 1)
+}
+
+fn conv_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, CONV)
+}
+
+fn conv_dims(x: &T, w: &T) -> (usize, usize, usize, usize) {
+    let s = x.meta.shape();
+    assert_eq!(s.len(), 3, "fused conv: x must be [b, l, c]");
+    let (b, l, c) = (s[0], s[1], s[2]);
+    let ws = w.meta.shape();
+    let k = ws[ws.len() - 1];
+    assert_eq!(ws.num_elements(), c * k, "fused conv: weight must be [c, 1, k]");
+    assert!((1..=8).contains(&k), "fused conv: kernel width {k} not in 1..=8");
+    (b, l, c, k)
+}
+
+fn same_dtype(t: T, dtype: DType) -> T {
+    into_contiguous(if t.dtype == dtype {
+        t
+    } else {
+        burn_cubecl::kernel::cast(t, dtype)
+    })
+}
+
+/// `silu(causal_conv(x))`.
+pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
+    let (b, l, c, k) = conv_dims(&x, &w);
+    let dtype = x.dtype;
+    let (x, w) = (into_contiguous(x), same_dtype(w, dtype));
+    let bias = bias.map(|t| same_dtype(t, dtype));
+    let y = empty(&x, vec![b, l, c], dtype);
+    let n = b * l * c;
+    if n == 0 {
+        return y;
+    }
+    let device = x.device.index;
+    let f = nvrtc::function(device, "conv", &conv_src(), &format!("conv_fwd_{}", suffix(dtype)));
+    let (mut y_p, stream) = ptr(&y);
+    let (mut x_p, mut w_p) = (ptr(&x).0, ptr(&w).0);
+    let mut b_p = bias.as_ref().map_or(0, |t| ptr(t).0);
+    let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+    let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32);
+    // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
+    unsafe { launch(device, f, conv_grid(b * l, c), (256, 1, 1), 0, stream, &mut params) };
+    drop((x, w, bias));
+    y
+}
+
+/// `(dx, dw, db)` of [`conv1d_silu_fwd`]; `dw` `[c, 1, k]` and `db` in f32.
+pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) {
+    let (b, l, c, k) = conv_dims(&x, &w);
+    let dtype = x.dtype;
+    let (x, w, dy) = (into_contiguous(x), same_dtype(w, dtype), same_dtype(dy, dtype));
+    let bias = bias.map(|t| same_dtype(t, dtype));
+    let zeros = |shape: Vec<usize>| {
+        burn_cubecl::ops::numeric::zeros_client(
+            x.client.clone(),
+            x.device.clone(),
+            shape.into(),
+            DType::F32,
+        )
+    };
+    // Flat: a [c, 1, k] allocation may pad its rows (k = 3), the kernel writes `ch * k + j`.
+    let dw = zeros(vec![c * k]);
+    let db = bias.as_ref().map(|_| zeros(vec![c]));
+    let dx = empty(&x, vec![b, l, c], dtype);
+    let du = empty(&x, vec![b, l, c], DType::F32);
+    let n = b * l * c;
+    if n > 0 {
+        let device = x.device.index;
+        let src = conv_src();
+        let sfx = suffix(dtype);
+        let f_dw = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dw_{sfx}"));
+        let f_dx = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dx_{sfx}"));
+        let (mut du_p, stream) = ptr(&du);
+        let (mut x_p, mut w_p, mut dy_p) = (ptr(&x).0, ptr(&w).0, ptr(&dy).0);
+        let mut b_p = bias.as_ref().map_or(0, |t| ptr(t).0);
+        let (mut dw_p, mut dx_p) = (ptr(&dw).0, ptr(&dx).0);
+        let mut db_p = db.as_ref().map_or(0, |t| ptr(t).0);
+        let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+        let mut steps = CONV_STEPS as i32;
+        let grid = (c.div_ceil(128) as u32, l.div_ceil(CONV_STEPS) as u32, b as u32);
+        let mut p1 = kernel_args!(x_p, w_p, b_p, dy_p, du_p, dw_p, db_p, l32, c32, k32, steps);
+        let mut p2 = kernel_args!(du_p, w_p, dx_p, l32, c32, k32);
+        // SAFETY: the kernels' signatures; sizes as in the forward, `du` `[b, l, c]` f32.
+        unsafe {
+            launch(device, f_dw, grid, (128, 1, 1), 0, stream, &mut p1);
+            launch(device, f_dx, conv_grid(b * l, c), (256, 1, 1), 0, stream, &mut p2);
+        }
+    }
+    drop((x, w, dy, bias, du));
+    (dx, Cb::float_reshape(dw, [c, 1, k].into()), db)
+}
+
+/// Per-head elementwise pieces of the Mamba2 mixer whose parameter
+/// gradients burn reduces slowly (one block over all rows): `dt =
+/// clamp(softplus(raw + dt_bias))` and `y = x * a[head]` (`A dt`, the `D`
+/// skip). The backward kernels sum the per-head gradients in shared memory
+/// and add each block's sums atomically.
+const HEADS: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, float) { return v; }
+__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+#define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float softplus(float s) { return s > 20.0f ? s : log1pf(__expf(s)); }
+
+// (i / inner) % h, in 32-bit arithmetic when the tensor allows (64-bit division is slow).
+__device__ __forceinline__ int head_of(long long i, int inner, int h, long long n) {
+    if (n <= 0xffffffffLL) return (int)(((unsigned)i / (unsigned)inner) % (unsigned)h);
+    return (int)((i / inner) % h);
+}
+
+// Adds v to acc[h]; lanes of a warp that share h (inner a multiple of 32) sum first.
+__device__ __forceinline__ void head_add(float* acc, int h, float v, bool warp_shared) {
+    if (warp_shared) {
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if ((threadIdx.x & 31) == 0) atomicAdd(acc + h, v);
+    } else {
+        atomicAdd(acc + h, v);
+    }
+}
+
+template <typename T>
+__device__ void dt_fwd(const T* raw, const T* bias, float* dt, long long n, int h, float lo, float hi) {
+    GRID_STRIDE(i, n) {
+        const float s = rnd(ld(raw, i) + ld(bias, head_of(i, 1, h, n)), T());
+        dt[i] = fminf(fmaxf(rnd(softplus(s), T()), lo), hi);
+    }
+}
+
+template <typename T>
+__device__ void dt_bwd(const float* g, const T* raw, const T* bias, T* draw, float* dbias,
+                       long long n, int h, float lo, float hi) {
+    extern __shared__ float acc[];
+    for (int j = threadIdx.x; j < h; j += blockDim.x) acc[j] = 0.0f;
+    __syncthreads();
+    // Loop bounds equal across the block, so every thread reaches the barriers.
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i0 = (long long)blockIdx.x * blockDim.x; i0 < n; i0 += stride) {
+        const long long i = i0 + threadIdx.x;
+        if (i < n) {
+            const int hh = head_of(i, 1, h, n);
+            const float s = rnd(ld(raw, i) + ld(bias, hh), T());
+            const float sp = rnd(softplus(s), T());
+            const float d = (sp >= lo && sp <= hi) ? g[i] / (1.0f + __expf(-s)) : 0.0f;
+            st(draw, i, d);
+            atomicAdd(acc + hh, d);
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < h; j += blockDim.x) atomicAdd(dbias + j, acc[j]);
+}
+
+template <typename T>
+__device__ void scale_fwd(const T* x, const T* a, T* y, long long n, int h, int inner) {
+    GRID_STRIDE(i, n) { st(y, i, ld(x, i) * ld(a, head_of(i, inner, h, n))); }
+}
+
+template <typename T>
+__device__ void scale_bwd(const T* g, const T* x, const T* a, T* dx, float* da,
+                          long long n, int h, int inner) {
+    extern __shared__ float acc[];
+    for (int j = threadIdx.x; j < h; j += blockDim.x) acc[j] = 0.0f;
+    __syncthreads();
+    const bool warp_shared = inner % 32 == 0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i0 = (long long)blockIdx.x * blockDim.x; i0 < n; i0 += stride) {
+        const long long i = i0 + threadIdx.x;
+        // Past the end: contribute 0 to keep whole warps in the shuffle.
+        const bool in = i < n;
+        const int hh = in ? head_of(i, inner, h, n) : 0;
+        const float gv = in ? ld(g, i) : 0.0f;
+        if (in) st(dx, i, gv * ld(a, hh));
+        head_add(acc, hh, in ? gv * ld(x, i) : 0.0f, warp_shared);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < h; j += blockDim.x) atomicAdd(da + j, acc[j]);
+}
+
+#define HEAD_KERNELS(SUF, T)                                                                     \
+extern "C" __global__ void dt_fwd_##SUF(const T* raw, const T* bias, float* dt, long long n,     \
+                                        int h, float lo, float hi) {                              \
+    dt_fwd<T>(raw, bias, dt, n, h, lo, hi);                                                       \
+}                                                                                                 \
+extern "C" __global__ void dt_bwd_##SUF(const float* g, const T* raw, const T* bias, T* draw,    \
+                                        float* dbias, long long n, int h, float lo, float hi) {  \
+    dt_bwd<T>(g, raw, bias, draw, dbias, n, h, lo, hi);                                           \
+}                                                                                                 \
+extern "C" __global__ void scale_fwd_##SUF(const T* x, const T* a, T* y, long long n, int h,     \
+                                           int inner) {                                           \
+    scale_fwd<T>(x, a, y, n, h, inner);                                                           \
+}                                                                                                 \
+extern "C" __global__ void scale_bwd_##SUF(const T* g, const T* x, const T* a, T* dx, float* da, \
+                                           long long n, int h, int inner) {                       \
+    scale_bwd<T>(g, x, a, dx, da, n, h, inner);                                                   \
+}
+HEAD_KERNELS(f32, float)
+HEAD_KERNELS(bf16, bf16_t)
+"#;
+
+fn heads_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, HEADS)
+}
+
+fn zeros_f32(like: &T, shape: Vec<usize>) -> T {
+    burn_cubecl::ops::numeric::zeros_client(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        DType::F32,
+    )
+}
+
+/// `(h, inner)`: dim 2 of `x` holds the heads; `inner` elements follow each.
+fn head_layout(x: &T, a: &T) -> (usize, usize, usize) {
+    let s = x.meta.shape();
+    assert!(s.len() >= 3, "per-head op: x must be [b, l, h, ..]");
+    let h = s[2];
+    assert_eq!(a.meta.shape().num_elements(), h, "per-head op: one parameter per head");
+    assert!(h <= 8192, "per-head op: {h} heads");
+    (s.num_elements(), h, s[3..].iter().product())
+}
+
+/// `clamp(softplus(raw + bias), lo, hi)` in f32, `raw [b, l, h]`.
+pub fn dt_softplus_fwd(raw: T, bias: T, lo: f64, hi: f64) -> T {
+    let dtype = raw.dtype;
+    let (raw, bias) = (into_contiguous(raw), same_dtype(bias, dtype));
+    let (n, h, _) = head_layout(&raw, &bias);
+    let dt = empty(&raw, raw.meta.shape().to_vec(), DType::F32);
+    if n == 0 {
+        return dt;
+    }
+    let device = raw.device.index;
+    let f = nvrtc::function(device, "heads", &heads_src(), &format!("dt_fwd_{}", suffix(dtype)));
+    let (mut dt_p, stream) = ptr(&dt);
+    let (mut r_p, mut b_p) = (ptr(&raw).0, ptr(&bias).0);
+    let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
+    let mut params = kernel_args!(r_p, b_p, dt_p, n64, h32, lo32, hi32);
+    // SAFETY: the kernel's signature; raw, dt `[n]`, bias `[h]`.
+    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    drop((raw, bias));
+    dt
+}
+
+/// `(draw, dbias)`; `dbias` in f32.
+pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
+    let dtype = raw.dtype;
+    let (raw, bias) = (into_contiguous(raw), same_dtype(bias, dtype));
+    let g = same_dtype(g, DType::F32);
+    let (n, h, _) = head_layout(&raw, &bias);
+    let draw = empty(&raw, raw.meta.shape().to_vec(), dtype);
+    let dbias = zeros_f32(&raw, vec![h]);
+    if n > 0 {
+        let device = raw.device.index;
+        let f = nvrtc::function(device, "heads", &heads_src(), &format!("dt_bwd_{}", suffix(dtype)));
+        let (mut d_p, stream) = ptr(&draw);
+        let (mut g_p, mut r_p, mut b_p, mut db_p) = (ptr(&g).0, ptr(&raw).0, ptr(&bias).0, ptr(&dbias).0);
+        let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
+        let mut params = kernel_args!(g_p, r_p, b_p, d_p, db_p, n64, h32, lo32, hi32);
+        // SAFETY: as in the forward; `h` floats of shared memory.
+        unsafe {
+            launch(device, f, grid_for(n, 256), (256, 1, 1), (h * 4) as u32, stream, &mut params)
+        };
+    }
+    drop((g, raw, bias));
+    (draw, dbias)
+}
+
+/// `x * a[head]`, `x [b, l, h, ..]`, in `x`'s dtype.
+pub fn scale_heads_fwd(x: T, a: T) -> T {
+    let dtype = x.dtype;
+    let (x, a) = (into_contiguous(x), same_dtype(a, dtype));
+    let (n, h, inner) = head_layout(&x, &a);
+    let y = empty(&x, x.meta.shape().to_vec(), dtype);
+    if n == 0 {
+        return y;
+    }
+    let device = x.device.index;
+    let f = nvrtc::function(device, "heads", &heads_src(), &format!("scale_fwd_{}", suffix(dtype)));
+    let (mut y_p, stream) = ptr(&y);
+    let (mut x_p, mut a_p) = (ptr(&x).0, ptr(&a).0);
+    let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
+    let mut params = kernel_args!(x_p, a_p, y_p, n64, h32, in32);
+    // SAFETY: the kernel's signature; x, y `[n]`, a `[h]`.
+    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    drop((x, a));
+    y
+}
+
+/// `(dx, da)`; `da` in f32.
+pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
+    let dtype = x.dtype;
+    let (x, a, g) = (into_contiguous(x), same_dtype(a, dtype), same_dtype(g, dtype));
+    let (n, h, inner) = head_layout(&x, &a);
+    let dx = empty(&x, x.meta.shape().to_vec(), dtype);
+    let da = zeros_f32(&x, vec![h]);
+    if n > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "heads", &heads_src(), &format!("scale_bwd_{}", suffix(dtype)));
+        let (mut dx_p, stream) = ptr(&dx);
+        let (mut g_p, mut x_p, mut a_p, mut da_p) = (ptr(&g).0, ptr(&x).0, ptr(&a).0, ptr(&da).0);
+        let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
+        let mut params = kernel_args!(g_p, x_p, a_p, dx_p, da_p, n64, h32, in32);
+        // SAFETY: as in the forward; `h` floats of shared memory.
+        unsafe {
+            launch(device, f, grid_for(n, 256), (256, 1, 1), (h * 4) as u32, stream, &mut params)
+        };
+    }
+    drop((g, x, a));
+    (dx, da)
+}
+
+/// Cross-entropy per row straight from the logits (bf16 or f32, never
+/// copied to f32): `lse - logits[target] + z * lse^2`, one block per row
+/// with an online max/sum. Backward writes `g * (softmax * (1 + 2 z lse) -
+/// onehot(target))` in the logits' dtype.
+const XENT: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// Combines (max, sum of exp(x - max)) pairs.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    const float mm = fmaxf(m, m2);
+    if (mm == NEG_INF) return;
+    s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
+    m = mm;
+}
+
+template <typename T>
+__device__ void xent_fwd(const T* logits, const int* targets, float* loss, float* lse_out,
+                         long long rows, int v, float z) {
+    __shared__ float sm[32], ss[32];
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* x = logits + r * v;
+        float m = NEG_INF, s = 0.0f;
+        for (int j = threadIdx.x; j < v; j += blockDim.x) {
+            const float xv = ld(x, j);
+            if (xv > m) { s = s * __expf(m - xv) + 1.0f; m = xv; } else { s += __expf(xv - m); }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            lse_merge(m, s, m2, s2);
+        }
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        __syncthreads();
+        if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float M = sm[0], S = ss[0];
+            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) lse_merge(M, S, sm[w], ss[w]);
+            const float lse = M + logf(S);
+            const int t = targets[r];
+            loss[r] = lse - ld(x, t) + z * lse * lse;
+            lse_out[r] = lse;
+        }
+    }
+}
+
+template <typename T>
+__device__ void xent_bwd(const float* g, const T* logits, const int* targets, const float* lse,
+                         T* dlogits, long long rows, int v, float z) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* x = logits + r * v;
+        const float gr = g[r], l = lse[r], scale = gr * (1.0f + 2.0f * z * l);
+        const int t = targets[r];
+        for (int j = threadIdx.x; j < v; j += blockDim.x) {
+            const float p = __expf(ld(x, j) - l);
+            st(dlogits + r * v, j, scale * p - (j == t ? gr : 0.0f));
+        }
+    }
+}
+
+#define XENT_KERNELS(SUF, T)                                                                  \
+extern "C" __global__ void xent_fwd_##SUF(const T* logits, const int* targets, float* loss,  \
+                                          float* lse, long long rows, int v, float z) {      \
+    xent_fwd<T>(logits, targets, loss, lse, rows, v, z);                                      \
+}                                                                                             \
+extern "C" __global__ void xent_bwd_##SUF(const float* g, const T* logits, const int* targets,\
+                                          const float* lse, T* dlogits, long long rows, int v,\
+                                          float z) {                                          \
+    xent_bwd<T>(g, logits, targets, lse, dlogits, rows, v, z);                                \
+}
+XENT_KERNELS(f32, float)
+XENT_KERNELS(bf16, bf16_t)
+"#;
+
+fn xent_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, XENT)
+}
+
+fn xent_dims(logits: &T, targets: &T) -> (usize, usize) {
+    let s = logits.meta.shape();
+    assert_eq!(s.len(), 2, "fused cross-entropy: logits must be [rows, vocab]");
+    assert_eq!(targets.meta.shape().num_elements(), s[0], "fused cross-entropy: one target per row");
+    assert_eq!(targets.dtype, DType::I32, "fused cross-entropy: i32 targets");
+    (s[0], s[1])
+}
+
+/// Per row `(loss, lse)`, both f32 `[rows]`.
+pub fn cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
+    let (rows, v) = xent_dims(&logits, &targets);
+    let dtype = logits.dtype;
+    let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
+    let loss = empty(&logits, vec![rows], DType::F32);
+    let lse = empty(&logits, vec![rows], DType::F32);
+    if rows == 0 {
+        return (loss, lse);
+    }
+    let device = logits.device.index;
+    let f = nvrtc::function(device, "xent", &xent_src(), &format!("xent_fwd_{}", suffix(dtype)));
+    let (mut loss_p, stream) = ptr(&loss);
+    let (mut x_p, mut t_p, mut lse_p) = (ptr(&logits).0, ptr(&targets).0, ptr(&lse).0);
+    let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
+    let mut params = kernel_args!(x_p, t_p, loss_p, lse_p, rows64, v32, z32);
+    // SAFETY: the kernel's signature; logits `[rows, v]`, the rest `[rows]`.
+    unsafe { launch(device, f, norm_grid(rows), (512, 1, 1), 0, stream, &mut params) };
+    drop((logits, targets));
+    (loss, lse)
+}
+
+/// `dlogits` in the logits' dtype, for the per-row upstream gradient `g`.
+pub fn cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
+    let (rows, v) = xent_dims(&logits, &targets);
+    let dtype = logits.dtype;
+    let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
+    let (g, lse) = (same_dtype(g, DType::F32), into_contiguous(lse));
+    let dx = empty(&logits, vec![rows, v], dtype);
+    if rows > 0 {
+        let device = logits.device.index;
+        let f = nvrtc::function(device, "xent", &xent_src(), &format!("xent_bwd_{}", suffix(dtype)));
+        let (mut dx_p, stream) = ptr(&dx);
+        let (mut g_p, mut x_p, mut t_p, mut lse_p) =
+            (ptr(&g).0, ptr(&logits).0, ptr(&targets).0, ptr(&lse).0);
+        let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
+        let mut params = kernel_args!(g_p, x_p, t_p, lse_p, dx_p, rows64, v32, z32);
+        // SAFETY: as in the forward; `dx` `[rows, v]`.
+        unsafe { launch(device, f, norm_grid(rows), (512, 1, 1), 0, stream, &mut params) };
+    }
+    drop((g, logits, targets, lse));
+    dx
+}
+
+/// Causal softmax of attention scores `[.., l, l]` (query rows, key
+/// columns), one block per row: `softmax(rnd(s * scale))` over keys `j <= i`
+/// in f32 (the scaled scores rounded to their dtype first, as HF's eager
+/// attention scales in bf16), zeros above the diagonal, probabilities
+/// rounded to the scores' dtype. Backward: `scale * p * (dp - sum(dp * p))`.
+const SOFTMAX: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, float) { return v; }
+__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    const float mm = fmaxf(m, m2);
+    if (mm == NEG_INF) return;
+    s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
+    m = mm;
+}
+
+template <typename T>
+__device__ void softmax_fwd(const T* scores, T* probs, long long rows, int l, float scale) {
+    __shared__ float sm[32], ss[32], stats[2];
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int i = (int)(r % l);
+        const T* x = scores + r * l;
+        float m = NEG_INF, s = 0.0f;
+        for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+            const float xv = rnd(ld(x, j) * scale, T());
+            if (xv > m) { s = s * __expf(m - xv) + 1.0f; m = xv; } else { s += __expf(xv - m); }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            lse_merge(m, s, m2, s2);
+        }
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        __syncthreads();
+        if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float M = sm[0], S = ss[0];
+            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) lse_merge(M, S, sm[w], ss[w]);
+            stats[0] = M;
+            stats[1] = 1.0f / S;
+        }
+        __syncthreads();
+        const float M = stats[0], inv = stats[1];
+        for (int j = threadIdx.x; j < l; j += blockDim.x) {
+            const float p = j <= i ? __expf(rnd(ld(x, j) * scale, T()) - M) * inv : 0.0f;
+            st(probs + r * l, j, p);
+        }
+    }
+}
+
+template <typename T>
+__device__ void softmax_bwd(const T* dprobs, const T* probs, T* dscores, long long rows, int l, float scale) {
+    __shared__ float part[32], total;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int i = (int)(r % l);
+        const long long o = r * l;
+        float dot = 0.0f;
+        for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += ld(dprobs + o, j) * ld(probs + o, j);
+        for (int k = 16; k > 0; k >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, k);
+        __syncthreads();
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = dot;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = 0.0f;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
+            total = t;
+        }
+        __syncthreads();
+        const float d = total;
+        for (int j = threadIdx.x; j < l; j += blockDim.x) {
+            const float g = j <= i ? scale * ld(probs + o, j) * (ld(dprobs + o, j) - d) : 0.0f;
+            st(dscores + o, j, g);
+        }
+    }
+}
+
+#define SOFTMAX_KERNELS(SUF, T)                                                               \
+extern "C" __global__ void softmax_fwd_##SUF(const T* s, T* p, long long rows, int l,        \
+                                             float scale) {                                   \
+    softmax_fwd<T>(s, p, rows, l, scale);                                                     \
+}                                                                                             \
+extern "C" __global__ void softmax_bwd_##SUF(const T* dp, const T* p, T* ds, long long rows,  \
+                                             int l, float scale) {                            \
+    softmax_bwd<T>(dp, p, ds, rows, l, scale);                                                \
+}
+SOFTMAX_KERNELS(f32, float)
+SOFTMAX_KERNELS(bf16, bf16_t)
+"#;
+
+fn softmax_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, SOFTMAX)
+}
+
+fn square_rows(t: &T) -> (usize, usize) {
+    let s = t.meta.shape();
+    let d = s.len();
+    assert!(d >= 2 && s[d - 1] == s[d - 2], "causal softmax: scores must be [.., l, l]");
+    let l = s[d - 1];
+    (s.num_elements() / l.max(1), l)
+}
+
+/// Causal softmax probabilities, in the scores' dtype.
+pub fn causal_softmax_fwd(scores: T, scale: f64) -> T {
+    let (rows, l) = square_rows(&scores);
+    let dtype = scores.dtype;
+    let scores = into_contiguous(scores);
+    let probs = empty(&scores, scores.meta.shape().to_vec(), dtype);
+    if rows == 0 {
+        return probs;
+    }
+    let device = scores.device.index;
+    let f = nvrtc::function(device, "softmax", &softmax_src(), &format!("softmax_fwd_{}", suffix(dtype)));
+    let (mut p_p, stream) = ptr(&probs);
+    let mut s_p = ptr(&scores).0;
+    let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
+    let mut params = kernel_args!(s_p, p_p, rows64, l32, sc);
+    // SAFETY: the kernel's signature; both `[rows, l]`.
+    unsafe { launch(device, f, norm_grid(rows), (256, 1, 1), 0, stream, &mut params) };
+    drop(scores);
+    probs
+}
+
+/// `dscores` from `dprobs` and the forward's probabilities.
+pub fn causal_softmax_bwd(dprobs: T, probs: T, scale: f64) -> T {
+    let (rows, l) = square_rows(&probs);
+    let dtype = probs.dtype;
+    let (dprobs, probs) = (same_dtype(dprobs, dtype), into_contiguous(probs));
+    let ds = empty(&probs, probs.meta.shape().to_vec(), dtype);
+    if rows > 0 {
+        let device = probs.device.index;
+        let f = nvrtc::function(device, "softmax", &softmax_src(), &format!("softmax_bwd_{}", suffix(dtype)));
+        let (mut ds_p, stream) = ptr(&ds);
+        let (mut dp_p, mut p_p) = (ptr(&dprobs).0, ptr(&probs).0);
+        let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
+        let mut params = kernel_args!(dp_p, p_p, ds_p, rows64, l32, sc);
+        // SAFETY: as in the forward.
+        unsafe { launch(device, f, norm_grid(rows), (256, 1, 1), 0, stream, &mut params) };
+    }
+    drop((dprobs, probs));
+    ds
+}
+
+/// The SSD decay matrix from cumulative log-decays `cs [.., t]`:
+/// `L[.., i, j] = exp(cs_i - cs_j)` for `j <= i`, 0 above the diagonal, in
+/// one pass. Backward recomputes `L` and reads only `dL`: one block per
+/// matrix gives `dcs_k = sum_j dL_kj L_kj - sum_i dL_ik L_ik`.
+const SEGSUM: &str = r#"
+// grid (matrices * t): one row per block, columns across threads.
+extern "C" __global__ void segsum_exp_fwd(const float* cs, float* out, int t) {
+    const long long m = blockIdx.x / t;
+    const int i = (int)(blockIdx.x - m * t);
+    const float* c = cs + m * t;
+    const float ci = c[i];
+    float* o = out + (long long)blockIdx.x * t;
+    for (int j = threadIdx.x; j < t; j += blockDim.x) o[j] = j <= i ? __expf(ci - c[j]) : 0.0f;
+}
+
+// One block per matrix; shared memory: t floats.
+extern "C" __global__ void segsum_exp_bwd(const float* dl, const float* cs, float* dcs, int t) {
+    extern __shared__ float row[];
+    const long long m = blockIdx.x;
+    const float* c = cs + m * t;
+    const float* g = dl + m * t * (long long)t;
+    for (int k = threadIdx.x; k < t; k += blockDim.x) row[k] = 0.0f;
+    __syncthreads();
+    // Columns j = threadIdx.x + s * blockDim.x; all threads walk every row.
+    const int per = (t + blockDim.x - 1) / blockDim.x;
+    for (int s = 0; s < per; ++s) {
+        const int j = threadIdx.x + s * blockDim.x;
+        const float cj = j < t ? c[j] : 0.0f;
+        float col = 0.0f;
+        for (int i = 0; i < t; ++i) {
+            float v = 0.0f;
+            if (j < t && j <= i) v = g[(long long)i * t + j] * __expf(c[i] - cj);
+            col += v;
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if ((threadIdx.x & 31) == 0 && v != 0.0f) atomicAdd(row + i, v);
+        }
+        if (j < t) atomicAdd(row + j, -col);
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < t; k += blockDim.x) dcs[m * t + k] = row[k];
+}
+"#;
+
+/// `L` (f32, `[.., t, t]`) from `cs` (f32 `[.., t]`).
+pub fn segsum_exp_fwd(cs: T) -> T {
+    let cs = same_dtype(cs, DType::F32);
+    let mut shape = cs.meta.shape().to_vec();
+    let t = *shape.last().expect("segsum over the last dim");
+    shape.push(t);
+    let out = empty(&cs, shape.clone(), DType::F32);
+    let n: usize = shape.iter().product();
+    if n == 0 {
+        return out;
+    }
+    let device = cs.device.index;
+    let f = nvrtc::function(device, "segsum", SEGSUM, "segsum_exp_fwd");
+    let (mut o_p, stream) = ptr(&out);
+    let mut c_p = ptr(&cs).0;
+    let mut t32 = t as i32;
+    let mut params = kernel_args!(c_p, o_p, t32);
+    let rows = (n / t) as u32;
+    // SAFETY: the kernel's signature; one block per row of `out` (`n / t` rows of `t` f32).
+    unsafe { launch(device, f, (rows, 1, 1), (t.clamp(32, 256) as u32, 1, 1), 0, stream, &mut params) };
+    drop(cs);
+    out
+}
+
+/// `dcs` (f32, shaped like `cs`).
+pub fn segsum_exp_bwd(dl: T, cs: T) -> T {
+    let (dl, cs) = (same_dtype(dl, DType::F32), same_dtype(cs, DType::F32));
+    let shape = cs.meta.shape().to_vec();
+    let t = *shape.last().expect("segsum over the last dim");
+    let mats = shape.iter().product::<usize>() / t.max(1);
+    let dcs = empty(&cs, shape, DType::F32);
+    if mats > 0 && t > 0 {
+        assert!(t <= 8192, "segsum: {t} steps per chunk");
+        let device = cs.device.index;
+        let f = nvrtc::function(device, "segsum", SEGSUM, "segsum_exp_bwd");
+        let (mut d_p, stream) = ptr(&dcs);
+        let (mut g_p, mut c_p) = (ptr(&dl).0, ptr(&cs).0);
+        let mut t32 = t as i32;
+        let mut params = kernel_args!(g_p, c_p, d_p, t32);
+        // SAFETY: one block per `[t, t]` matrix of `dl`; `t` floats of shared memory.
+        unsafe {
+            launch(device, f, (mats as u32, 1, 1), (256, 1, 1), (t * 4) as u32, stream, &mut params)
+        };
+    }
+    drop((dl, cs));
+    dcs
+}

@@ -1,0 +1,116 @@
+//! The Mamba2 pieces with fused kernels: each runs the backend's kernel
+//! where it has one ([`BambaBackend::bamba_fused`]) and burn's ops
+//! ([`super::reference`]) elsewhere.
+
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+use super::{BambaBackend, reference};
+
+fn float<B: BambaBackend, const D: usize>(
+    t: burn::tensor::ops::FloatTensor<B>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `w * rmsnorm(x)`, or Mamba2's gated `w * rmsnorm(x * silu(z))`, over the
+/// last dim, statistics in f32, output in `x`'s dtype.
+pub fn rms_norm<B: BambaBackend>(
+    x: Tensor<B, 3>,
+    z: Option<Tensor<B, 3>>,
+    w: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let same = x.dtype() == w.dtype() && z.as_ref().is_none_or(|z| z.dtype() == w.dtype());
+    if !(B::bamba_fused() && same) {
+        return reference::rms_norm(x, z, w, eps);
+    }
+    let p = |t: Tensor<B, 3>| t.into_primitive().tensor();
+    float(B::bamba_rms_norm(p(x), z.map(p), w.into_primitive().tensor(), eps))
+}
+
+/// `silu(causal_depthwise_conv(x))`, `x [b, l, c]`, `w [c, 1, k]`.
+pub fn conv1d_silu<B: BambaBackend>(
+    x: Tensor<B, 3>,
+    w: Tensor<B, 3>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 3> {
+    if !B::bamba_fused() {
+        return reference::conv1d_silu(x, w, bias);
+    }
+    let x = if x.dtype() == w.dtype() { x } else { x.cast(w.dtype()) };
+    float(B::bamba_conv1d_silu(
+        x.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+    ))
+}
+
+/// Mamba2's time step `clamp(softplus(raw + bias), lo, hi)`, in f32.
+pub fn dt_softplus<B: BambaBackend>(
+    raw: Tensor<B, 3>,
+    bias: Tensor<B, 1>,
+    lo: f64,
+    hi: f64,
+) -> Tensor<B, 3> {
+    if !B::bamba_fused() {
+        return reference::dt_softplus(raw, bias, lo, hi);
+    }
+    float(B::bamba_dt_softplus(
+        raw.into_primitive().tensor(),
+        bias.into_primitive().tensor(),
+        lo,
+        hi,
+    ))
+}
+
+/// `x * a[head]` for `x [b, l, h, ..]` and `a [h]`, in `x`'s dtype.
+pub fn scale_heads<B: BambaBackend, const D: usize>(
+    x: Tensor<B, D>,
+    a: Tensor<B, 1>,
+) -> Tensor<B, D> {
+    if !B::bamba_fused() {
+        return reference::scale_heads(x, a);
+    }
+    float(B::bamba_scale_heads(
+        x.into_primitive().tensor(),
+        a.into_primitive().tensor(),
+    ))
+}
+
+/// Per-row next-token loss `lse - logits[target] + z * lse^2` in f32, for
+/// `logits [rows, vocab]` and `targets [rows]`.
+pub fn cross_entropy_rows<B: BambaBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    z: f64,
+) -> Tensor<B, 1> {
+    if !B::bamba_fused() {
+        return reference::cross_entropy_rows(logits, targets, z);
+    }
+    float(B::bamba_cross_entropy(
+        logits.into_primitive().tensor(),
+        targets.into_primitive(),
+        z,
+    ))
+}
+
+/// Attention probabilities `softmax(scores * scale)` over keys `j <= i` for
+/// `scores [b, heads, l, l]`, computed in f32, in the scores' dtype.
+pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
+    if !B::bamba_fused() {
+        return reference::causal_softmax(scores, scale);
+    }
+    float(B::bamba_causal_softmax(scores.into_primitive().tensor(), scale))
+}
+
+/// The SSD decay matrix `exp(segsum(x))`: `[.., t] -> [.., t, t]`, entry
+/// `(i, j)` the decay `exp(x[j+1] + .. + x[i])` for `j <= i`, 0 above.
+pub fn segsum_exp<B: BambaBackend, const D: usize, const D2: usize>(
+    x: Tensor<B, D>,
+) -> Tensor<B, D2> {
+    if !B::bamba_fused() {
+        return reference::segsum(x).exp();
+    }
+    let cs = x.cast(burn::tensor::DType::F32).cumsum(D - 1);
+    float(B::bamba_segsum_exp(cs.into_primitive().tensor()))
+}

@@ -1,0 +1,145 @@
+//! The fused pieces written with burn's ops: what runs on backends without
+//! the kernels (CPU), and what the kernels are checked against
+//! (`bamba-train bench --kernels`).
+
+use burn::tensor::activation::{silu, softmax, softplus};
+use burn::tensor::{Bool, DType, Int, Tensor};
+
+use super::BambaBackend;
+
+/// `x * rsqrt(mean(x^2) + eps)` over the last dim.
+fn rms<B: BambaBackend>(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    let var = x.clone().powi_scalar(2).mean_dim(2);
+    x * (var + eps).sqrt().recip()
+}
+
+/// See [`super::rms_norm`]: computed in f32, cast back before the weight
+/// multiplies it (HF's order).
+pub fn rms_norm<B: BambaBackend>(
+    x: Tensor<B, 3>,
+    z: Option<Tensor<B, 3>>,
+    w: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let x = match z {
+        Some(z) => x * silu(z.cast(DType::F32)),
+        None => x,
+    };
+    rms(x, eps).cast(dtype) * w.unsqueeze::<3>()
+}
+
+/// See [`super::conv1d_silu`]. As `k` shifted multiply-adds on the
+/// `[b, l, c]` layout rather than a grouped convolution: the same math,
+/// elementwise both ways (burn 0.21's CUDA depthwise-conv backward took 2 s
+/// per layer at 4k tokens).
+pub fn conv1d_silu<B: BambaBackend>(
+    x: Tensor<B, 3>,
+    w: Tensor<B, 3>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 3> {
+    let [b, l, c] = x.dims();
+    let k = w.dims()[2];
+    let w = w.reshape([c, k]);
+    let pad = Tensor::<B, 3>::zeros([b, k - 1, c], &x.device()).cast(x.dtype());
+    let xp = Tensor::cat(vec![pad, x], 1);
+    let tap = |j: usize| xp.clone().narrow(1, j, l) * w.clone().narrow(1, j, 1).reshape([1, 1, c]);
+    let mut y = tap(0);
+    for j in 1..k {
+        y = y + tap(j);
+    }
+    let y = match bias {
+        Some(bias) => y + bias.reshape([1, 1, c]),
+        None => y,
+    };
+    silu(y)
+}
+
+/// See [`super::dt_softplus`].
+pub fn dt_softplus<B: BambaBackend>(
+    raw: Tensor<B, 3>,
+    bias: Tensor<B, 1>,
+    lo: f64,
+    hi: f64,
+) -> Tensor<B, 3> {
+    let h = bias.dims()[0];
+    let dt = softplus(raw + bias.reshape([1, 1, h]), 1.0);
+    // (0, inf) is HF's "no limit"; softplus is already > 0.
+    let dt = if lo > 0.0 || hi.is_finite() {
+        dt.clamp(lo, hi)
+    } else {
+        dt
+    };
+    dt.cast(DType::F32)
+}
+
+/// See [`super::scale_heads`].
+pub fn scale_heads<B: BambaBackend, const D: usize>(
+    x: Tensor<B, D>,
+    a: Tensor<B, 1>,
+) -> Tensor<B, D> {
+    let mut shape = [1; D];
+    shape[2] = a.dims()[0];
+    let dtype = x.dtype();
+    (x * a.reshape(shape)).cast(dtype)
+}
+
+/// Row-wise `log(sum(exp(x)))` of `[rows, v]`, shifted by the row max for range.
+pub fn logsumexp<B: BambaBackend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().max_dim(1).detach();
+    (x - max.clone()).exp().sum_dim(1).log() + max
+}
+
+/// See [`super::cross_entropy_rows`]: in f32 on an upcast copy of the logits.
+pub fn cross_entropy_rows<B: BambaBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    z: f64,
+) -> Tensor<B, 1> {
+    let [rows, _] = logits.dims();
+    let logits = logits.cast(DType::F32);
+    let lse = logsumexp(logits.clone());
+    let picked = logits.gather(1, targets.reshape([rows, 1]));
+    let loss = lse.clone() - picked;
+    let loss = if z > 0.0 {
+        loss + lse.powi_scalar(2) * z
+    } else {
+        loss
+    };
+    loss.reshape([rows])
+}
+
+/// See [`super::causal_softmax`] (HF's eager attention: scale in the
+/// scores' dtype, softmax in f32, cast back).
+pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
+    let [b, h, l, _] = scores.dims();
+    let dtype = scores.dtype();
+    let scores = scores * scale;
+    // burn's tril_mask is true above the diagonal: exactly the future keys.
+    let future = Tensor::<B, 2, Bool>::tril_mask([l, l], 0, &scores.device())
+        .unsqueeze::<4>()
+        .expand([b, h, l, l]);
+    // The mask is -inf, so rows never see the future.
+    softmax(scores.cast(DType::F32).mask_fill(future, f32::NEG_INFINITY), 3).cast(dtype)
+}
+
+/// `out[.., i, j] = x[j+1] + .. + x[i]` for `j <= i`, `-inf` above the
+/// diagonal: the log-decay from step `j` to step `i`. As a difference of one
+/// cumulative sum (one pass over `[.., t, t]`) rather than HF's cumsum of the
+/// masked `[.., t, t]` expansion, which costs `t` passes on the GPU; in f32 the
+/// difference stays within the parity tolerances (tests/parity.rs).
+pub fn segsum<B: BambaBackend, const D: usize, const D2: usize>(x: Tensor<B, D>) -> Tensor<B, D2> {
+    let mut shape = [0; D2];
+    shape[..D].copy_from_slice(&x.dims());
+    let t = shape[D - 1];
+    shape[D] = t;
+    let device = x.device();
+    let upper = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
+        .unsqueeze::<D2>()
+        .expand(shape);
+    let cs = x.cumsum(D - 1);
+    let to = cs.clone().unsqueeze_dim::<D2>(D); // [.., i, 1]
+    let from = cs.unsqueeze_dim::<D2>(D - 1); // [.., 1, j]
+    (to - from).mask_fill(upper, f32::NEG_INFINITY)
+}
