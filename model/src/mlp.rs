@@ -1,9 +1,8 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use crate::ops::BambaBackend;
+use crate::ops::{BambaBackend, swiglu};
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 
 use crate::config::BambaConfig;
 use crate::error::ModelError;
@@ -28,7 +27,7 @@ impl<B: BambaBackend> BambaMlp<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(gate)
     }
 }

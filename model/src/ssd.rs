@@ -6,7 +6,7 @@
 //! `y_t = C_t h_t`. Inside a chunk of Q steps it is a masked (causal) matrix
 //! product; chunk-final states carry across chunks by the same decay.
 
-use crate::ops::{BambaBackend, matmul, scale_heads, segsum_exp};
+use crate::ops::{BambaBackend, matmul, matmul_tf32, scale_heads, segsum_exp};
 use burn::tensor::{DType, Tensor};
 
 /// `y` of the SSM (without the `D x` skip), computed in f32.
@@ -30,6 +30,9 @@ pub fn ssd_chunked<B: BambaBackend>(
     let [_, _, g, n] = bm.dims();
     let hg = h / g;
     let dtype = x.dtype();
+    // bf16 training multiplies in TF32 (mamba_ssm's kernels use bf16 here);
+    // f32 keeps full precision for HF parity.
+    let fast = dtype != DType::F32;
     let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
     let (x, bm, cm) = (f32(x), f32(bm), f32(cm));
     let (dt, a) = (dt.cast(DType::F32), a.cast(DType::F32));
@@ -75,17 +78,17 @@ pub fn ssd_chunked<B: BambaBackend>(
     // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix; C B^T
     //    once per group, broadcast over the group's heads.
     let decay = segsum_exp::<B, 4, 5>(adt); // [b, h, nc, q, q]
-    let scores = matmul(cm.clone(), bm.clone().swap_dims(3, 4)) // [b, nc, g, q, q]
+    let scores = mm(cm.clone(), bm.clone().swap_dims(3, 4), fast) // [b, nc, g, q, q]
         .permute([0, 2, 1, 3, 4])
         .unsqueeze_dim::<6>(2); // [b, g, 1, nc, q, q]
     let masked = (decay.reshape([b, g, hg, nc, q, q]) * scores).reshape([b, h, nc, q, q]);
-    let y_diag = matmul(masked, x.clone()); // [b, h, nc, q, p]
+    let y_diag = mm(masked, x.clone(), fast); // [b, h, nc, q, p]
 
     // 2. The state each chunk leaves behind, from its own inputs only.
     let a_last = a_cumsum.clone().narrow(3, q - 1, 1); // [b, h, nc, 1]
     let decay_to_end = (a_last.clone() - a_cumsum.clone()).exp();
     let x_end = to_groups(x * decay_to_end.unsqueeze_dim::<5>(4), q);
-    let states = to_heads(matmul(bm.swap_dims(3, 4), x_end), n); // [b, h, nc, n, p]
+    let states = to_heads(mm(bm.swap_dims(3, 4), x_end, fast), n); // [b, h, nc, n, p]
 
     // 3. Carry states across chunks: the state entering chunk c.
     let device = states.device();
@@ -104,11 +107,11 @@ pub fn ssd_chunked<B: BambaBackend>(
         2,
     );
     let chunk_decay = segsum_exp::<B, 3, 4>(chunk_a); // [b, h, nc+1, nc+1]
-    let carried = matmul(chunk_decay, states);
+    let carried = mm(chunk_decay, states, fast);
     let entering = carried.narrow(2, 0, nc).reshape([b, h, nc, n, p]);
 
     // 4. What the entering state contributes to each step of the chunk.
-    let y_off = to_heads(matmul(cm, to_groups(entering, n)), q)
+    let y_off = to_heads(mm(cm, to_groups(entering, n), fast), q)
         * a_cumsum.exp().unsqueeze_dim::<5>(4);
 
     (y_diag + y_off)
@@ -116,6 +119,11 @@ pub fn ssd_chunked<B: BambaBackend>(
         .reshape([b, nc * q, h, p])
         .narrow(1, 0, l)
         .cast(dtype)
+}
+
+/// `a @ b`, as TF32 when `fast`.
+fn mm<B: BambaBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, fast: bool) -> Tensor<B, D> {
+    if fast { matmul_tf32(a, b) } else { matmul(a, b) }
 }
 
 /// Zero-pads dim 1 (the sequence) by `pad` steps.

@@ -347,6 +347,15 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
     };
     use burn::tensor::ElementConversion;
     for dtype in [DType::F32, DType::BF16] {
+        for (r, c) in [(37, 19), (4096, 5632)] {
+            check(
+                &format!("swiglu_{r}x{c}"),
+                dtype,
+                &[vec![r, c], vec![r, c]],
+                Box::new(move |x| ops::swiglu(x[0].clone().reshape([1, r, c]), x[1].clone().reshape([1, r, c])).reshape([r * c])),
+                Box::new(move |x| reference::swiglu(x[0].clone().reshape([1, r, c]), x[1].clone().reshape([1, r, c])).reshape([r * c])),
+            );
+        }
         for (m, t) in [(30, 37), (1024, 256), (64, 17)] {
             check(
                 &format!("segsum_exp_{m}x{t}"),

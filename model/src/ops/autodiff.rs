@@ -13,9 +13,12 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 
 use super::BambaBackend;
 
-/// `C = A B`: `dA = dC B^T`, `dB = A^T dC`, both through the inner hook.
+/// `C = A B`: `dA = dC B^T`, `dB = A^T dC`, both through the inner hook
+/// (the TF32 one when the forward was TF32).
 #[derive(Debug)]
-struct Matmul;
+struct Matmul {
+    tf32: bool,
+}
 
 impl<B: BambaBackend> Backward<B, 2> for Matmul {
     type State = (Option<NodeId>, Option<NodeId>);
@@ -24,12 +27,17 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
         let (lhs, rhs) = ops.state;
         let lhs: Option<FloatTensor<B>> = lhs.map(|id| ckpt.retrieve_node_output(id));
         let rhs: Option<FloatTensor<B>> = rhs.map(|id| ckpt.retrieve_node_output(id));
+        let mm = if self.tf32 {
+            B::bamba_matmul_tf32
+        } else {
+            B::bamba_matmul
+        };
         binary::<B, _, _>(
             ops.parents,
             ops.node,
             grads,
-            |grad| B::bamba_matmul(grad, B::float_transpose(rhs.expect("rhs saved"))),
-            |grad| B::bamba_matmul(B::float_transpose(lhs.expect("lhs saved")), grad),
+            |grad| mm(grad, B::float_transpose(rhs.expect("rhs saved"))),
+            |grad| mm(B::float_transpose(lhs.expect("lhs saved")), grad),
         );
     }
 }
@@ -187,6 +195,27 @@ impl<B: BambaBackend> Backward<B, 1> for SegsumExp {
     }
 }
 
+/// Fused SwiGLU; parents: gate, up.
+#[derive(Debug)]
+struct Swiglu;
+
+impl<B: BambaBackend> Backward<B, 2> for Swiglu {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (g, u) = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        let (dg, du) = B::bamba_swiglu_bwd(dy, g, u);
+        let [pg, pu] = ops.parents;
+        if let Some(n) = pg {
+            grads.register::<B>(n.id, dg);
+        }
+        if let Some(n) = pu {
+            grads.register::<B>(n.id, du);
+        }
+    }
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_fused() -> bool {
         B::bamba_fused()
@@ -293,6 +322,21 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         }
     }
 
+    fn bamba_swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = Swiglu
+            .prepare::<C>([g.node.clone(), u.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (gp, up) = (g.primitive, u.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_swiglu_fwd(gp.clone(), up.clone());
+                prep.finish((gp, up), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_swiglu(gp, up)),
+        }
+    }
+
     fn bamba_rms_norm(
         x: FloatTensor<Self>,
         z: Option<FloatTensor<Self>>,
@@ -316,14 +360,33 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     }
 
     fn bamba_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        tracked_matmul::<B, C>(lhs, rhs, false)
+    }
+
+    fn bamba_matmul_tf32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        tracked_matmul::<B, C>(lhs, rhs, true)
+    }
+}
+
+fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
+    lhs: FloatTensor<Autodiff<B, C>>,
+    rhs: FloatTensor<Autodiff<B, C>>,
+    tf32: bool,
+) -> FloatTensor<Autodiff<B, C>> {
+    let mm = if tf32 {
+        B::bamba_matmul_tf32
+    } else {
+        B::bamba_matmul
+    };
+    {
         let (ls, rs) = (lhs.shape(), rhs.shape());
         let batch = |s: &burn::tensor::Shape| s[..s.len() - 2].to_vec();
         if batch(&ls) != batch(&rs) {
             // Broadcast batch dims: burn's op sums the gradient over them.
-            return Self::float_matmul(lhs, rhs);
+            return Autodiff::<B, C>::float_matmul(lhs, rhs);
         }
         let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match Matmul
+        match (Matmul { tf32 })
             .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
             .compute_bound()
             .stateful()
@@ -332,10 +395,10 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 // Each gradient needs only the *other* operand.
                 let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
                 let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
-                let out = B::bamba_matmul(lhs.primitive, rhs.primitive);
+                let out = mm(lhs.primitive, rhs.primitive);
                 prep.finish((lhs_state, rhs_state), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_matmul(lhs.primitive, rhs.primitive)),
+            OpsKind::UnTracked(prep) => prep.finish(mm(lhs.primitive, rhs.primitive)),
         }
     }
 }

@@ -35,7 +35,15 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
             // Broadcast batch dims: rare in the model; burn's kernel handles them.
             return Self::float_matmul(lhs, rhs);
         }
-        gemm(lhs, rhs)
+        gemm(lhs, rhs, false)
+    }
+
+    fn bamba_matmul_tf32(lhs: T, rhs: T) -> T {
+        let (ls, rs) = (lhs.meta.shape(), rhs.meta.shape());
+        if ls[..ls.len() - 2] != rs[..rs.len() - 2] {
+            return Self::float_matmul(lhs, rhs);
+        }
+        gemm(lhs, rhs, true)
     }
 
     fn bamba_fused() -> bool {
@@ -100,6 +108,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
 
     fn bamba_segsum_exp_bwd(dl: T, cs: T) -> T {
         super::fused::segsum_exp_bwd(dl, cs)
+    }
+
+    fn bamba_swiglu_fwd(g: T, u: T) -> T {
+        super::fused::swiglu_fwd(g, u)
+    }
+
+    fn bamba_swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
+        super::fused::swiglu_bwd(dy, g, u)
     }
 
     fn bamba_adamw(s: super::AdamWState<Self>, h: &super::AdamWHyper) -> Option<[T; 3]> {
@@ -213,8 +229,8 @@ fn with_handle<R>(device: usize, f: impl FnOnce(cb::cublasHandle_t) -> R) -> R {
     })
 }
 
-/// `lhs [.., m, k] @ rhs [.., k, n]` with equal batch dims.
-pub fn gemm(lhs: T, rhs: T) -> T {
+/// `lhs [.., m, k] @ rhs [.., k, n]` with equal batch dims; f32 as TF32 when `tf32`.
+pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
     let (ls, rs) = (lhs.meta.shape().to_vec(), rhs.meta.shape().to_vec());
     let d = ls.len();
     assert_eq!(d, rs.len(), "matmul operands of different ranks");
@@ -295,8 +311,13 @@ pub fn gemm(lhs: T, rhs: T) -> T {
             n as i32,
             (m * n) as i64,
             batch as i32,
-            // f32 stays full precision (no TF32): HF parity. bf16/f16 accumulate in f32.
-            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            // f32 stays full precision (no TF32) unless asked: HF parity.
+            // bf16/f16 accumulate in f32.
+            if tf32 && dtype == DType::F32 {
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            },
             cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         );
         status.result().unwrap_or_else(|e| {

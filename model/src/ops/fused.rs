@@ -232,6 +232,15 @@ __device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, cons
     }
 }
 
+// out[c] = sum over rows of part[r, c] (part [rows, d] f32), one thread per column.
+extern "C" __global__ void colsum(const float* part, float* out, int rows, int d) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float s = 0.0f;
+    for (int r = 0; r < rows; ++r) s += part[(long long)r * d + c];
+    out[c] = s;
+}
+
 #define NORM_KERNELS(SUF, T, W)                                                              \
 extern "C" __global__ void norm_fwd_##SUF(const T* x, const T* z, const W* w, T* out,        \
                                           float* rstd, long long rows, int d, float eps) {    \
@@ -316,8 +325,11 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
     let z = z.map(into_contiguous);
     let dx = empty(&x, shape.clone(), dtype);
     let dz = z.as_ref().map(|_| empty(&x, shape, dtype));
-    let grid = norm_grid(rows);
+    // Fewer blocks than the forward: each writes a row of weight-gradient partials.
+    let grid = (rows.clamp(1, 132 * 4) as u32, 1, 1);
     let dw_part = empty(&x, vec![grid.0 as usize, d], DType::F32);
+    // Every column is written by `colsum` (zeros when there are no rows).
+    let dw = if rows > 0 { empty(&x, vec![d], DType::F32) } else { zeros_f32(&x, vec![d]) };
     if rows > 0 && d > 0 {
         let device = x.device.index;
         let f = nvrtc::function(device, "norm", &norm_src(), &format!("norm_bwd_{}", suffix(dtype)));
@@ -331,9 +343,16 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
             kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, part_p, rows64, d32);
         // SAFETY: as in the forward; `dw_part` is `[grid, d]`.
         unsafe { launch(device, f, grid, (NORM_THREADS, 1, 1), 0, stream, &mut params) };
+        let f_sum = nvrtc::function(device, "norm", &norm_src(), "colsum");
+        let mut dw_p = ptr(&dw).0;
+        let mut parts = grid.0 as i32;
+        let mut p2 = kernel_args!(part_p, dw_p, parts, d32);
+        // SAFETY: `dw_part` `[parts, d]` in, `dw` `[d]` out.
+        unsafe {
+            launch(device, f_sum, (d.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, stream, &mut p2)
+        };
     }
-    drop((dout, x, z, w, rstd));
-    let dw = Cb::float_reshape(Cb::float_sum_dim(dw_part, 0), [d].into());
+    drop((dout, x, z, w, rstd, dw_part));
     (dx, dz, dw)
 }
 
@@ -1139,4 +1158,94 @@ pub fn segsum_exp_bwd(dl: T, cs: T) -> T {
     }
     drop((dl, cs));
     dcs
+}
+
+/// SwiGLU's gate, `silu(g) * u`, rounded as torch's `act(gate) * up`;
+/// backward in f32 from `g` and `u`.
+const SWIGLU: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, float) { return v; }
+__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+#define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+template <typename T>
+__device__ void swiglu_fwd(const T* g, const T* u, T* y, long long n) {
+    GRID_STRIDE(i, n) {
+        const float gv = ld(g, i);
+        st(y, i, rnd(gv / (1.0f + __expf(-gv)), T()) * ld(u, i));
+    }
+}
+
+template <typename T>
+__device__ void swiglu_bwd(const T* dy, const T* g, const T* u, T* dg, T* du, long long n) {
+    GRID_STRIDE(i, n) {
+        const float gv = ld(g, i), d = ld(dy, i);
+        const float sg = 1.0f / (1.0f + __expf(-gv));
+        st(du, i, d * gv * sg);
+        st(dg, i, d * ld(u, i) * sg * (1.0f + gv * (1.0f - sg)));
+    }
+}
+
+#define SWIGLU_KERNELS(SUF, T)                                                               \
+extern "C" __global__ void swiglu_fwd_##SUF(const T* g, const T* u, T* y, long long n) {    \
+    swiglu_fwd<T>(g, u, y, n);                                                               \
+}                                                                                            \
+extern "C" __global__ void swiglu_bwd_##SUF(const T* dy, const T* g, const T* u, T* dg,     \
+                                            T* du, long long n) {                            \
+    swiglu_bwd<T>(dy, g, u, dg, du, n);                                                      \
+}
+SWIGLU_KERNELS(f32, float)
+SWIGLU_KERNELS(bf16, bf16_t)
+"#;
+
+fn swiglu_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, SWIGLU)
+}
+
+/// `silu(g) * u`, `g` and `u` of one shape and dtype.
+pub fn swiglu_fwd(g: T, u: T) -> T {
+    let dtype = g.dtype;
+    let (g, u) = (into_contiguous(g), same_dtype(u, dtype));
+    let shape = g.meta.shape().to_vec();
+    let n: usize = shape.iter().product();
+    assert_eq!(u.meta.shape().num_elements(), n, "fused SwiGLU: gate and up differ in size");
+    let y = empty(&g, shape, dtype);
+    if n == 0 {
+        return y;
+    }
+    let device = g.device.index;
+    let f = nvrtc::function(device, "swiglu", &swiglu_src(), &format!("swiglu_fwd_{}", suffix(dtype)));
+    let (mut y_p, stream) = ptr(&y);
+    let (mut g_p, mut u_p) = (ptr(&g).0, ptr(&u).0);
+    let mut n64 = n as i64;
+    let mut params = kernel_args!(g_p, u_p, y_p, n64);
+    // SAFETY: the kernel's signature; three buffers of `n`.
+    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    drop((g, u));
+    y
+}
+
+/// `(dg, du)`.
+pub fn swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
+    let dtype = g.dtype;
+    let (g, u, dy) = (into_contiguous(g), same_dtype(u, dtype), same_dtype(dy, dtype));
+    let shape = g.meta.shape().to_vec();
+    let n: usize = shape.iter().product();
+    let (dg, du) = (empty(&g, shape.clone(), dtype), empty(&g, shape, dtype));
+    if n > 0 {
+        let device = g.device.index;
+        let f = nvrtc::function(device, "swiglu", &swiglu_src(), &format!("swiglu_bwd_{}", suffix(dtype)));
+        let (mut dg_p, stream) = ptr(&dg);
+        let (mut dy_p, mut g_p, mut u_p, mut du_p) = (ptr(&dy).0, ptr(&g).0, ptr(&u).0, ptr(&du).0);
+        let mut n64 = n as i64;
+        let mut params = kernel_args!(dy_p, g_p, u_p, dg_p, du_p, n64);
+        // SAFETY: as in the forward; five buffers of `n`.
+        unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    }
+    drop((dy, g, u));
+    (dg, du)
 }

@@ -24,7 +24,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 
 pub use pieces::{
     causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
-    segsum_exp,
+    segsum_exp, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -32,6 +32,13 @@ pub trait BambaBackend: Backend {
     /// `lhs [.., m, k] @ rhs [.., k, n]`, batch dims equal or broadcast as in burn.
     fn bamba_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
+    }
+
+    /// [`BambaBackend::bamba_matmul`] where f32 may run as TF32 (10-bit
+    /// mantissa products, f32 accumulation): the SSD scan's products in bf16
+    /// training, as mamba_ssm's kernels compute them in bf16.
+    fn bamba_matmul_tf32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_matmul(lhs, rhs)
     }
 
     /// Whether the backend has the fused kernels below (`bamba_rms_norm*`);
@@ -215,6 +222,25 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused segsum (bamba_fused() is false)")
     }
 
+    /// SwiGLU's `silu(g) * u`, in `g`'s dtype. Only called when
+    /// [`BambaBackend::bamba_fused`].
+    fn bamba_swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_swiglu_fwd(g, u)
+    }
+
+    fn bamba_swiglu_fwd(_g: FloatTensor<Self>, _u: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused SwiGLU (bamba_fused() is false)")
+    }
+
+    /// `(dg, du)`.
+    fn bamba_swiglu_bwd(
+        _dy: FloatTensor<Self>,
+        _g: FloatTensor<Self>,
+        _u: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused SwiGLU (bamba_fused() is false)")
+    }
+
     /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).
     fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
@@ -281,6 +307,16 @@ pub fn matmul<B: BambaBackend, const D: usize>(
         (lhs, rhs)
     };
     let out = B::bamba_matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`matmul`] in f32 that may run as TF32 (see [`BambaBackend::bamba_matmul_tf32`]).
+pub fn matmul_tf32<B: BambaBackend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let (lhs, rhs) = (lhs.cast(DType::F32), rhs.cast(DType::F32));
+    let out = B::bamba_matmul_tf32(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 

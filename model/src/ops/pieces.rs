@@ -114,3 +114,11 @@ pub fn segsum_exp<B: BambaBackend, const D: usize, const D2: usize>(
     let cs = x.cast(burn::tensor::DType::F32).cumsum(D - 1);
     float(B::bamba_segsum_exp(cs.into_primitive().tensor()))
 }
+
+/// SwiGLU's gate `silu(g) * u` (the MLP's `act(gate_proj(x)) * up_proj(x)`).
+pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
+    if !(B::bamba_fused() && g.dtype() == u.dtype()) {
+        return reference::swiglu(g, u);
+    }
+    float(B::bamba_swiglu(g.into_primitive().tensor(), u.into_primitive().tensor()))
+}

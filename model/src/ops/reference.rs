@@ -143,3 +143,8 @@ pub fn segsum<B: BambaBackend, const D: usize, const D2: usize>(x: Tensor<B, D>)
     let from = cs.unsqueeze_dim::<D2>(D - 1); // [.., 1, j]
     (to - from).mask_fill(upper, f32::NEG_INFINITY)
 }
+
+/// See [`super::swiglu`].
+pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
+    silu(g) * u
+}
