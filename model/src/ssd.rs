@@ -6,7 +6,7 @@
 //! `y_t = C_t h_t`. Inside a chunk of Q steps it is a masked (causal) matrix
 //! product; chunk-final states carry across chunks by the same decay.
 
-use crate::ops::{BambaBackend, matmul, matmul_tf32, scale_heads, segsum_exp};
+use crate::ops::{BambaBackend, masked_decay, matmul, matmul_tf32, scale_heads, segsum_exp};
 use burn::tensor::{DType, Tensor};
 
 /// `y` of the SSM (without the `D x` skip), computed in f32.
@@ -73,15 +73,12 @@ pub fn ssd_chunked<B: BambaBackend>(
             .reshape([b, h, nc, r, p])
     };
 
-    let a_cumsum = adt.clone().cumsum(3); // [b, h, nc, q]
+    let a_cumsum = adt.cumsum(3); // [b, h, nc, q]
 
     // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix; C B^T
     //    once per group, broadcast over the group's heads.
-    let decay = segsum_exp::<B, 4, 5>(adt); // [b, h, nc, q, q]
-    let scores = mm(cm.clone(), bm.clone().swap_dims(3, 4), fast) // [b, nc, g, q, q]
-        .permute([0, 2, 1, 3, 4])
-        .unsqueeze_dim::<6>(2); // [b, g, 1, nc, q, q]
-    let masked = (decay.reshape([b, g, hg, nc, q, q]) * scores).reshape([b, h, nc, q, q]);
+    let scores = mm(cm.clone(), bm.clone().swap_dims(3, 4), fast); // [b, nc, g, q, q]
+    let masked = masked_decay(a_cumsum.clone(), scores); // [b, h, nc, q, q]
     let y_diag = mm(masked, x.clone(), fast); // [b, h, nc, q, p]
 
     // 2. The state each chunk leaves behind, from its own inputs only.

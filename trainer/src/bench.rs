@@ -296,8 +296,8 @@ pub fn collectives<B: burn::tensor::backend::Backend>(
 /// reference (`bamba_model::ops::reference`) on random inputs, forward and
 /// the gradient of each input, as JSON lines (`max_abs`, `rel` = max abs
 /// difference over the reference's max abs). On backends without fused
-/// kernels both sides are the reference.
-pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
+/// kernels both sides are the reference. `large` adds the 1B model's shapes.
+pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Result<bool> {
     use bamba_model::ops::{self, reference};
     use burn::tensor::{DType, Distribution, Tensor};
 
@@ -347,7 +347,7 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
     };
     use burn::tensor::ElementConversion;
     for dtype in [DType::F32, DType::BF16] {
-        for (r, c) in [(37, 19), (4096, 5632)] {
+        for (r, c) in [(37, 19), (4096, 5632)].into_iter().filter(|s| large || s.0 < 1000) {
             check(
                 &format!("swiglu_{r}x{c}"),
                 dtype,
@@ -356,7 +356,18 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
                 Box::new(move |x| reference::swiglu(x[0].clone().reshape([1, r, c]), x[1].clone().reshape([1, r, c])).reshape([r * c])),
             );
         }
-        for (m, t) in [(30, 37), (1024, 256), (64, 17)] {
+        for (b, h, nc, q, g) in [(2, 4, 3, 37, 2), (1, 64, 16, 256, 1)].into_iter().filter(|s| large || s.1 < 64) {
+            let cs = move |x: &Inputs<B>| (-x[0].clone().reshape([b, h, nc, q]).abs() * 0.1).cumsum(3);
+            let sc = move |x: &Inputs<B>| x[1].clone().reshape([b, nc, g, q, q]);
+            check(
+                &format!("masked_decay_{b}x{h}x{nc}x{q}_g{g}"),
+                DType::F32,
+                &[vec![b, h, nc, q], vec![b, nc, g, q, q]],
+                Box::new(move |x| ops::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])),
+                Box::new(move |x| reference::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])),
+            );
+        }
+        for (m, t) in [(30, 37), (1024, 256), (64, 17)].into_iter().filter(|s| large || s.0 < 1000) {
             check(
                 &format!("segsum_exp_{m}x{t}"),
                 DType::F32,
@@ -366,7 +377,7 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
                 Box::new(move |x| reference::segsum::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1).exp().reshape([m * t * t])),
             );
         }
-        for (b, h, l) in [(2, 3, 37), (1, 16, 4096)] {
+        for (b, h, l) in [(2, 3, 37), (1, 16, 4096)].into_iter().filter(|s| large || s.2 < 1000) {
             check(
                 &format!("causal_softmax_{b}x{h}x{l}"),
                 dtype,
@@ -375,7 +386,7 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
                 Box::new(move |x| reference::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125).reshape([b * h * l * l])),
             );
         }
-        for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)] {
+        for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)].into_iter().filter(|s| large || s.0 < 1000) {
             let t = Tensor::<B, 1, burn::tensor::Int>::random(
                 [rows],
                 Distribution::Uniform(0.0, v as f64),
@@ -390,7 +401,10 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device) -> Result<bool> {
                 Box::new(move |x| reference::cross_entropy_rows(x[0].clone().reshape([rows, v]), t2.clone(), z)),
             );
         }
-        for (b, l, h, p, gated) in [(2, 37, 4, 8, true), (1, 4096, 64, 64, true), (2, 50, 3, 5, false)] {
+        for (b, l, h, p, gated) in [(2, 37, 4, 8, true), (1, 4096, 64, 64, true), (2, 50, 3, 5, false)]
+            .into_iter()
+            .filter(|s| large || s.1 < 1000)
+        {
             let d = h * p;
             check(
                 &format!("rms_norm{}_{b}x{l}x{d}", if gated { "_gated" } else { "" }),

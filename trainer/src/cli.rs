@@ -169,7 +169,8 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         return Ok(0);
     }
     if bench.kernels {
-        let ok = on_backend!(cfg, |B, _rt, dev| crate::bench::kernels::<B>(&dev)?);
+        let large = cfg.training.device == crate::config::Device::Cuda;
+        let ok = on_backend!(cfg, |B, _rt, dev| crate::bench::kernels::<B>(&dev, large)?);
         return Ok(if ok { 0 } else { 1 });
     }
     if bench.ops {

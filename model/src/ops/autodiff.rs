@@ -216,6 +216,27 @@ impl<B: BambaBackend> Backward<B, 2> for Swiglu {
     }
 }
 
+/// Fused SSD masked matrix; parents: cumulative log-decays, group scores.
+#[derive(Debug)]
+struct MaskedDecay;
+
+impl<B: BambaBackend> Backward<B, 2> for MaskedDecay {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cs, scores) = ops.state;
+        let dm = grads.consume::<B>(&ops.node);
+        let (dcs, ds) = B::bamba_masked_decay_bwd(dm, cs, scores);
+        let [pc, ps] = ops.parents;
+        if let Some(n) = pc {
+            grads.register::<B>(n.id, dcs);
+        }
+        if let Some(n) = ps {
+            grads.register::<B>(n.id, ds);
+        }
+    }
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_fused() -> bool {
         B::bamba_fused()
@@ -334,6 +355,21 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((gp, up), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_swiglu(gp, up)),
+        }
+    }
+
+    fn bamba_masked_decay(cs: FloatTensor<Self>, scores: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = MaskedDecay
+            .prepare::<C>([cs.node.clone(), scores.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (cp, sp) = (cs.primitive, scores.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_masked_decay_fwd(cp.clone(), sp.clone());
+                prep.finish((cp, sp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_masked_decay(cp, sp)),
         }
     }
 

@@ -118,6 +118,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::swiglu_bwd(dy, g, u)
     }
 
+    fn bamba_masked_decay_fwd(cs: T, scores: T) -> T {
+        super::fused::masked_decay_fwd(cs, scores)
+    }
+
+    fn bamba_masked_decay_bwd(dm: T, cs: T, scores: T) -> (T, T) {
+        super::fused::masked_decay_bwd(dm, cs, scores)
+    }
+
     fn bamba_adamw(s: super::AdamWState<Self>, h: &super::AdamWHyper) -> Option<[T; 3]> {
         Some(super::fused::adamw(
             s.param,

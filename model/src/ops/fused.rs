@@ -187,28 +187,19 @@ __device__ void norm_fwd(const T* x, const T* z, const W* w, T* out, float* rstd
     }
 }
 
-// dw_part: [gridDim.x, d] f32, this block's share of sum over rows of dout * n.
+// dx (and dz) of a row: one block per row, as the forward.
 template <typename T, typename W>
 __device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, const float* rstd,
-                         T* dx, T* dz, float* dw_part, long long rows, int d) {
+                         T* dx, T* dz, long long rows, int d) {
     __shared__ float shared[32];
-    constexpr int MAXC = 32;  // columns per thread: d <= MAXC * blockDim.x
-    float dw[MAXC];
-    for (int k = 0; k < MAXC; ++k) dw[k] = 0.0f;
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long o = r * d;
         const float rs = rstd[r];
         float dot = 0.0f;  // sum(dn * g)
-#pragma unroll
-        for (int k = 0; k < MAXC; ++k) {
-            const int c = threadIdx.x + k * blockDim.x;
-            if (c < d) {
-                float g = ld(x + o, c);
-                if (z) { float zv = ld(z + o, c); g *= zv * sigmoidf(zv); }
-                const float dy = ld(dout + o, c);
-                dw[k] += dy * rnd(g * rs, T());
-                dot += dy * ld(w, c) * g;
-            }
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float g = ld(x + o, c);
+            if (z) { float zv = ld(z + o, c); g *= zv * sigmoidf(zv); }
+            dot += ld(dout + o, c) * ld(w, c) * g;
         }
         const float m = block_sum(dot, shared) * rs * rs / d;
         for (int c = threadIdx.x; c < d; c += blockDim.x) {
@@ -225,11 +216,25 @@ __device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, cons
             }
         }
     }
-#pragma unroll
-    for (int k = 0; k < MAXC; ++k) {
-        const int c = threadIdx.x + k * blockDim.x;
-        if (c < d) dw_part[(long long)blockIdx.x * d + c] = dw[k];
+}
+
+// Weight-gradient partials: grid (ceil(d / blockDim.x), chunks); block y sums
+// rows [y * per, (y + 1) * per) of dout * n for its columns into dw_part[y, c].
+template <typename T>
+__device__ void norm_dw(const T* dout, const T* x, const T* z, const float* rstd,
+                        float* dw_part, long long rows, int d, int per) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    const long long r0 = (long long)blockIdx.y * per;
+    const long long r1 = min(r0 + per, rows);
+    float acc = 0.0f;
+    for (long long r = r0; r < r1; ++r) {
+        const long long o = r * d;
+        float g = ld(x + o, c);
+        if (z) { float zv = ld(z + o, c); g *= zv * sigmoidf(zv); }
+        acc += ld(dout + o, c) * rnd(g * rstd[r], T());
     }
+    dw_part[(long long)blockIdx.y * d + c] = acc;
 }
 
 // out[c] = sum over rows of part[r, c] (part [rows, d] f32), one thread per column.
@@ -247,17 +252,22 @@ extern "C" __global__ void norm_fwd_##SUF(const T* x, const T* z, const W* w, T*
     norm_fwd<T, W>(x, z, w, out, rstd, rows, d, eps);                                         \
 }                                                                                             \
 extern "C" __global__ void norm_bwd_##SUF(const T* dout, const T* x, const T* z, const W* w,  \
-                                          const float* rstd, T* dx, T* dz, float* dw_part,    \
-                                          long long rows, int d) {                            \
-    norm_bwd<T, W>(dout, x, z, w, rstd, dx, dz, dw_part, rows, d);                            \
+                                          const float* rstd, T* dx, T* dz, long long rows,    \
+                                          int d) {                                            \
+    norm_bwd<T, W>(dout, x, z, w, rstd, dx, dz, rows, d);                                     \
+}                                                                                             \
+extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z,               \
+                                         const float* rstd, float* dw_part, long long rows,   \
+                                         int d, int per) {                                    \
+    norm_dw<T>(dout, x, z, rstd, dw_part, rows, d, per);                                      \
 }
 NORM_KERNELS(f32, float, float)
 NORM_KERNELS(bf16, bf16_t, bf16_t)
 "#;
 
 const NORM_THREADS: u32 = 256;
-/// Columns per thread the backward kernel holds (`MAXC`).
-const NORM_MAX_COLS: usize = 32 * NORM_THREADS as usize;
+/// Rows summed per weight-gradient partial.
+const NORM_DW_ROWS: usize = 64;
 
 fn norm_src() -> String {
     format!("{}{}", nvrtc::PRELUDE, NORM)
@@ -284,7 +294,6 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
     let shape = x.meta.shape().to_vec();
     let d = *shape.last().expect("a norm over the last dim");
     let rows = shape.iter().product::<usize>() / d.max(1);
-    assert!(d <= NORM_MAX_COLS, "fused RMSNorm: width {d} over {NORM_MAX_COLS}");
     let dtype = x.dtype;
     assert!(z.as_ref().is_none_or(|z| z.dtype == dtype) && w.dtype == dtype, "fused RMSNorm: mixed dtypes");
     let (x, w) = (into_contiguous(x), into_contiguous(w));
@@ -325,32 +334,36 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
     let z = z.map(into_contiguous);
     let dx = empty(&x, shape.clone(), dtype);
     let dz = z.as_ref().map(|_| empty(&x, shape, dtype));
-    // Fewer blocks than the forward: each writes a row of weight-gradient partials.
-    let grid = (rows.clamp(1, 132 * 4) as u32, 1, 1);
-    let dw_part = empty(&x, vec![grid.0 as usize, d], DType::F32);
+    // Weight gradient: row chunks of `NORM_DW_ROWS`, one partial row each, then summed.
+    let chunks = rows.div_ceil(NORM_DW_ROWS).max(1);
+    let dw_part = empty(&x, vec![chunks, d], DType::F32);
     // Every column is written by `colsum` (zeros when there are no rows).
     let dw = if rows > 0 { empty(&x, vec![d], DType::F32) } else { zeros_f32(&x, vec![d]) };
     if rows > 0 && d > 0 {
         let device = x.device.index;
-        let f = nvrtc::function(device, "norm", &norm_src(), &format!("norm_bwd_{}", suffix(dtype)));
+        let src = norm_src();
+        let sfx = suffix(dtype);
+        let f = nvrtc::function(device, "norm", &src, &format!("norm_bwd_{sfx}"));
+        let f_dw = nvrtc::function(device, "norm", &src, &format!("norm_dw_{sfx}"));
+        let f_sum = nvrtc::function(device, "norm", &src, "colsum");
         let (mut dx_p, stream) = ptr(&dx);
         let (mut dy_p, mut x_p, mut w_p, mut r_p) = (ptr(&dout).0, ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
         let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
         let mut dz_p = dz.as_ref().map_or(0, |t| ptr(t).0);
-        let mut part_p = ptr(&dw_part).0;
+        let (mut part_p, mut dw_p) = (ptr(&dw_part).0, ptr(&dw).0);
         let (mut rows64, mut d32) = (rows as i64, d as i32);
-        let mut params =
-            kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, part_p, rows64, d32);
-        // SAFETY: as in the forward; `dw_part` is `[grid, d]`.
-        unsafe { launch(device, f, grid, (NORM_THREADS, 1, 1), 0, stream, &mut params) };
-        let f_sum = nvrtc::function(device, "norm", &norm_src(), "colsum");
-        let mut dw_p = ptr(&dw).0;
-        let mut parts = grid.0 as i32;
-        let mut p2 = kernel_args!(part_p, dw_p, parts, d32);
-        // SAFETY: `dw_part` `[parts, d]` in, `dw` `[d]` out.
+        let (mut per, mut parts) = (NORM_DW_ROWS as i32, chunks as i32);
+        let mut p1 = kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, rows64, d32);
+        let mut p2 = kernel_args!(dy_p, x_p, z_p, r_p, part_p, rows64, d32, per);
+        let mut p3 = kernel_args!(part_p, dw_p, parts, d32);
+        let cols = d.div_ceil(256) as u32;
+        // SAFETY: the kernels' signatures; `[rows, d]` tensors, `dw_part`
+        // `[chunks, d]`, `dw` `[d]`.
         unsafe {
-            launch(device, f_sum, (d.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, stream, &mut p2)
-        };
+            launch(device, f, norm_grid(rows), (NORM_THREADS, 1, 1), 0, stream, &mut p1);
+            launch(device, f_dw, (cols, chunks as u32, 1), (256, 1, 1), 0, stream, &mut p2);
+            launch(device, f_sum, (cols, 1, 1), (256, 1, 1), 0, stream, &mut p3);
+        }
     }
     drop((dout, x, z, w, rstd, dw_part));
     (dx, dz, dw)
@@ -1248,4 +1261,159 @@ pub fn swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
     }
     drop((dy, g, u));
     (dg, du)
+}
+
+/// The SSD's masked intra-chunk matrix per head, `M = L o S`: the decay
+/// `L[i, j] = exp(cs_i - cs_j)` (`j <= i`, else 0) of head `h` times its
+/// group's `S = C B^T`, without materialising `L`. `cs [b, h, nc, q]`,
+/// `S [b, nc, g, q, q]`, `M [b, h, nc, q, q]`. Backward: `dS` sums `dM o L`
+/// over the group's heads (one block per row of `S`), `dcs` is the row sum
+/// minus the column sum of `dM o M` (one block per matrix).
+const MASKED: &str = r#"
+// grid (b * h * nc * q): one row (b, h, c, i) per block, columns across threads.
+extern "C" __global__ void masked_fwd(const float* cs, const float* s, float* out,
+                                      int h, int nc, int q, int g) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % q);
+    const long long m = row / q;          // (b, h, c)
+    const int c = (int)(m % nc);
+    const long long bh = m / nc;
+    const int hi = (int)(bh % h);
+    const long long bi = bh / h;
+    const int gi = hi / (h / g);
+    const float* cm = cs + m * q;
+    const float ci = cm[i];
+    const float* sr = s + (((bi * nc + c) * g + gi) * q + i) * (long long)q;
+    float* o = out + row * q;
+    for (int j = threadIdx.x; j < q; j += blockDim.x) o[j] = j <= i ? __expf(ci - cm[j]) * sr[j] : 0.0f;
+}
+
+// grid (b * nc * g * q): dS row (b, c, g, i) = sum over the group's heads of dM o L.
+extern "C" __global__ void masked_bwd_ds(const float* dm, const float* cs, float* ds,
+                                         int h, int nc, int q, int g) {
+    const long long row = blockIdx.x;
+    const int i = (int)(row % q);
+    const long long bcg = row / q;
+    const int gi = (int)(bcg % g);
+    const long long bc = bcg / g;
+    const int c = (int)(bc % nc);
+    const long long bi = bc / nc;
+    const int hg = h / g;
+    for (int j = threadIdx.x; j < q; j += blockDim.x) {
+        float acc = 0.0f;
+        if (j <= i) {
+            for (int k = 0; k < hg; ++k) {
+                const long long m = (bi * h + gi * hg + k) * nc + c;  // (b, h, c)
+                const float* cm = cs + m * q;
+                acc += dm[(m * q + i) * q + j] * __expf(cm[i] - cm[j]);
+            }
+        }
+        ds[row * q + j] = acc;
+    }
+}
+
+// grid (b * h * nc): dcs of one matrix; shared memory: q floats.
+extern "C" __global__ void masked_bwd_dcs(const float* dm, const float* cs, const float* s,
+                                          float* dcs, int h, int nc, int q, int g) {
+    extern __shared__ float rowacc[];
+    const long long m = blockIdx.x;  // (b, h, c)
+    const int c = (int)(m % nc);
+    const long long bh = m / nc;
+    const int hi = (int)(bh % h);
+    const long long bi = bh / h;
+    const int gi = hi / (h / g);
+    const float* cm = cs + m * q;
+    const float* gm = dm + m * q * (long long)q;
+    const float* sm = s + ((bi * nc + c) * g + gi) * (long long)q * q;
+    for (int k = threadIdx.x; k < q; k += blockDim.x) rowacc[k] = 0.0f;
+    __syncthreads();
+    const int per = (q + blockDim.x - 1) / blockDim.x;
+    for (int t = 0; t < per; ++t) {
+        const int j = threadIdx.x + t * blockDim.x;
+        const float cj = j < q ? cm[j] : 0.0f;
+        float col = 0.0f;
+        for (int i = 0; i < q; ++i) {
+            float v = 0.0f;
+            if (j < q && j <= i) {
+                const long long e = (long long)i * q + j;
+                v = gm[e] * __expf(cm[i] - cj) * sm[e];
+            }
+            col += v;
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if ((threadIdx.x & 31) == 0 && v != 0.0f) atomicAdd(rowacc + i, v);
+        }
+        if (j < q) atomicAdd(rowacc + j, -col);
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < q; k += blockDim.x) dcs[m * q + k] = rowacc[k];
+}
+"#;
+
+fn masked_dims(cs: &T, s: &T) -> (usize, usize, usize, usize, usize) {
+    let c = cs.meta.shape();
+    let sh = s.meta.shape();
+    assert_eq!(c.len(), 4, "masked decay: cs must be [b, h, nc, q]");
+    assert_eq!(sh.len(), 5, "masked decay: scores must be [b, nc, g, q, q]");
+    let (b, h, nc, q) = (c[0], c[1], c[2], c[3]);
+    let g = sh[2];
+    assert!(
+        sh[0] == b && sh[1] == nc && sh[3] == q && sh[4] == q && g > 0 && h % g == 0,
+        "masked decay: cs {c:?} and scores {sh:?} disagree"
+    );
+    (b, h, nc, q, g)
+}
+
+/// `M [b, h, nc, q, q]` from `cs [b, h, nc, q]` and `S [b, nc, g, q, q]` (f32).
+pub fn masked_decay_fwd(cs: T, s: T) -> T {
+    let (b, h, nc, q, g) = masked_dims(&cs, &s);
+    let (cs, s) = (same_dtype(cs, DType::F32), same_dtype(s, DType::F32));
+    let out = empty(&cs, vec![b, h, nc, q, q], DType::F32);
+    let rows = b * h * nc * q;
+    if rows == 0 {
+        return out;
+    }
+    let device = cs.device.index;
+    let f = nvrtc::function(device, "masked", MASKED, "masked_fwd");
+    let (mut o_p, stream) = ptr(&out);
+    let (mut c_p, mut s_p) = (ptr(&cs).0, ptr(&s).0);
+    let (mut h32, mut nc32, mut q32, mut g32) = (h as i32, nc as i32, q as i32, g as i32);
+    let mut params = kernel_args!(c_p, s_p, o_p, h32, nc32, q32, g32);
+    // SAFETY: the kernel's signature; one block per output row of `q` f32.
+    unsafe {
+        launch(device, f, (rows as u32, 1, 1), (q.clamp(32, 256) as u32, 1, 1), 0, stream, &mut params)
+    };
+    drop((cs, s));
+    out
+}
+
+/// `(dcs, dS)`.
+pub fn masked_decay_bwd(dm: T, cs: T, s: T) -> (T, T) {
+    let (b, h, nc, q, g) = masked_dims(&cs, &s);
+    let (cs, s, dm) = (
+        same_dtype(cs, DType::F32),
+        same_dtype(s, DType::F32),
+        same_dtype(dm, DType::F32),
+    );
+    let dcs = empty(&cs, vec![b, h, nc, q], DType::F32);
+    let ds = empty(&cs, vec![b, nc, g, q, q], DType::F32);
+    if b * h * nc * q > 0 {
+        assert!(q <= 8192, "masked decay: {q} steps per chunk");
+        let device = cs.device.index;
+        let f_ds = nvrtc::function(device, "masked", MASKED, "masked_bwd_ds");
+        let f_dcs = nvrtc::function(device, "masked", MASKED, "masked_bwd_dcs");
+        let (mut ds_p, stream) = ptr(&ds);
+        let (mut dm_p, mut c_p, mut s_p, mut dcs_p) = (ptr(&dm).0, ptr(&cs).0, ptr(&s).0, ptr(&dcs).0);
+        let (mut h32, mut nc32, mut q32, mut g32) = (h as i32, nc as i32, q as i32, g as i32);
+        let mut p1 = kernel_args!(dm_p, c_p, ds_p, h32, nc32, q32, g32);
+        let mut p2 = kernel_args!(dm_p, c_p, s_p, dcs_p, h32, nc32, q32, g32);
+        let threads = (q.clamp(32, 256) as u32, 1, 1);
+        // SAFETY: the kernels' signatures; one block per row of `dS`, then
+        // one per `[q, q]` matrix of `dM` with `q` floats of shared memory.
+        unsafe {
+            launch(device, f_ds, ((b * nc * g * q) as u32, 1, 1), threads, 0, stream, &mut p1);
+            launch(device, f_dcs, ((b * h * nc) as u32, 1, 1), (256, 1, 1), (q * 4) as u32, stream, &mut p2);
+        }
+    }
+    drop((dm, cs, s));
+    (dcs, ds)
 }

@@ -24,7 +24,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 
 pub use pieces::{
     causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
-    segsum_exp, swiglu,
+    masked_decay, segsum_exp, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -239,6 +239,29 @@ pub trait BambaBackend: Backend {
         _u: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no fused SwiGLU (bamba_fused() is false)")
+    }
+
+    /// The SSD's masked intra-chunk matrix `exp(segsum) o (C B^T)` per head
+    /// from cumulative log-decays `cs [b, h, nc, q]` and per-group scores
+    /// `[b, nc, g, q, q]`, in f32. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_masked_decay(cs: FloatTensor<Self>, scores: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_masked_decay_fwd(cs, scores)
+    }
+
+    fn bamba_masked_decay_fwd(
+        _cs: FloatTensor<Self>,
+        _scores: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused masked decay (bamba_fused() is false)")
+    }
+
+    /// `(dcs, dscores)`.
+    fn bamba_masked_decay_bwd(
+        _dm: FloatTensor<Self>,
+        _cs: FloatTensor<Self>,
+        _scores: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused masked decay (bamba_fused() is false)")
     }
 
     /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).

@@ -122,3 +122,17 @@ pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3>
     }
     float(B::bamba_swiglu(g.into_primitive().tensor(), u.into_primitive().tensor()))
 }
+
+/// The SSD's masked intra-chunk matrix `M [b, h, nc, q, q]`:
+/// `exp(cs_i - cs_j) * S[g(h)][i, j]` for `j <= i`, else 0, from the
+/// cumulative log-decays `cs [b, h, nc, q]` and the group scores `C B^T`
+/// `S [b, nc, g, q, q]`, in f32.
+pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> Tensor<B, 5> {
+    if !B::bamba_fused() {
+        return reference::masked_decay(cs, scores);
+    }
+    float(B::bamba_masked_decay(
+        cs.into_primitive().tensor(),
+        scores.into_primitive().tensor(),
+    ))
+}

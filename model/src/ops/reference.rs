@@ -148,3 +148,18 @@ pub fn segsum<B: BambaBackend, const D: usize, const D2: usize>(x: Tensor<B, D>)
 pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
     silu(g) * u
 }
+
+/// See [`super::masked_decay`]: the decay as one cumulative-sum difference,
+/// masked, exponentiated, times the scores broadcast over the group's heads.
+pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> Tensor<B, 5> {
+    let [b, h, nc, q] = cs.dims();
+    let g = scores.dims()[2];
+    let upper = Tensor::<B, 2, Bool>::tril_mask([q, q], 0, &cs.device())
+        .unsqueeze::<5>()
+        .expand([b, h, nc, q, q]);
+    let to = cs.clone().unsqueeze_dim::<5>(4); // [.., i, 1]
+    let from = cs.unsqueeze_dim::<5>(3); // [.., 1, j]
+    let decay = (to - from).mask_fill(upper, f32::NEG_INFINITY).exp();
+    let scores = scores.permute([0, 2, 1, 3, 4]).unsqueeze_dim::<6>(2); // [b, g, 1, nc, q, q]
+    (decay.reshape([b, g, h / g, nc, q, q]) * scores).reshape([b, h, nc, q, q])
+}
