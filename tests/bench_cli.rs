@@ -31,13 +31,23 @@ fn bench(out: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
 #[test]
 fn bench_prints_throughput_mfu_memory_and_phases() {
     let tmp = tempfile::tempdir().unwrap();
-    let rows = bench(tmp.path(), &["--warmup", "1", "--steps", "2", "--profile-steps", "1"]);
+    let rows = bench(
+        tmp.path(),
+        &["--warmup", "1", "--steps", "2", "--profile-steps", "1"],
+    );
     let summary = rows
         .iter()
         .find(|r| r["bench"] == "summary")
         .expect("a summary line");
-    for k in ["tokens_per_s_per_device", "mfu", "step_time_s", "peak_memory_bytes"] {
-        let v = summary[k].as_f64().unwrap_or_else(|| panic!("no {k} in {summary}"));
+    for k in [
+        "tokens_per_s_per_device",
+        "mfu",
+        "step_time_s",
+        "peak_memory_bytes",
+    ] {
+        let v = summary[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {k} in {summary}"));
         assert!(v > 0.0, "{k} in {summary}");
     }
     let phases = summary["phase_s"].as_object().expect("phase split");
@@ -49,7 +59,14 @@ fn bench_ops_times_each_piece() {
     let tmp = tempfile::tempdir().unwrap();
     let rows = bench(tmp.path(), &["--ops"]);
     let ops: Vec<_> = rows.iter().filter_map(|r| r["op"].as_str()).collect();
-    for want in ["mamba_layer", "ssd_chunked", "conv1d", "gated_norm", "attention_layer", "lm_head_loss"] {
+    for want in [
+        "mamba_layer",
+        "ssd_chunked",
+        "conv1d",
+        "gated_norm",
+        "attention_layer",
+        "lm_head_loss",
+    ] {
         assert!(ops.contains(&want), "no {want} in {ops:?}");
     }
 }
@@ -65,8 +82,14 @@ fn bench_kernels_compares_every_piece() {
         .filter_map(|r| r["kernel"].as_str())
         .map(|k| k.split('_').next().unwrap().to_string())
         .collect();
-    for want in ["rms", "conv1d", "dt", "scale", "segsum", "masked", "causal", "cross", "swiglu"] {
+    for want in [
+        "rms", "conv1d", "dt", "scale", "segsum", "masked", "causal", "cross", "swiglu",
+    ] {
         assert!(kernels.contains(want), "no {want} kernel in {kernels:?}");
     }
-    assert!(rows.iter().filter(|r| r.get("kernel").is_some()).all(|r| r["pass"] == true));
+    assert!(
+        rows.iter()
+            .filter(|r| r.get("kernel").is_some())
+            .all(|r| r["pass"] == true)
+    );
 }

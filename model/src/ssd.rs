@@ -108,8 +108,8 @@ pub fn ssd_chunked<B: BambaBackend>(
     let entering = carried.narrow(2, 0, nc).reshape([b, h, nc, n, p]);
 
     // 4. What the entering state contributes to each step of the chunk.
-    let y_off = to_heads(mm(cm, to_groups(entering, n), fast), q)
-        * a_cumsum.exp().unsqueeze_dim::<5>(4);
+    let y_off =
+        to_heads(mm(cm, to_groups(entering, n), fast), q) * a_cumsum.exp().unsqueeze_dim::<5>(4);
 
     (y_diag + y_off)
         .permute([0, 2, 3, 1, 4])
@@ -119,8 +119,16 @@ pub fn ssd_chunked<B: BambaBackend>(
 }
 
 /// `a @ b`, as TF32 when `fast`.
-fn mm<B: BambaBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, fast: bool) -> Tensor<B, D> {
-    if fast { matmul_tf32(a, b) } else { matmul(a, b) }
+fn mm<B: BambaBackend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+    fast: bool,
+) -> Tensor<B, D> {
+    if fast {
+        matmul_tf32(a, b)
+    } else {
+        matmul(a, b)
+    }
 }
 
 /// Zero-pads dim 1 (the sequence) by `pad` steps.

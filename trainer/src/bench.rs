@@ -204,10 +204,14 @@ pub fn ops<B: BambaAutodiffBackend>(
     });
     let cd = model_cfg.conv_dim();
     let xc = rand([b, l, cd]);
-    time("conv1d", &mut || mixer.conv1d.forward_silu(xc.clone()).sum());
+    time("conv1d", &mut || {
+        mixer.conv1d.forward_silu(xc.clone()).sum()
+    });
     let di = model_cfg.d_inner();
     let (y, z) = (rand([b, l, di]), rand([b, l, di]));
-    time("gated_norm", &mut || mixer.norm.forward(y.clone(), z.clone()).sum());
+    time("gated_norm", &mut || {
+        mixer.norm.forward(y.clone(), z.clone()).sum()
+    });
     let (nh, p, g, n) = (
         model_cfg.mamba_n_heads,
         model_cfg.mamba_d_head,
@@ -305,88 +309,141 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
     // Flattened inputs in, one output out, so one harness serves every piece.
     type Piece<'a, B> = Box<dyn Fn(&Inputs<B>) -> Tensor<B, 1> + 'a>;
     let mut ok = true;
-    let mut check = |name: &str, dtype: DType, shapes: &[Vec<usize>], fused: Piece<B>, refr: Piece<B>| {
-        let inputs: Vec<Tensor<B, 1>> = shapes
-            .iter()
-            .map(|s| {
-                let n: usize = s.iter().product();
-                Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device).cast(dtype)
-            })
-            .collect();
-        // One upstream gradient for both sides.
-        let out_len = refr(&inputs).dims()[0];
-        let g = Tensor::<B, 1>::random([out_len], Distribution::Normal(0.0, 1.0), device);
-        let run = |f: &Piece<B>| {
-            let xs: Vec<_> = inputs.iter().map(|t| t.clone().detach().require_grad()).collect();
-            let y = f(&xs);
-            let g = g.clone();
-            let grads = (y.clone().cast(DType::F32) * g).sum().backward();
-            let mut outs = vec![y.cast(DType::F32).inner()];
-            for x in &xs {
-                outs.push(x.grad(&grads).map(|t| t.cast(DType::F32)).unwrap_or_else(|| {
-                    Tensor::<B, 1>::zeros(x.dims(), device).inner()
-                }));
-            }
-            outs
-        };
-        let (a, b) = (run(&fused), run(&refr));
-        for (i, (a, b)) in a.into_iter().zip(b).enumerate() {
-            let what = if i == 0 { "output".to_string() } else { format!("grad{}", i - 1) };
-            let max_abs: f32 = (a - b.clone()).abs().max().into_scalar().elem();
-            let scale: f32 = b.abs().max().into_scalar().elem();
-            let rel = max_abs / scale.max(1e-12);
-            let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
-            let pass = rel <= tol;
-            ok &= pass;
-            println!(
-                "{}",
-                json!({"kernel": name, "dtype": format!("{dtype:?}"), "value": what,
+    let mut check =
+        |name: &str, dtype: DType, shapes: &[Vec<usize>], fused: Piece<B>, refr: Piece<B>| {
+            let inputs: Vec<Tensor<B, 1>> = shapes
+                .iter()
+                .map(|s| {
+                    let n: usize = s.iter().product();
+                    Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device).cast(dtype)
+                })
+                .collect();
+            // One upstream gradient for both sides.
+            let out_len = refr(&inputs).dims()[0];
+            let g = Tensor::<B, 1>::random([out_len], Distribution::Normal(0.0, 1.0), device);
+            let run = |f: &Piece<B>| {
+                let xs: Vec<_> = inputs
+                    .iter()
+                    .map(|t| t.clone().detach().require_grad())
+                    .collect();
+                let y = f(&xs);
+                let g = g.clone();
+                let grads = (y.clone().cast(DType::F32) * g).sum().backward();
+                let mut outs = vec![y.cast(DType::F32).inner()];
+                for x in &xs {
+                    outs.push(
+                        x.grad(&grads)
+                            .map(|t| t.cast(DType::F32))
+                            .unwrap_or_else(|| Tensor::<B, 1>::zeros(x.dims(), device).inner()),
+                    );
+                }
+                outs
+            };
+            let (a, b) = (run(&fused), run(&refr));
+            for (i, (a, b)) in a.into_iter().zip(b).enumerate() {
+                let what = if i == 0 {
+                    "output".to_string()
+                } else {
+                    format!("grad{}", i - 1)
+                };
+                let max_abs: f32 = (a - b.clone()).abs().max().into_scalar().elem();
+                let scale: f32 = b.abs().max().into_scalar().elem();
+                let rel = max_abs / scale.max(1e-12);
+                let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+                let pass = rel <= tol;
+                ok &= pass;
+                println!(
+                    "{}",
+                    json!({"kernel": name, "dtype": format!("{dtype:?}"), "value": what,
                     "max_abs": max_abs, "rel": rel, "pass": pass})
-            );
-        }
-    };
+                );
+            }
+        };
     use burn::tensor::ElementConversion;
     for dtype in [DType::F32, DType::BF16] {
-        for (r, c) in [(37, 19), (4096, 5632)].into_iter().filter(|s| large || s.0 < 1000) {
+        for (r, c) in [(37, 19), (4096, 5632)]
+            .into_iter()
+            .filter(|s| large || s.0 < 1000)
+        {
             check(
                 &format!("swiglu_{r}x{c}"),
                 dtype,
                 &[vec![r, c], vec![r, c]],
-                Box::new(move |x| ops::swiglu(x[0].clone().reshape([1, r, c]), x[1].clone().reshape([1, r, c])).reshape([r * c])),
-                Box::new(move |x| reference::swiglu(x[0].clone().reshape([1, r, c]), x[1].clone().reshape([1, r, c])).reshape([r * c])),
+                Box::new(move |x| {
+                    ops::swiglu(
+                        x[0].clone().reshape([1, r, c]),
+                        x[1].clone().reshape([1, r, c]),
+                    )
+                    .reshape([r * c])
+                }),
+                Box::new(move |x| {
+                    reference::swiglu(
+                        x[0].clone().reshape([1, r, c]),
+                        x[1].clone().reshape([1, r, c]),
+                    )
+                    .reshape([r * c])
+                }),
             );
         }
-        for (b, h, nc, q, g) in [(2, 4, 3, 37, 2), (1, 64, 16, 256, 1)].into_iter().filter(|s| large || s.1 < 64) {
-            let cs = move |x: &Inputs<B>| (-x[0].clone().reshape([b, h, nc, q]).abs() * 0.1).cumsum(3);
+        for (b, h, nc, q, g) in [(2, 4, 3, 37, 2), (1, 64, 16, 256, 1)]
+            .into_iter()
+            .filter(|s| large || s.1 < 64)
+        {
+            let cs =
+                move |x: &Inputs<B>| (-x[0].clone().reshape([b, h, nc, q]).abs() * 0.1).cumsum(3);
             let sc = move |x: &Inputs<B>| x[1].clone().reshape([b, nc, g, q, q]);
             check(
                 &format!("masked_decay_{b}x{h}x{nc}x{q}_g{g}"),
                 DType::F32,
                 &[vec![b, h, nc, q], vec![b, nc, g, q, q]],
                 Box::new(move |x| ops::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])),
-                Box::new(move |x| reference::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])),
+                Box::new(move |x| {
+                    reference::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])
+                }),
             );
         }
-        for (m, t) in [(30, 37), (1024, 256), (64, 17)].into_iter().filter(|s| large || s.0 < 1000) {
+        for (m, t) in [(30, 37), (1024, 256), (64, 17)]
+            .into_iter()
+            .filter(|s| large || s.0 < 1000)
+        {
             check(
                 &format!("segsum_exp_{m}x{t}"),
                 DType::F32,
                 &[vec![m, t]],
                 // Log-decays are negative: A dt < 0.
-                Box::new(move |x| ops::segsum_exp::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1).reshape([m * t * t])),
-                Box::new(move |x| reference::segsum::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1).exp().reshape([m * t * t])),
+                Box::new(move |x| {
+                    ops::segsum_exp::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1)
+                        .reshape([m * t * t])
+                }),
+                Box::new(move |x| {
+                    reference::segsum::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1)
+                        .exp()
+                        .reshape([m * t * t])
+                }),
             );
         }
-        for (b, h, l) in [(2, 3, 37), (1, 16, 4096)].into_iter().filter(|s| large || s.2 < 1000) {
+        for (b, h, l) in [(2, 3, 37), (1, 16, 4096)]
+            .into_iter()
+            .filter(|s| large || s.2 < 1000)
+        {
             check(
                 &format!("causal_softmax_{b}x{h}x{l}"),
                 dtype,
                 &[vec![b, h, l, l]],
-                Box::new(move |x| ops::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125).reshape([b * h * l * l])),
-                Box::new(move |x| reference::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125).reshape([b * h * l * l])),
+                Box::new(move |x| {
+                    ops::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125)
+                        .reshape([b * h * l * l])
+                }),
+                Box::new(move |x| {
+                    reference::causal_softmax(x[0].clone().reshape([b, h, l, l]), 0.125)
+                        .reshape([b * h * l * l])
+                }),
             );
         }
-        for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)].into_iter().filter(|s| large || s.0 < 1000) {
+        for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)]
+            .into_iter()
+            .filter(|s| large || s.0 < 1000)
+        {
             let t = Tensor::<B, 1, burn::tensor::Int>::random(
                 [rows],
                 Distribution::Uniform(0.0, v as f64),
@@ -397,13 +454,21 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 &format!("cross_entropy_{rows}x{v}_z{z}"),
                 dtype,
                 &[vec![rows, v]],
-                Box::new(move |x| ops::cross_entropy_rows(x[0].clone().reshape([rows, v]), t.clone(), z)),
-                Box::new(move |x| reference::cross_entropy_rows(x[0].clone().reshape([rows, v]), t2.clone(), z)),
+                Box::new(move |x| {
+                    ops::cross_entropy_rows(x[0].clone().reshape([rows, v]), t.clone(), z)
+                }),
+                Box::new(move |x| {
+                    reference::cross_entropy_rows(x[0].clone().reshape([rows, v]), t2.clone(), z)
+                }),
             );
         }
-        for (b, l, h, p, gated) in [(2, 37, 4, 8, true), (1, 4096, 64, 64, true), (2, 50, 3, 5, false)]
-            .into_iter()
-            .filter(|s| large || s.1 < 1000)
+        for (b, l, h, p, gated) in [
+            (2, 37, 4, 8, true),
+            (1, 4096, 64, 64, true),
+            (2, 50, 3, 5, false),
+        ]
+        .into_iter()
+        .filter(|s| large || s.1 < 1000)
         {
             let d = h * p;
             check(
@@ -412,11 +477,13 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 &[vec![b, l, d], vec![b, l, d], vec![d]],
                 Box::new(move |x| {
                     let z = gated.then(|| x[1].clone().reshape([b, l, d]));
-                    ops::rms_norm(x[0].clone().reshape([b, l, d]), z, x[2].clone(), 1e-5).reshape([b * l * d])
+                    ops::rms_norm(x[0].clone().reshape([b, l, d]), z, x[2].clone(), 1e-5)
+                        .reshape([b * l * d])
                 }),
                 Box::new(move |x| {
                     let z = gated.then(|| x[1].clone().reshape([b, l, d]));
-                    reference::rms_norm(x[0].clone().reshape([b, l, d]), z, x[2].clone(), 1e-5).reshape([b * l * d])
+                    reference::rms_norm(x[0].clone().reshape([b, l, d]), z, x[2].clone(), 1e-5)
+                        .reshape([b * l * d])
                 }),
             );
             for (k, bias) in [(4, true), (3, false), (4, false), (3, true)] {
@@ -427,8 +494,14 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                     &format!("conv1d_silu_k{k}_bias{bias}_{b}x{l}x{c}"),
                     dtype,
                     &[vec![b, l, c], vec![c * k], vec![c]],
-                    Box::new(move |x| ops::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x)).reshape([b * l * c])),
-                    Box::new(move |x| reference::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x)).reshape([b * l * c])),
+                    Box::new(move |x| {
+                        ops::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x))
+                            .reshape([b * l * c])
+                    }),
+                    Box::new(move |x| {
+                        reference::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x))
+                            .reshape([b * l * c])
+                    }),
                 );
             }
             for (lo, hi) in [(0.0, f64::INFINITY), (0.001, 0.6)] {
@@ -436,16 +509,33 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                     &format!("dt_softplus_{lo}_{hi}_{b}x{l}x{h}"),
                     dtype,
                     &[vec![b, l, h], vec![h]],
-                    Box::new(move |x| ops::dt_softplus(x[0].clone().reshape([b, l, h]), x[1].clone(), lo, hi).reshape([b * l * h])),
-                    Box::new(move |x| reference::dt_softplus(x[0].clone().reshape([b, l, h]), x[1].clone(), lo, hi).reshape([b * l * h])),
+                    Box::new(move |x| {
+                        ops::dt_softplus(x[0].clone().reshape([b, l, h]), x[1].clone(), lo, hi)
+                            .reshape([b * l * h])
+                    }),
+                    Box::new(move |x| {
+                        reference::dt_softplus(
+                            x[0].clone().reshape([b, l, h]),
+                            x[1].clone(),
+                            lo,
+                            hi,
+                        )
+                        .reshape([b * l * h])
+                    }),
                 );
             }
             check(
                 &format!("scale_heads_{b}x{l}x{h}x{p}"),
                 dtype,
                 &[vec![b, l, h, p], vec![h]],
-                Box::new(move |x| ops::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone()).reshape([b * l * h * p])),
-                Box::new(move |x| reference::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone()).reshape([b * l * h * p])),
+                Box::new(move |x| {
+                    ops::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone())
+                        .reshape([b * l * h * p])
+                }),
+                Box::new(move |x| {
+                    reference::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone())
+                        .reshape([b * l * h * p])
+                }),
             );
         }
     }

@@ -247,7 +247,9 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         w: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        let b_node = bias.as_ref().map_or_else(|| x.node.clone(), |b| b.node.clone());
+        let b_node = bias
+            .as_ref()
+            .map_or_else(|| x.node.clone(), |b| b.node.clone());
         let prep = Conv1dSilu
             .prepare::<C>([x.node.clone(), w.node.clone(), b_node])
             .compute_bound()
@@ -332,7 +334,10 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     }
 
     fn bamba_segsum_exp(cs: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prep = SegsumExp.prepare::<C>([cs.node.clone()]).compute_bound().stateful();
+        let prep = SegsumExp
+            .prepare::<C>([cs.node.clone()])
+            .compute_bound()
+            .stateful();
         let cp = cs.primitive;
         match prep {
             OpsKind::Tracked(prep) => {
@@ -380,7 +385,9 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         eps: f64,
     ) -> FloatTensor<Self> {
         // An untracked stand-in for the absent gate keeps one op of three parents.
-        let z_node = z.as_ref().map_or_else(|| x.node.clone(), |z| z.node.clone());
+        let z_node = z
+            .as_ref()
+            .map_or_else(|| x.node.clone(), |z| z.node.clone());
         let prep = RmsNorm
             .prepare::<C>([x.node.clone(), w.node.clone(), z_node])
             .compute_bound()

@@ -6,8 +6,8 @@ use burn::tensor::ops::FloatTensorOps;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::nvrtc::{self, T, grid_for, launch, ptr};
 use super::AdamWHyper;
+use super::nvrtc::{self, T, grid_for, launch, ptr};
 use crate::kernel_args;
 
 /// The CUDA backend type, for burn's own ops on the kernels' tensors (the
@@ -77,7 +77,17 @@ pub fn sum_squares(x: T) -> T {
     let mut n64 = n as i64;
     let mut params = kernel_args!(x_p, o_p, n64);
     // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
-    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            grid_for(n, 256),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop(x);
     out
 }
@@ -88,25 +98,29 @@ fn f32_contiguous(t: T, what: &str) -> T {
 }
 
 /// One AdamW step in one pass: reads p, g, m, v (and the mask), writes the new three.
-pub fn adamw(
-    p: T,
-    g: T,
-    m: T,
-    v: T,
-    mask: Option<T>,
-    scale: Option<T>,
-    h: &AdamWHyper,
-) -> [T; 3] {
+pub fn adamw(p: T, g: T, m: T, v: T, mask: Option<T>, scale: Option<T>, h: &AdamWHyper) -> [T; 3] {
     let n = p.meta.shape().num_elements();
     let (p, g) = (f32_contiguous(p, "param"), f32_contiguous(g, "grad"));
-    let (m, v) = (f32_contiguous(m, "exp_avg"), f32_contiguous(v, "exp_avg_sq"));
+    let (m, v) = (
+        f32_contiguous(m, "exp_avg"),
+        f32_contiguous(v, "exp_avg_sq"),
+    );
     let mask = mask.map(|t| f32_contiguous(t, "decay mask"));
     let scale = scale.map(|t| f32_contiguous(t, "grad scale"));
     for t in [&g, &m, &v].into_iter().chain(mask.as_ref()) {
-        assert_eq!(t.meta.shape().num_elements(), n, "fused AdamW: operand sizes differ");
+        assert_eq!(
+            t.meta.shape().num_elements(),
+            n,
+            "fused AdamW: operand sizes differ"
+        );
     }
     let out = || {
-        empty_device_contiguous_dtype(p.client.clone(), p.device.clone(), p.meta.shape().clone(), DType::F32)
+        empty_device_contiguous_dtype(
+            p.client.clone(),
+            p.device.clone(),
+            p.meta.shape().clone(),
+            DType::F32,
+        )
     };
     let (po, mo, vo) = (out(), out(), out());
     if n == 0 {
@@ -124,12 +138,36 @@ pub fn adamw(
     let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
     let (mut eps, mut lr_wd) = (h.eps as f32, h.lr_wd as f32);
     let mut params = kernel_args!(
-        p_p, g_p, m_p, v_p, mask_p, scale_p, po_p, mo_p, vo_p, n64, b1, b2, lr_bc1,
-        inv_sqrt_bc2, eps, lr_wd
+        p_p,
+        g_p,
+        m_p,
+        v_p,
+        mask_p,
+        scale_p,
+        po_p,
+        mo_p,
+        vo_p,
+        n64,
+        b1,
+        b2,
+        lr_bc1,
+        inv_sqrt_bc2,
+        eps,
+        lr_wd
     );
     // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one),
     // live until the launch is enqueued (burn reuses memory in stream order).
-    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            grid_for(n, 256),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop((p, g, m, v, mask, scale));
     [po, mo, vo]
 }
@@ -286,7 +324,12 @@ fn norm_grid(rows: usize) -> (u32, u32, u32) {
 }
 
 fn empty(like: &T, shape: Vec<usize>, dtype: DType) -> T {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        dtype,
+    )
 }
 
 /// Forward: `(out, rstd)`; `x`, `z` `[.., d]` of one dtype, `w` `[d]` of the same.
@@ -295,7 +338,10 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
     let d = *shape.last().expect("a norm over the last dim");
     let rows = shape.iter().product::<usize>() / d.max(1);
     let dtype = x.dtype;
-    assert!(z.as_ref().is_none_or(|z| z.dtype == dtype) && w.dtype == dtype, "fused RMSNorm: mixed dtypes");
+    assert!(
+        z.as_ref().is_none_or(|z| z.dtype == dtype) && w.dtype == dtype,
+        "fused RMSNorm: mixed dtypes"
+    );
     let (x, w) = (into_contiguous(x), into_contiguous(w));
     let z = z.map(into_contiguous);
     let out = empty(&x, shape, dtype);
@@ -304,7 +350,12 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
         return (out, rstd);
     }
     let device = x.device.index;
-    let f = nvrtc::function(device, "norm", &norm_src(), &format!("norm_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "norm",
+        &norm_src(),
+        &format!("norm_fwd_{}", suffix(dtype)),
+    );
     let (mut out_p, stream) = ptr(&out);
     let (mut x_p, mut w_p, mut r_p) = (ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
     let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
@@ -312,7 +363,15 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
     let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32);
     // SAFETY: the kernel's signature; buffers of `rows * d` (`d` for w, `rows` for rstd).
     unsafe {
-        launch(device, f, norm_grid(rows), (NORM_THREADS, 1, 1), 0, stream, &mut params)
+        launch(
+            device,
+            f,
+            norm_grid(rows),
+            (NORM_THREADS, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
     };
     drop((x, z, w));
     (out, rstd)
@@ -330,7 +389,11 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
     } else {
         burn_cubecl::kernel::cast(dout, dtype)
     });
-    let (x, w, rstd) = (into_contiguous(x), into_contiguous(w), into_contiguous(rstd));
+    let (x, w, rstd) = (
+        into_contiguous(x),
+        into_contiguous(w),
+        into_contiguous(rstd),
+    );
     let z = z.map(into_contiguous);
     let dx = empty(&x, shape.clone(), dtype);
     let dz = z.as_ref().map(|_| empty(&x, shape, dtype));
@@ -338,7 +401,11 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
     let chunks = rows.div_ceil(NORM_DW_ROWS).max(1);
     let dw_part = empty(&x, vec![chunks, d], DType::F32);
     // Every column is written by `colsum` (zeros when there are no rows).
-    let dw = if rows > 0 { empty(&x, vec![d], DType::F32) } else { zeros_f32(&x, vec![d]) };
+    let dw = if rows > 0 {
+        empty(&x, vec![d], DType::F32)
+    } else {
+        zeros_f32(&x, vec![d])
+    };
     if rows > 0 && d > 0 {
         let device = x.device.index;
         let src = norm_src();
@@ -347,7 +414,8 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
         let f_dw = nvrtc::function(device, "norm", &src, &format!("norm_dw_{sfx}"));
         let f_sum = nvrtc::function(device, "norm", &src, "colsum");
         let (mut dx_p, stream) = ptr(&dx);
-        let (mut dy_p, mut x_p, mut w_p, mut r_p) = (ptr(&dout).0, ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
+        let (mut dy_p, mut x_p, mut w_p, mut r_p) =
+            (ptr(&dout).0, ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
         let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
         let mut dz_p = dz.as_ref().map_or(0, |t| ptr(t).0);
         let (mut part_p, mut dw_p) = (ptr(&dw_part).0, ptr(&dw).0);
@@ -360,8 +428,24 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
         // SAFETY: the kernels' signatures; `[rows, d]` tensors, `dw_part`
         // `[chunks, d]`, `dw` `[d]`.
         unsafe {
-            launch(device, f, norm_grid(rows), (NORM_THREADS, 1, 1), 0, stream, &mut p1);
-            launch(device, f_dw, (cols, chunks as u32, 1), (256, 1, 1), 0, stream, &mut p2);
+            launch(
+                device,
+                f,
+                norm_grid(rows),
+                (NORM_THREADS, 1, 1),
+                0,
+                stream,
+                &mut p1,
+            );
+            launch(
+                device,
+                f_dw,
+                (cols, chunks as u32, 1),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut p2,
+            );
             launch(device, f_sum, (cols, 1, 1), (256, 1, 1), 0, stream, &mut p3);
         }
     }
@@ -493,8 +577,15 @@ fn conv_dims(x: &T, w: &T) -> (usize, usize, usize, usize) {
     let (b, l, c) = (s[0], s[1], s[2]);
     let ws = w.meta.shape();
     let k = ws[ws.len() - 1];
-    assert_eq!(ws.num_elements(), c * k, "fused conv: weight must be [c, 1, k]");
-    assert!((1..=8).contains(&k), "fused conv: kernel width {k} not in 1..=8");
+    assert_eq!(
+        ws.num_elements(),
+        c * k,
+        "fused conv: weight must be [c, 1, k]"
+    );
+    assert!(
+        (1..=8).contains(&k),
+        "fused conv: kernel width {k} not in 1..=8"
+    );
     (b, l, c, k)
 }
 
@@ -518,14 +609,29 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
         return y;
     }
     let device = x.device.index;
-    let f = nvrtc::function(device, "conv", &conv_src(), &format!("conv_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "conv",
+        &conv_src(),
+        &format!("conv_fwd_{}", suffix(dtype)),
+    );
     let (mut y_p, stream) = ptr(&y);
     let (mut x_p, mut w_p) = (ptr(&x).0, ptr(&w).0);
     let mut b_p = bias.as_ref().map_or(0, |t| ptr(t).0);
     let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
     let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32);
     // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
-    unsafe { launch(device, f, conv_grid(b * l, c), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            conv_grid(b * l, c),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop((x, w, bias));
     y
 }
@@ -534,7 +640,11 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
 pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) {
     let (b, l, c, k) = conv_dims(&x, &w);
     let dtype = x.dtype;
-    let (x, w, dy) = (into_contiguous(x), same_dtype(w, dtype), same_dtype(dy, dtype));
+    let (x, w, dy) = (
+        into_contiguous(x),
+        same_dtype(w, dtype),
+        same_dtype(dy, dtype),
+    );
     let bias = bias.map(|t| same_dtype(t, dtype));
     let zeros = |shape: Vec<usize>| {
         burn_cubecl::ops::numeric::zeros_client(
@@ -563,13 +673,25 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
         let mut db_p = db.as_ref().map_or(0, |t| ptr(t).0);
         let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
         let mut steps = CONV_STEPS as i32;
-        let grid = (c.div_ceil(128) as u32, l.div_ceil(CONV_STEPS) as u32, b as u32);
+        let grid = (
+            c.div_ceil(128) as u32,
+            l.div_ceil(CONV_STEPS) as u32,
+            b as u32,
+        );
         let mut p1 = kernel_args!(x_p, w_p, b_p, dy_p, du_p, dw_p, db_p, l32, c32, k32, steps);
         let mut p2 = kernel_args!(du_p, w_p, dx_p, l32, c32, k32);
         // SAFETY: the kernels' signatures; sizes as in the forward, `du` `[b, l, c]` f32.
         unsafe {
             launch(device, f_dw, grid, (128, 1, 1), 0, stream, &mut p1);
-            launch(device, f_dx, conv_grid(b * l, c), (256, 1, 1), 0, stream, &mut p2);
+            launch(
+                device,
+                f_dx,
+                conv_grid(b * l, c),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut p2,
+            );
         }
     }
     drop((x, w, dy, bias, du));
@@ -705,7 +827,11 @@ fn head_layout(x: &T, a: &T) -> (usize, usize, usize) {
     let s = x.meta.shape();
     assert!(s.len() >= 3, "per-head op: x must be [b, l, h, ..]");
     let h = s[2];
-    assert_eq!(a.meta.shape().num_elements(), h, "per-head op: one parameter per head");
+    assert_eq!(
+        a.meta.shape().num_elements(),
+        h,
+        "per-head op: one parameter per head"
+    );
     assert!(h <= 8192, "per-head op: {h} heads");
     (s.num_elements(), h, s[3..].iter().product())
 }
@@ -720,13 +846,28 @@ pub fn dt_softplus_fwd(raw: T, bias: T, lo: f64, hi: f64) -> T {
         return dt;
     }
     let device = raw.device.index;
-    let f = nvrtc::function(device, "heads", &heads_src(), &format!("dt_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "heads",
+        &heads_src(),
+        &format!("dt_fwd_{}", suffix(dtype)),
+    );
     let (mut dt_p, stream) = ptr(&dt);
     let (mut r_p, mut b_p) = (ptr(&raw).0, ptr(&bias).0);
     let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
     let mut params = kernel_args!(r_p, b_p, dt_p, n64, h32, lo32, hi32);
     // SAFETY: the kernel's signature; raw, dt `[n]`, bias `[h]`.
-    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            grid_for(n, 256),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop((raw, bias));
     dt
 }
@@ -741,14 +882,28 @@ pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
     let dbias = zeros_f32(&raw, vec![h]);
     if n > 0 {
         let device = raw.device.index;
-        let f = nvrtc::function(device, "heads", &heads_src(), &format!("dt_bwd_{}", suffix(dtype)));
+        let f = nvrtc::function(
+            device,
+            "heads",
+            &heads_src(),
+            &format!("dt_bwd_{}", suffix(dtype)),
+        );
         let (mut d_p, stream) = ptr(&draw);
-        let (mut g_p, mut r_p, mut b_p, mut db_p) = (ptr(&g).0, ptr(&raw).0, ptr(&bias).0, ptr(&dbias).0);
+        let (mut g_p, mut r_p, mut b_p, mut db_p) =
+            (ptr(&g).0, ptr(&raw).0, ptr(&bias).0, ptr(&dbias).0);
         let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
         let mut params = kernel_args!(g_p, r_p, b_p, d_p, db_p, n64, h32, lo32, hi32);
         // SAFETY: as in the forward; `h` floats of shared memory.
         unsafe {
-            launch(device, f, grid_for(n, 256), (256, 1, 1), (h * 4) as u32, stream, &mut params)
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                (h * 4) as u32,
+                stream,
+                &mut params,
+            )
         };
     }
     drop((g, raw, bias));
@@ -765,13 +920,28 @@ pub fn scale_heads_fwd(x: T, a: T) -> T {
         return y;
     }
     let device = x.device.index;
-    let f = nvrtc::function(device, "heads", &heads_src(), &format!("scale_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "heads",
+        &heads_src(),
+        &format!("scale_fwd_{}", suffix(dtype)),
+    );
     let (mut y_p, stream) = ptr(&y);
     let (mut x_p, mut a_p) = (ptr(&x).0, ptr(&a).0);
     let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
     let mut params = kernel_args!(x_p, a_p, y_p, n64, h32, in32);
     // SAFETY: the kernel's signature; x, y `[n]`, a `[h]`.
-    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            grid_for(n, 256),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop((x, a));
     y
 }
@@ -779,20 +949,37 @@ pub fn scale_heads_fwd(x: T, a: T) -> T {
 /// `(dx, da)`; `da` in f32.
 pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
     let dtype = x.dtype;
-    let (x, a, g) = (into_contiguous(x), same_dtype(a, dtype), same_dtype(g, dtype));
+    let (x, a, g) = (
+        into_contiguous(x),
+        same_dtype(a, dtype),
+        same_dtype(g, dtype),
+    );
     let (n, h, inner) = head_layout(&x, &a);
     let dx = empty(&x, x.meta.shape().to_vec(), dtype);
     let da = zeros_f32(&x, vec![h]);
     if n > 0 {
         let device = x.device.index;
-        let f = nvrtc::function(device, "heads", &heads_src(), &format!("scale_bwd_{}", suffix(dtype)));
+        let f = nvrtc::function(
+            device,
+            "heads",
+            &heads_src(),
+            &format!("scale_bwd_{}", suffix(dtype)),
+        );
         let (mut dx_p, stream) = ptr(&dx);
         let (mut g_p, mut x_p, mut a_p, mut da_p) = (ptr(&g).0, ptr(&x).0, ptr(&a).0, ptr(&da).0);
         let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
         let mut params = kernel_args!(g_p, x_p, a_p, dx_p, da_p, n64, h32, in32);
         // SAFETY: as in the forward; `h` floats of shared memory.
         unsafe {
-            launch(device, f, grid_for(n, 256), (256, 1, 1), (h * 4) as u32, stream, &mut params)
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                (h * 4) as u32,
+                stream,
+                &mut params,
+            )
         };
     }
     drop((g, x, a));
@@ -884,9 +1071,21 @@ fn xent_src() -> String {
 
 fn xent_dims(logits: &T, targets: &T) -> (usize, usize) {
     let s = logits.meta.shape();
-    assert_eq!(s.len(), 2, "fused cross-entropy: logits must be [rows, vocab]");
-    assert_eq!(targets.meta.shape().num_elements(), s[0], "fused cross-entropy: one target per row");
-    assert_eq!(targets.dtype, DType::I32, "fused cross-entropy: i32 targets");
+    assert_eq!(
+        s.len(),
+        2,
+        "fused cross-entropy: logits must be [rows, vocab]"
+    );
+    assert_eq!(
+        targets.meta.shape().num_elements(),
+        s[0],
+        "fused cross-entropy: one target per row"
+    );
+    assert_eq!(
+        targets.dtype,
+        DType::I32,
+        "fused cross-entropy: i32 targets"
+    );
     (s[0], s[1])
 }
 
@@ -901,13 +1100,28 @@ pub fn cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
         return (loss, lse);
     }
     let device = logits.device.index;
-    let f = nvrtc::function(device, "xent", &xent_src(), &format!("xent_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "xent",
+        &xent_src(),
+        &format!("xent_fwd_{}", suffix(dtype)),
+    );
     let (mut loss_p, stream) = ptr(&loss);
     let (mut x_p, mut t_p, mut lse_p) = (ptr(&logits).0, ptr(&targets).0, ptr(&lse).0);
     let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
     let mut params = kernel_args!(x_p, t_p, loss_p, lse_p, rows64, v32, z32);
     // SAFETY: the kernel's signature; logits `[rows, v]`, the rest `[rows]`.
-    unsafe { launch(device, f, norm_grid(rows), (512, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            norm_grid(rows),
+            (512, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop((logits, targets));
     (loss, lse)
 }
@@ -921,14 +1135,29 @@ pub fn cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
     let dx = empty(&logits, vec![rows, v], dtype);
     if rows > 0 {
         let device = logits.device.index;
-        let f = nvrtc::function(device, "xent", &xent_src(), &format!("xent_bwd_{}", suffix(dtype)));
+        let f = nvrtc::function(
+            device,
+            "xent",
+            &xent_src(),
+            &format!("xent_bwd_{}", suffix(dtype)),
+        );
         let (mut dx_p, stream) = ptr(&dx);
         let (mut g_p, mut x_p, mut t_p, mut lse_p) =
             (ptr(&g).0, ptr(&logits).0, ptr(&targets).0, ptr(&lse).0);
         let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
         let mut params = kernel_args!(g_p, x_p, t_p, lse_p, dx_p, rows64, v32, z32);
         // SAFETY: as in the forward; `dx` `[rows, v]`.
-        unsafe { launch(device, f, norm_grid(rows), (512, 1, 1), 0, stream, &mut params) };
+        unsafe {
+            launch(
+                device,
+                f,
+                norm_grid(rows),
+                (512, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
     }
     drop((g, logits, targets, lse));
     dx
@@ -1036,7 +1265,10 @@ fn softmax_src() -> String {
 fn square_rows(t: &T) -> (usize, usize) {
     let s = t.meta.shape();
     let d = s.len();
-    assert!(d >= 2 && s[d - 1] == s[d - 2], "causal softmax: scores must be [.., l, l]");
+    assert!(
+        d >= 2 && s[d - 1] == s[d - 2],
+        "causal softmax: scores must be [.., l, l]"
+    );
     let l = s[d - 1];
     (s.num_elements() / l.max(1), l)
 }
@@ -1051,13 +1283,28 @@ pub fn causal_softmax_fwd(scores: T, scale: f64) -> T {
         return probs;
     }
     let device = scores.device.index;
-    let f = nvrtc::function(device, "softmax", &softmax_src(), &format!("softmax_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "softmax",
+        &softmax_src(),
+        &format!("softmax_fwd_{}", suffix(dtype)),
+    );
     let (mut p_p, stream) = ptr(&probs);
     let mut s_p = ptr(&scores).0;
     let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
     let mut params = kernel_args!(s_p, p_p, rows64, l32, sc);
     // SAFETY: the kernel's signature; both `[rows, l]`.
-    unsafe { launch(device, f, norm_grid(rows), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            norm_grid(rows),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop(scores);
     probs
 }
@@ -1070,13 +1317,28 @@ pub fn causal_softmax_bwd(dprobs: T, probs: T, scale: f64) -> T {
     let ds = empty(&probs, probs.meta.shape().to_vec(), dtype);
     if rows > 0 {
         let device = probs.device.index;
-        let f = nvrtc::function(device, "softmax", &softmax_src(), &format!("softmax_bwd_{}", suffix(dtype)));
+        let f = nvrtc::function(
+            device,
+            "softmax",
+            &softmax_src(),
+            &format!("softmax_bwd_{}", suffix(dtype)),
+        );
         let (mut ds_p, stream) = ptr(&ds);
         let (mut dp_p, mut p_p) = (ptr(&dprobs).0, ptr(&probs).0);
         let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
         let mut params = kernel_args!(dp_p, p_p, ds_p, rows64, l32, sc);
         // SAFETY: as in the forward.
-        unsafe { launch(device, f, norm_grid(rows), (256, 1, 1), 0, stream, &mut params) };
+        unsafe {
+            launch(
+                device,
+                f,
+                norm_grid(rows),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
     }
     drop((dprobs, probs));
     ds
@@ -1144,7 +1406,17 @@ pub fn segsum_exp_fwd(cs: T) -> T {
     let mut params = kernel_args!(c_p, o_p, t32);
     let rows = (n / t) as u32;
     // SAFETY: the kernel's signature; one block per row of `out` (`n / t` rows of `t` f32).
-    unsafe { launch(device, f, (rows, 1, 1), (t.clamp(32, 256) as u32, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            (rows, 1, 1),
+            (t.clamp(32, 256) as u32, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop(cs);
     out
 }
@@ -1166,7 +1438,15 @@ pub fn segsum_exp_bwd(dl: T, cs: T) -> T {
         let mut params = kernel_args!(g_p, c_p, d_p, t32);
         // SAFETY: one block per `[t, t]` matrix of `dl`; `t` floats of shared memory.
         unsafe {
-            launch(device, f, (mats as u32, 1, 1), (256, 1, 1), (t * 4) as u32, stream, &mut params)
+            launch(
+                device,
+                f,
+                (mats as u32, 1, 1),
+                (256, 1, 1),
+                (t * 4) as u32,
+                stream,
+                &mut params,
+            )
         };
     }
     drop((dl, cs));
@@ -1225,19 +1505,38 @@ pub fn swiglu_fwd(g: T, u: T) -> T {
     let (g, u) = (into_contiguous(g), same_dtype(u, dtype));
     let shape = g.meta.shape().to_vec();
     let n: usize = shape.iter().product();
-    assert_eq!(u.meta.shape().num_elements(), n, "fused SwiGLU: gate and up differ in size");
+    assert_eq!(
+        u.meta.shape().num_elements(),
+        n,
+        "fused SwiGLU: gate and up differ in size"
+    );
     let y = empty(&g, shape, dtype);
     if n == 0 {
         return y;
     }
     let device = g.device.index;
-    let f = nvrtc::function(device, "swiglu", &swiglu_src(), &format!("swiglu_fwd_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "swiglu",
+        &swiglu_src(),
+        &format!("swiglu_fwd_{}", suffix(dtype)),
+    );
     let (mut y_p, stream) = ptr(&y);
     let (mut g_p, mut u_p) = (ptr(&g).0, ptr(&u).0);
     let mut n64 = n as i64;
     let mut params = kernel_args!(g_p, u_p, y_p, n64);
     // SAFETY: the kernel's signature; three buffers of `n`.
-    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    unsafe {
+        launch(
+            device,
+            f,
+            grid_for(n, 256),
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
     drop((g, u));
     y
 }
@@ -1245,19 +1544,38 @@ pub fn swiglu_fwd(g: T, u: T) -> T {
 /// `(dg, du)`.
 pub fn swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
     let dtype = g.dtype;
-    let (g, u, dy) = (into_contiguous(g), same_dtype(u, dtype), same_dtype(dy, dtype));
+    let (g, u, dy) = (
+        into_contiguous(g),
+        same_dtype(u, dtype),
+        same_dtype(dy, dtype),
+    );
     let shape = g.meta.shape().to_vec();
     let n: usize = shape.iter().product();
     let (dg, du) = (empty(&g, shape.clone(), dtype), empty(&g, shape, dtype));
     if n > 0 {
         let device = g.device.index;
-        let f = nvrtc::function(device, "swiglu", &swiglu_src(), &format!("swiglu_bwd_{}", suffix(dtype)));
+        let f = nvrtc::function(
+            device,
+            "swiglu",
+            &swiglu_src(),
+            &format!("swiglu_bwd_{}", suffix(dtype)),
+        );
         let (mut dg_p, stream) = ptr(&dg);
         let (mut dy_p, mut g_p, mut u_p, mut du_p) = (ptr(&dy).0, ptr(&g).0, ptr(&u).0, ptr(&du).0);
         let mut n64 = n as i64;
         let mut params = kernel_args!(dy_p, g_p, u_p, dg_p, du_p, n64);
         // SAFETY: as in the forward; five buffers of `n`.
-        unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
     }
     drop((dy, g, u));
     (dg, du)
@@ -1380,7 +1698,15 @@ pub fn masked_decay_fwd(cs: T, s: T) -> T {
     let mut params = kernel_args!(c_p, s_p, o_p, h32, nc32, q32, g32);
     // SAFETY: the kernel's signature; one block per output row of `q` f32.
     unsafe {
-        launch(device, f, (rows as u32, 1, 1), (q.clamp(32, 256) as u32, 1, 1), 0, stream, &mut params)
+        launch(
+            device,
+            f,
+            (rows as u32, 1, 1),
+            (q.clamp(32, 256) as u32, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
     };
     drop((cs, s));
     out
@@ -1402,7 +1728,8 @@ pub fn masked_decay_bwd(dm: T, cs: T, s: T) -> (T, T) {
         let f_ds = nvrtc::function(device, "masked", MASKED, "masked_bwd_ds");
         let f_dcs = nvrtc::function(device, "masked", MASKED, "masked_bwd_dcs");
         let (mut ds_p, stream) = ptr(&ds);
-        let (mut dm_p, mut c_p, mut s_p, mut dcs_p) = (ptr(&dm).0, ptr(&cs).0, ptr(&s).0, ptr(&dcs).0);
+        let (mut dm_p, mut c_p, mut s_p, mut dcs_p) =
+            (ptr(&dm).0, ptr(&cs).0, ptr(&s).0, ptr(&dcs).0);
         let (mut h32, mut nc32, mut q32, mut g32) = (h as i32, nc as i32, q as i32, g as i32);
         let mut p1 = kernel_args!(dm_p, c_p, ds_p, h32, nc32, q32, g32);
         let mut p2 = kernel_args!(dm_p, c_p, s_p, dcs_p, h32, nc32, q32, g32);
@@ -1410,8 +1737,24 @@ pub fn masked_decay_bwd(dm: T, cs: T, s: T) -> (T, T) {
         // SAFETY: the kernels' signatures; one block per row of `dS`, then
         // one per `[q, q]` matrix of `dM` with `q` floats of shared memory.
         unsafe {
-            launch(device, f_ds, ((b * nc * g * q) as u32, 1, 1), threads, 0, stream, &mut p1);
-            launch(device, f_dcs, ((b * h * nc) as u32, 1, 1), (256, 1, 1), (q * 4) as u32, stream, &mut p2);
+            launch(
+                device,
+                f_ds,
+                ((b * nc * g * q) as u32, 1, 1),
+                threads,
+                0,
+                stream,
+                &mut p1,
+            );
+            launch(
+                device,
+                f_dcs,
+                ((b * h * nc) as u32, 1, 1),
+                (256, 1, 1),
+                (q * 4) as u32,
+                stream,
+                &mut p2,
+            );
         }
     }
     drop((dm, cs, s));

@@ -9,22 +9,22 @@
 //! burn's own device memory (`cublas.rs`).
 
 mod autodiff;
-mod pieces;
-pub mod reference;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 #[cfg(feature = "cuda")]
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+mod pieces;
+pub mod reference;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 
 pub use pieces::{
-    causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
-    masked_decay, segsum_exp, swiglu,
+    causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, masked_decay, rms_norm,
+    scale_heads, segsum_exp, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -76,7 +76,11 @@ pub trait BambaBackend: Backend {
         _z: Option<FloatTensor<Self>>,
         _w: FloatTensor<Self>,
         _rstd: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+        FloatTensor<Self>,
+    ) {
         unimplemented!("this backend has no fused RMSNorm (bamba_fused() is false)")
     }
 
@@ -104,7 +108,11 @@ pub trait BambaBackend: Backend {
         _x: FloatTensor<Self>,
         _w: FloatTensor<Self>,
         _bias: Option<FloatTensor<Self>>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
         unimplemented!("this backend has no fused conv (bamba_fused() is false)")
     }
 

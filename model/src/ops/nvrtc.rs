@@ -86,7 +86,7 @@ pub fn ptr(t: &T) -> (u64, cu::CUstream) {
         .get_resource(t.handle.clone())
         .expect("device memory of a CUDA tensor");
     let r = res.resource();
-    (r.ptr as u64, r.stream as cu::CUstream)
+    (r.ptr, r.stream as cu::CUstream)
 }
 
 /// Launches `f` on `stream`. `params` point at the kernel's arguments, in

@@ -6,9 +6,7 @@ use burn::tensor::{Int, Tensor, TensorPrimitive};
 
 use super::{BambaBackend, reference};
 
-fn float<B: BambaBackend, const D: usize>(
-    t: burn::tensor::ops::FloatTensor<B>,
-) -> Tensor<B, D> {
+fn float<B: BambaBackend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
@@ -25,7 +23,12 @@ pub fn rms_norm<B: BambaBackend>(
         return reference::rms_norm(x, z, w, eps);
     }
     let p = |t: Tensor<B, 3>| t.into_primitive().tensor();
-    float(B::bamba_rms_norm(p(x), z.map(p), w.into_primitive().tensor(), eps))
+    float(B::bamba_rms_norm(
+        p(x),
+        z.map(p),
+        w.into_primitive().tensor(),
+        eps,
+    ))
 }
 
 /// `silu(causal_depthwise_conv(x))`, `x [b, l, c]`, `w [c, 1, k]`.
@@ -37,7 +40,11 @@ pub fn conv1d_silu<B: BambaBackend>(
     if !B::bamba_fused() {
         return reference::conv1d_silu(x, w, bias);
     }
-    let x = if x.dtype() == w.dtype() { x } else { x.cast(w.dtype()) };
+    let x = if x.dtype() == w.dtype() {
+        x
+    } else {
+        x.cast(w.dtype())
+    };
     float(B::bamba_conv1d_silu(
         x.into_primitive().tensor(),
         w.into_primitive().tensor(),
@@ -100,7 +107,10 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
     if !B::bamba_fused() {
         return reference::causal_softmax(scores, scale);
     }
-    float(B::bamba_causal_softmax(scores.into_primitive().tensor(), scale))
+    float(B::bamba_causal_softmax(
+        scores.into_primitive().tensor(),
+        scale,
+    ))
 }
 
 /// The SSD decay matrix `exp(segsum(x))`: `[.., t] -> [.., t, t]`, entry
@@ -120,7 +130,10 @@ pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3>
     if !(B::bamba_fused() && g.dtype() == u.dtype()) {
         return reference::swiglu(g, u);
     }
-    float(B::bamba_swiglu(g.into_primitive().tensor(), u.into_primitive().tensor()))
+    float(B::bamba_swiglu(
+        g.into_primitive().tensor(),
+        u.into_primitive().tensor(),
+    ))
 }
 
 /// The SSD's masked intra-chunk matrix `M [b, h, nc, q, q]`:

@@ -121,7 +121,11 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
         .unsqueeze::<4>()
         .expand([b, h, l, l]);
     // The mask is -inf, so rows never see the future.
-    softmax(scores.cast(DType::F32).mask_fill(future, f32::NEG_INFINITY), 3).cast(dtype)
+    softmax(
+        scores.cast(DType::F32).mask_fill(future, f32::NEG_INFINITY),
+        3,
+    )
+    .cast(dtype)
 }
 
 /// `out[.., i, j] = x[j+1] + .. + x[i]` for `j <= i`, `-inf` above the

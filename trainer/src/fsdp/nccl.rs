@@ -144,18 +144,20 @@ impl NcclComm {
             self.ctx.bind_to_thread()?;
             let compute = dst.stream as cu::CUstream;
             let err = |what: &str, e: &dyn std::fmt::Debug| {
-                anyhow::anyhow!(
-                    "NCCL {what} (rank {} of {}): {e:?}",
-                    self.rank,
-                    self.size
-                )
+                anyhow::anyhow!("NCCL {what} (rank {} of {}): {e:?}", self.rank, self.size)
             };
             let stream = if side {
                 // The collective starts once the compute stream reaches here.
                 let ready = record(compute).map_err(|e| err("stream event", &e))?;
                 // SAFETY: both handles are live; the event is recorded.
-                unsafe { drv::stream::wait_event(self.side, ready.0, cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
-                    .map_err(|e| err("stream wait", &e))?;
+                unsafe {
+                    drv::stream::wait_event(
+                        self.side,
+                        ready.0,
+                        cu::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                }
+                .map_err(|e| err("stream wait", &e))?;
                 self.side
             } else {
                 compute
@@ -231,7 +233,9 @@ impl Drop for Event {
 }
 
 fn record(stream: cu::CUstream) -> Result<Event, cudarc::driver::DriverError> {
-    let e = Event(drv::event::create(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING)?);
+    let e = Event(drv::event::create(
+        cu::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+    )?);
     // SAFETY: a fresh event on a live stream.
     unsafe { drv::event::record(e.0, stream)? };
     Ok(e)

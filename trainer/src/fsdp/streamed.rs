@@ -109,6 +109,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     /// One micro-batch, unit by unit. Returns the (scaled) loss; gradients go
     /// to the unit buffers, reduce-scattered when `last` (no communication
     /// for earlier micro-batches of an accumulation).
+    #[allow(clippy::too_many_arguments)]
     pub fn streamed_step(
         &mut self,
         model: &mut BambaForCausalLM<B>,
@@ -139,7 +140,12 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let mut order = vec![embed];
         order.extend(&layer_units);
         order.push(head);
-        order.extend((0..n_layers).rev().filter(|&i| recompute(i)).map(|i| layer_units[i]));
+        order.extend(
+            (0..n_layers)
+                .rev()
+                .filter(|&i| recompute(i))
+                .map(|i| layer_units[i]),
+        );
         if !tied {
             order.push(embed);
         }
@@ -234,7 +240,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 reduces.push_back((u, self.start_reduce(u, shard_comm, overlap)?));
                 // The previous unit's reduce-scatter ran beside this backward.
                 while reduces.len() > 1 || !overlap {
-                    let Some((r, p)) = reduces.pop_front() else { break };
+                    let Some((r, p)) = reduces.pop_front() else {
+                        break;
+                    };
                     self.finish_reduce(r, p, replicate_comm)?;
                 }
             }
@@ -256,7 +264,10 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             self.finish_reduce(r, p, replicate_comm)?;
         }
         ensure!(saved.is_empty(), "every saved activation is consumed");
-        ensure!(gathers.order.is_empty() && gathers.next.is_none(), "every gather is used");
+        ensure!(
+            gathers.order.is_empty() && gathers.next.is_none(),
+            "every gather is used"
+        );
         Ok(loss.inner())
     }
 
