@@ -56,17 +56,26 @@ pub struct RankShard {
 
 pub const STATE_NAMES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 
-/// Writes `bytes` to `dir/name`, fsynced; returns its manifest entry.
+/// Writes `bytes` to `dir/name`, fsynced; returns its manifest entry. The
+/// sha256 is computed on another thread while the file is written.
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
     let path = dir.join(name);
-    let mut f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
+    let (written, sha256) = std::thread::scope(|s| {
+        let hash = s.spawn(|| hex(&Sha256::digest(bytes)));
+        let written = File::create(&path)
+            .with_context(|| format!("creating {}", path.display()))
+            .and_then(|mut f| {
+                f.write_all(bytes)
+                    .and_then(|_| f.sync_all())
+                    .with_context(|| format!("writing {}", path.display()))
+            });
+        (written, hash.join().expect("sha256 thread"))
+    });
+    written?;
     Ok(FileEntry {
         name: name.to_string(),
         bytes: bytes.len() as u64,
-        sha256: hex(&Sha256::digest(bytes)),
+        sha256,
     })
 }
 
@@ -78,31 +87,34 @@ pub fn loader_file(rank: usize) -> String {
     format!("loader_{rank}.json")
 }
 
-/// Serializes a shard's slices as safetensors.
+/// Serializes a shard's slices as safetensors (little-endian f32, copied
+/// once, into the file image).
 pub fn encode_shard(shard: &RankShard) -> Result<Vec<u8>> {
-    let mut bufs = vec![];
+    let mut views = vec![];
     for (unit, states) in &shard.units {
         for (kind, values) in STATE_NAMES.iter().zip(states) {
-            bufs.push((
+            views.push((
                 format!("{unit}.{kind}"),
-                values.len(),
-                values
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![values.len()],
+                    le_bytes(values),
+                )?,
             ));
         }
     }
-    let views = bufs
-        .iter()
-        .map(|(n, len, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, None)?)
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("checkpoint shards are written as the host's f32 bytes: little-endian hosts only");
+
+/// The bytes of `values` as safetensors stores them (little-endian).
+fn le_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte is a valid u8; the length covers the slice.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
 }
 
 /// Rank 0, after every rank wrote its files into the temporary directory:
