@@ -132,25 +132,25 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             "{ strategy: hsdp, shard_group_size: 2, timeout_s: 20 }",
         ),
         ("ddp2", 2, 1, "{ strategy: ddp, timeout_s: 20 }"),
-        // Per-layer gathers with recomputation (all layers, then every other one).
+        // Per-layer gathers with recomputation (all layers, then every other
+        // one), collectives in turn and prefetched/overlapped.
         (
             "fsdp2_streamed",
             2,
             2,
             "{ strategy: fsdp, activation_checkpointing: 1.0, timeout_s: 20 }",
         ),
-        // The same with each collective in turn (no prefetch, no overlap).
         (
-            "fsdp2_streamed_serial",
+            "fsdp2_streamed_overlap",
             2,
             2,
-            "{ strategy: fsdp, activation_checkpointing: 1.0, overlap_comm: false, timeout_s: 20 }",
+            "{ strategy: fsdp, activation_checkpointing: 1.0, overlap_comm: true, timeout_s: 20 }",
         ),
         (
             "hsdp2x2_ac_half",
             4,
             1,
-            "{ strategy: hsdp, shard_group_size: 2, activation_checkpointing: 0.5, timeout_s: 20 }",
+            "{ strategy: hsdp, shard_group_size: 2, activation_checkpointing: 0.5, overlap_comm: true, timeout_s: 20 }",
         ),
     ] {
         let cfg = write_config(d, name, 8, micro, "");
