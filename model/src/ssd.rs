@@ -6,7 +6,9 @@
 //! `y_t = C_t h_t`. Inside a chunk of Q steps it is a masked (causal) matrix
 //! product; chunk-final states carry across chunks by the same decay.
 
-use crate::ops::{BambaBackend, masked_decay, matmul, matmul_tf32, scale_heads, segsum_exp};
+use crate::ops::{
+    BambaBackend, matmul, matmul_tf32, scale_heads, scale_rows, ssd_diag, ssd_states,
+};
 use burn::tensor::{DType, Tensor};
 
 /// `y` of the SSM (without the `D x` skip), computed in f32.
@@ -18,6 +20,12 @@ use burn::tensor::{DType, Tensor};
 ///
 /// Any `l` works: the sequence is zero-padded to a multiple of `chunk` and
 /// cropped after (padding adds nothing to earlier positions: causal).
+///
+/// Everything stays in the input's layout, cut into chunks in place
+/// (`[b, nc, q, ..]`): a group's heads are one matrix `[q, hg * p]` that
+/// its `B` and `C` (`[q, n]`) multiply directly, so no operand is permuted
+/// into a per-head copy, and the per-head `[q, q]` decay matrices exist only
+/// inside [`ssd_diag`].
 pub fn ssd_chunked<B: BambaBackend>(
     x: Tensor<B, 4>,
     dt: Tensor<B, 3>,
@@ -41,81 +49,72 @@ pub fn ssd_chunked<B: BambaBackend>(
     let pad = (q - l % q) % q;
     let nc = (l + pad) / q;
 
-    // Discretise: x dt and A dt.
-    let x = x * dt.clone().unsqueeze_dim::<4>(3);
-    let adt = scale_heads(dt, a);
-
-    // Heads and chunks become batch dims: x, A dt per head as [b, h, chunk,
-    // step, ..]; B and C stay per group, [b, chunk, group, step, n], and
-    // meet the heads of their group as one wider matrix [.., step, hg * p]
-    // (no copy of B and C per head).
-    let x = pad_seq(x, pad)
-        .reshape([b, nc, q, h, p])
-        .permute([0, 3, 1, 2, 4]); // [b, h, nc, q, p]
-    let adt = pad_seq(adt, pad)
+    // Discretise (x dt, A dt) and cut into chunks: [b, nc, q, ..].
+    let x = pad_seq(scale_rows(x, dt.clone()), pad).reshape([b, nc, q, h, p]);
+    let cs = pad_seq(scale_heads(dt, a), pad)
         .reshape([b, nc, q, h])
-        .permute([0, 3, 1, 2]); // [b, h, nc, q]
-    let per_group = |t: Tensor<B, 4>| -> Tensor<B, 5> {
-        pad_seq(t, pad)
-            .reshape([b, nc, q, g, n])
-            .permute([0, 1, 3, 2, 4])
-    };
-    let (bm, cm) = (per_group(bm), per_group(cm)); // [b, nc, g, q, n]
-    // [b, h, nc, r, p] <-> [b, nc, g, r, hg * p]
-    let to_groups = |t: Tensor<B, 5>, r: usize| -> Tensor<B, 5> {
-        t.reshape([b, g, hg, nc, r, p])
-            .permute([0, 3, 1, 4, 2, 5])
-            .reshape([b, nc, g, r, hg * p])
-    };
-    let to_heads = |t: Tensor<B, 5>, r: usize| -> Tensor<B, 5> {
-        t.reshape([b, nc, g, r, hg, p])
-            .permute([0, 2, 4, 1, 3, 5])
-            .reshape([b, h, nc, r, p])
-    };
+        .cumsum(2); // cumulative log-decay within each chunk
+    let bm = pad_seq(bm, pad).reshape([b, nc, q, g * n]);
+    let cm = pad_seq(cm, pad).reshape([b, nc, q, g * n]);
+    // Group `gi`'s B or C, [b, nc, q, n], and its heads' columns of a
+    // [b, nc, r, h * p] tensor.
+    let group = |t: &Tensor<B, 4>, gi: usize| cols(t.clone(), gi * n, n);
+    let heads = |t: &Tensor<B, 4>, gi: usize| cols(t.clone(), gi * hg * p, hg * p);
 
-    let a_cumsum = adt.cumsum(3); // [b, h, nc, q]
+    // 1. Within each chunk: y_i = sum_{j <= i} exp(cs_i - cs_j) (C_i . B_j) x_j,
+    //    with C B^T once per group.
+    let scores = per_group(g, 2, |gi| {
+        mm(group(&cm, gi), group(&bm, gi).swap_dims(2, 3), fast).unsqueeze_dim::<5>(2)
+    }); // [b, nc, g, q, q]
+    let y_diag = ssd_diag(scores, cs.clone(), x.clone());
 
-    // 1. Within each chunk: (C B^T o L) x, L the causal decay matrix; C B^T
-    //    once per group, broadcast over the group's heads.
-    let scores = mm(cm.clone(), bm.clone().swap_dims(3, 4), fast); // [b, nc, g, q, q]
-    let masked = masked_decay(a_cumsum.clone(), scores); // [b, h, nc, q, q]
-    let y_diag = mm(masked, x.clone(), fast); // [b, h, nc, q, p]
+    // 2. The state each chunk leaves behind, from its own inputs only:
+    //    sum_j exp(cs_last - cs_j) B_j x_j^T, per group [b, nc, n, hg * p].
+    let cs_last = cs.clone().narrow(2, q - 1, 1); // [b, nc, 1, h]
+    let x_end = scale_rows(x, (cs_last.clone() - cs.clone()).exp()).reshape([b, nc, q, h * p]);
+    let states = per_group(g, 3, |gi| {
+        mm(group(&bm, gi).swap_dims(2, 3), heads(&x_end, gi), fast)
+    }); // [b, nc, n, h * p]
 
-    // 2. The state each chunk leaves behind, from its own inputs only.
-    let a_last = a_cumsum.clone().narrow(3, q - 1, 1); // [b, h, nc, 1]
-    let decay_to_end = (a_last.clone() - a_cumsum.clone()).exp();
-    let x_end = to_groups(x * decay_to_end.unsqueeze_dim::<5>(4), q);
-    let states = to_heads(mm(bm.swap_dims(3, 4), x_end, fast), n); // [b, h, nc, n, p]
+    // 3. Carry states across chunks, per head: the state entering chunk c.
+    let entering = ssd_states(
+        states.reshape([b, nc, n, h, p]),
+        cs_last.reshape([b, nc, h]),
+    )
+    .reshape([b, nc, n, h * p]);
 
-    // 3. Carry states across chunks: the state entering chunk c.
-    let device = states.device();
-    let states = Tensor::cat(
-        vec![
-            Tensor::zeros([b, h, 1, n * p], &device),
-            states.reshape([b, h, nc, n * p]),
-        ],
-        2,
+    // 4. What the entering state contributes: exp(cs_i) C_i . state.
+    let y_off = scale_rows(
+        per_group(g, 3, |gi| mm(group(&cm, gi), heads(&entering, gi), fast))
+            .reshape([b, nc, q, h, p]),
+        cs.exp(),
     );
-    let chunk_a = Tensor::cat(
-        vec![
-            Tensor::zeros([b, h, 1], &device),
-            a_last.reshape([b, h, nc]),
-        ],
-        2,
-    );
-    let chunk_decay = segsum_exp::<B, 3, 4>(chunk_a); // [b, h, nc+1, nc+1]
-    let carried = mm(chunk_decay, states, fast);
-    let entering = carried.narrow(2, 0, nc).reshape([b, h, nc, n, p]);
 
-    // 4. What the entering state contributes to each step of the chunk.
-    let y_off =
-        to_heads(mm(cm, to_groups(entering, n), fast), q) * a_cumsum.exp().unsqueeze_dim::<5>(4);
+    let y = (y_diag + y_off).reshape([b, nc * q, h, p]);
+    let y = if pad > 0 { y.narrow(1, 0, l) } else { y };
+    y.cast(dtype)
+}
 
-    (y_diag + y_off)
-        .permute([0, 2, 3, 1, 4])
-        .reshape([b, nc * q, h, p])
-        .narrow(1, 0, l)
-        .cast(dtype)
+/// Columns `start .. start + len` of the last dim; the whole tensor as is
+/// (a full-width `narrow` would cost a zero-filled gradient in backward).
+fn cols<B: BambaBackend>(t: Tensor<B, 4>, start: usize, len: usize) -> Tensor<B, 4> {
+    if start == 0 && len == t.dims()[3] {
+        t
+    } else {
+        t.narrow(3, start, len)
+    }
+}
+
+/// `f(group)` for each group, concatenated along `dim` (one group: as is).
+fn per_group<B: BambaBackend, const D: usize>(
+    g: usize,
+    dim: usize,
+    f: impl Fn(usize) -> Tensor<B, D>,
+) -> Tensor<B, D> {
+    if g == 1 {
+        return f(0);
+    }
+    Tensor::cat((0..g).map(f).collect(), dim)
 }
 
 /// `a @ b`, as TF32 when `fast`.

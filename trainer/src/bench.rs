@@ -184,6 +184,12 @@ pub fn ops<B: BambaAutodiffBackend>(
             }
         }
     };
+    // A scalar from one position: a full `sum()` would add a reduction
+    // over the whole output to the piece's time (the backward still
+    // computes every gradient).
+    fn probe<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 1> {
+        t.narrow(1, 0, 1).sum()
+    }
     let h = model_cfg.hidden_size;
     let (b, l) = (batch, seq);
     let lp = vb.pp("model").pp("layers");
@@ -194,23 +200,25 @@ pub fn ops<B: BambaAutodiffBackend>(
         .map(&mut crate::forward::CastParams(compute));
     let rope = rope_tables(l, model_cfg.rotary_dim(), model_cfg.rope_theta, device);
     let x = rand([b, l, h]);
-    time("mamba_layer", &mut || mamba.forward(x.clone(), &rope).sum());
+    time("mamba_layer", &mut || {
+        probe(mamba.forward(x.clone(), &rope))
+    });
     let mixer = mamba.mamba.as_ref().expect("a mamba layer");
-    time("mamba_mixer", &mut || mixer.forward(x.clone()).sum());
-    time("in_proj", &mut || mixer.in_proj.forward(x.clone()).sum());
-    time("mlp", &mut || mamba.feed_forward.forward(x.clone()).sum());
+    time("mamba_mixer", &mut || probe(mixer.forward(x.clone())));
+    time("in_proj", &mut || probe(mixer.in_proj.forward(x.clone())));
+    time("mlp", &mut || probe(mamba.feed_forward.forward(x.clone())));
     time("rmsnorm", &mut || {
-        mamba.input_layernorm.forward(x.clone()).sum()
+        probe(mamba.input_layernorm.forward(x.clone()))
     });
     let cd = model_cfg.conv_dim();
     let xc = rand([b, l, cd]);
     time("conv1d", &mut || {
-        mixer.conv1d.forward_silu(xc.clone()).sum()
+        probe(mixer.conv1d.forward_silu(xc.clone()))
     });
     let di = model_cfg.d_inner();
     let (y, z) = (rand([b, l, di]), rand([b, l, di]));
     time("gated_norm", &mut || {
-        mixer.norm.forward(y.clone(), z.clone()).sum()
+        probe(mixer.norm.forward(y.clone(), z.clone()))
     });
     let (nh, p, g, n) = (
         model_cfg.mamba_n_heads,
@@ -228,21 +236,20 @@ pub fn ops<B: BambaAutodiffBackend>(
         .require_grad();
     let a = Tensor::<B, 1>::random([nh], Distribution::Uniform(-8.0, -1.0), device);
     time("ssd_chunked", &mut || {
-        ssd_chunked(
+        probe(ssd_chunked(
             xs.clone(),
             dt.clone(),
             a.clone(),
             bm.clone(),
             cm.clone(),
             model_cfg.mamba_chunk_size,
-        )
-        .sum()
+        ))
     });
     if let Some(ai) = model_cfg.attn_layer_indices.first().copied() {
         let attn = BambaDecoderLayer::<B>::new(&lp.pp(ai), model_cfg, ai)?
             .map(&mut crate::forward::CastParams(compute));
         time("attention_layer", &mut || {
-            attn.forward(x.clone(), &rope).sum()
+            probe(attn.forward(x.clone(), &rope))
         });
     }
     let head = Linear::<B>::new(&vb.pp("lm_head"), h, model_cfg.vocab_size, false)?
@@ -399,6 +406,65 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 Box::new(move |x| ops::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])),
                 Box::new(move |x| {
                     reference::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])
+                }),
+            );
+        }
+        // Partial tiles (q, p not multiples of 64; p not of 32) and two groups.
+        for (b, nc, q, h, p, g) in [
+            (2, 3, 37, 4, 5, 2),
+            (1, 2, 130, 3, 70, 1),
+            (1, 16, 256, 64, 64, 1),
+        ]
+        .into_iter()
+        .filter(|s| large || s.3 < 64)
+        {
+            let sc = move |x: &Inputs<B>| x[0].clone().reshape([b, nc, g, q, q]);
+            let cs =
+                move |x: &Inputs<B>| (-x[1].clone().reshape([b, nc, q, h]).abs() * 0.1).cumsum(2);
+            let xs = move |x: &Inputs<B>| x[2].clone().reshape([b, nc, q, h, p]);
+            let n = b * nc * q * h * p;
+            check(
+                &format!("ssd_diag_{b}x{nc}x{q}x{h}x{p}_g{g}"),
+                DType::F32,
+                &[
+                    vec![b, nc, g, q, q],
+                    vec![b, nc, q, h],
+                    vec![b, nc, q, h, p],
+                ],
+                Box::new(move |x| ops::ssd_diag(sc(x), cs(x), xs(x)).reshape([n])),
+                Box::new(move |x| reference::ssd_diag(sc(x), cs(x), xs(x)).reshape([n])),
+            );
+        }
+        for (b, nc, n, h, p) in [(2, 3, 5, 4, 7), (1, 5, 16, 3, 100), (1, 16, 128, 64, 64)]
+            .into_iter()
+            .filter(|s| large || s.3 < 64)
+        {
+            let st = move |x: &Inputs<B>| x[0].clone().reshape([b, nc, n, h, p]);
+            // Log-decays are negative.
+            let a = move |x: &Inputs<B>| -x[1].clone().reshape([b, nc, h]).abs();
+            let len = b * nc * n * h * p;
+            check(
+                &format!("ssd_states_{b}x{nc}x{n}x{h}x{p}"),
+                DType::F32,
+                &[vec![b, nc, n, h, p], vec![b, nc, h]],
+                Box::new(move |x| ops::ssd_states(st(x), a(x)).reshape([len])),
+                Box::new(move |x| reference::ssd_states(st(x), a(x)).reshape([len])),
+            );
+        }
+        for (r, p) in [(37, 5), (262144, 64)]
+            .into_iter()
+            .filter(|s| large || s.0 < 1000)
+        {
+            check(
+                &format!("scale_rows_{r}x{p}"),
+                DType::F32,
+                &[vec![r, p], vec![r]],
+                Box::new(move |x| {
+                    ops::scale_rows(x[0].clone().reshape([r, p]), x[1].clone()).reshape([r * p])
+                }),
+                Box::new(move |x| {
+                    reference::scale_rows(x[0].clone().reshape([r, p]), x[1].clone())
+                        .reshape([r * p])
                 }),
             );
         }

@@ -237,6 +237,67 @@ impl<B: BambaBackend> Backward<B, 2> for MaskedDecay {
     }
 }
 
+/// Fused SSD intra-chunk product; parents: scores, log-decays, inputs.
+#[derive(Debug)]
+struct SsdDiag;
+
+impl<B: BambaBackend> Backward<B, 3> for SsdDiag {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (scores, cs, x) = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        let (ds, dcs, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, x);
+        let [ps, pc, px] = ops.parents;
+        for (parent, grad) in [(ps, ds), (pc, dcs), (px, dx)] {
+            if let Some(n) = parent {
+                grads.register::<B>(n.id, grad);
+            }
+        }
+    }
+}
+
+/// Fused SSD state recurrence; parents: chunk states, log-decays. Keeps
+/// its own output (the backward reads the entering states).
+#[derive(Debug)]
+struct SsdStates;
+
+impl<B: BambaBackend> Backward<B, 2> for SsdStates {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, e) = ops.state;
+        let de = grads.consume::<B>(&ops.node);
+        let (ds, da) = B::bamba_ssd_states_bwd(de, a, e);
+        let [ps, pa] = ops.parents;
+        for (parent, grad) in [(ps, ds), (pa, da)] {
+            if let Some(n) = parent {
+                grads.register::<B>(n.id, grad);
+            }
+        }
+    }
+}
+
+/// Fused row scale; parents: x, s.
+#[derive(Debug)]
+struct ScaleRows;
+
+impl<B: BambaBackend> Backward<B, 2> for ScaleRows {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, s) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let (dx, ds) = B::bamba_scale_rows_bwd(g, x, s);
+        let [px, ps] = ops.parents;
+        for (parent, grad) in [(px, dx), (ps, ds)] {
+            if let Some(n) = parent {
+                grads.register::<B>(n.id, grad);
+            }
+        }
+    }
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_fused() -> bool {
         B::bamba_fused()
@@ -375,6 +436,55 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((cp, sp), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_masked_decay(cp, sp)),
+        }
+    }
+
+    fn bamba_ssd_diag(
+        scores: FloatTensor<Self>,
+        cs: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let prep = SsdDiag
+            .prepare::<C>([scores.node.clone(), cs.node.clone(), x.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (sp, cp, xp) = (scores.primitive, cs.primitive, x.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_ssd_diag_fwd(sp.clone(), cp.clone(), xp.clone());
+                prep.finish((sp, cp, xp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_diag(sp, cp, xp)),
+        }
+    }
+
+    fn bamba_ssd_states(s: FloatTensor<Self>, a: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = SsdStates
+            .prepare::<C>([s.node.clone(), a.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (sp, ap) = (s.primitive, a.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_ssd_states_fwd(sp, ap.clone());
+                prep.finish((ap, out.clone()), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_states(sp, ap)),
+        }
+    }
+
+    fn bamba_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = ScaleRows
+            .prepare::<C>([x.node.clone(), s.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (xp, sp) = (x.primitive, s.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_scale_rows_fwd(xp.clone(), sp.clone());
+                prep.finish((xp, sp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_scale_rows(xp, sp)),
         }
     }
 

@@ -126,6 +126,30 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::masked_decay_bwd(dm, cs, scores)
     }
 
+    fn bamba_ssd_diag_fwd(scores: T, cs: T, x: T) -> T {
+        super::fused::ssd_diag_fwd(scores, cs, x)
+    }
+
+    fn bamba_ssd_diag_bwd(dy: T, scores: T, cs: T, x: T) -> (T, T, T) {
+        super::fused::ssd_diag_bwd(dy, scores, cs, x)
+    }
+
+    fn bamba_ssd_states_fwd(s: T, a: T) -> T {
+        super::fused::ssd_states_fwd(s, a)
+    }
+
+    fn bamba_ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
+        super::fused::ssd_states_bwd(de, a, e)
+    }
+
+    fn bamba_scale_rows_fwd(x: T, s: T) -> T {
+        super::fused::scale_rows_fwd(x, s)
+    }
+
+    fn bamba_scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
+        super::fused::scale_rows_bwd(g, x, s)
+    }
+
     fn bamba_adamw(s: super::AdamWState<Self>, h: &super::AdamWHyper) -> Option<[T; 3]> {
         Some(super::fused::adamw(
             s.param,

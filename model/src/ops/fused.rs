@@ -1760,3 +1760,556 @@ pub fn masked_decay_bwd(dm: T, cs: T, s: T) -> (T, T) {
     drop((dm, cs, s));
     (dcs, ds)
 }
+
+/// The SSD's intra-chunk product without its `[q, q]` matrix per head
+/// (mamba_ssm's `chunk_scan` diagonal blocks): 64 x 64 output tiles, the
+/// masked decay built tile by tile in shared memory.
+const SSD_DIAG: &str = r#"
+// Per (batch-chunk, head), with S [bc, g, q, q], cs [bc, q, h], v and out
+// [bc, q, h, p] (rows of h * p):
+//   forward:   out[i] = sum_{j <= i} exp(cs[i] - cs[j]) S[g(h)][i, j] v[j]
+//   transpose: out[i] = sum_{j >= i} exp(cs[j] - cs[i]) S[g(h)][j, i] v[j]
+// grid (bc * h, p tiles, i tiles), 256 threads, each a 4 x 4 output patch.
+#define DG_I 64
+#define DG_J 32
+#define DG_P 64
+
+template <bool TRANS>
+__device__ __forceinline__ void diag_apply(
+    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ v,
+    float* __restrict__ out, int q, int h, int g, int p)
+{
+    __shared__ float Ms[DG_I][DG_J + 1];
+    __shared__ float Vs[DG_J][DG_P];
+    __shared__ float c_i[DG_I];
+    __shared__ float c_j[DG_J];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int hi = (int)(blockIdx.x % (unsigned)h);
+    const long long bc = blockIdx.x / (unsigned)h;
+    const int p0 = blockIdx.y * DG_P, i0 = blockIdx.z * DG_I;
+    const int gi = hi / (h / g);
+    const float* Sm = S + (bc * g + gi) * (long long)q * q;
+    const float* cm = cs + bc * q * (long long)h + hi;
+    const long long rs = (long long)h * p;
+    const float* vm = v + bc * q * rs + (long long)hi * p;
+    float* om = out + bc * q * rs + (long long)hi * p;
+    if (tid < DG_I) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+    const int j_begin = TRANS ? i0 : 0;
+    const int j_end = TRANS ? q : min(q, i0 + DG_I);
+    for (int j0 = j_begin; j0 < j_end; j0 += DG_J) {
+        __syncthreads();  // the previous tile is consumed
+        if (tid < DG_J) c_j[tid] = j0 + tid < q ? cm[(long long)(j0 + tid) * h] : 0.0f;
+        for (int e = tid; e < DG_J * DG_P; e += 256) {
+            const int jj = e / DG_P, pp = e - jj * DG_P;
+            const int j = j0 + jj, pc = p0 + pp;
+            Vs[jj][pp] = (j < q && pc < p) ? vm[(long long)j * rs + pc] : 0.0f;
+        }
+        __syncthreads();
+        for (int e = tid; e < DG_I * DG_J; e += 256) {
+            // Coalesced reads of S: along j forward, along i transposed.
+            const int ii = TRANS ? e % DG_I : e / DG_J;
+            const int jj = TRANS ? e / DG_I : e % DG_J;
+            const int i = i0 + ii, j = j0 + jj;
+            float m = 0.0f;
+            if (i < q && j < q) {
+                if (!TRANS && j <= i) m = __expf(c_i[ii] - c_j[jj]) * Sm[(long long)i * q + j];
+                if (TRANS && j >= i) m = __expf(c_j[jj] - c_i[ii]) * Sm[(long long)j * q + i];
+            }
+            Ms[ii][jj] = m;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int jj = 0; jj < DG_J; ++jj) {
+            float a[4], b[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[r] = Ms[ty * 4 + r][jj];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) b[c] = Vs[jj][tx + 16 * c];
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int i = i0 + ty * 4 + r;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int pc = p0 + tx + 16 * c;
+            if (i < q && pc < p) om[(long long)i * rs + pc] = acc[r][c];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) ssd_diag_fwd(
+    const float* S, const float* cs, const float* x, float* y, int q, int h, int g, int p)
+{
+    diag_apply<false>(S, cs, x, y, q, h, g, p);
+}
+
+extern "C" __global__ void __launch_bounds__(256) ssd_diag_dx(
+    const float* S, const float* cs, const float* dy, float* dx, int q, int h, int g, int p)
+{
+    diag_apply<true>(S, cs, dy, dx, q, h, g, p);
+}
+
+// For one 64 x 64 tile (it, jt) of one (batch-chunk, group), with
+//   G_h[i, j] = exp(cs_h[i] - cs_h[j]) (dy_h[i] . x_h[j])   (j <= i):
+//   dS[i, j] = sum over the group's heads of G_h[i, j];
+//   dcs_h[i] += sum_j S[i, j] G_h[i, j],  dcs_h[j] -= sum_i S[i, j] G_h[i, j].
+// The dcs sums go to part [2 nt, bc, q, h] (zeroed): row sums in slot jt,
+// column sums in slot nt + it, added in a fixed order after (reproducible:
+// no atomics). grid (bc * g * hs, nt, nt): the group's heads in `hs` splits,
+// each writing its own dS partial [hs, bc, g, q, q]; tiles above the
+// diagonal write zeros.
+extern "C" __global__ void __launch_bounds__(256) ssd_diag_grad(
+    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ x,
+    const float* __restrict__ dy, float* __restrict__ dS, float* __restrict__ part,
+    int q, int h, int g, int p, int nt, long long bcn, int hs)
+{
+    __shared__ float As[64][33];
+    __shared__ float Bs[64][33];
+    __shared__ float c_i[64];
+    __shared__ float c_j[64];
+    __shared__ float red[64][17];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int split = (int)(blockIdx.x % (unsigned)hs);
+    const long long bcg = blockIdx.x / (unsigned)hs;
+    const int gi = (int)(bcg % g);
+    const long long bc = bcg / g;
+    const int jt = blockIdx.y, it = blockIdx.z;
+    const int i0 = it * 64, j0 = jt * 64;
+    const int hg = h / g, per = hg / hs;
+    float* dSm = dS + ((split * bcn + bc) * g + gi) * (long long)q * q;
+    if (jt > it) {
+        for (int e = tid; e < 64 * 64; e += 256) {
+            const int i = i0 + (e >> 6), j = j0 + (e & 63);
+            if (i < q && j < q) dSm[(long long)i * q + j] = 0.0f;
+        }
+        return;
+    }
+    const float* Sm = S + (bc * g + gi) * (long long)q * q;
+    float s[4][4], ds[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int i = i0 + ty * 4 + r;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int j = j0 + tx + 16 * c;
+            s[r][c] = (i < q && j <= i) ? Sm[(long long)i * q + j] : 0.0f;
+            ds[r][c] = 0.0f;
+        }
+    }
+    const long long rs = (long long)h * p;
+    for (int k = split * per; k < (split + 1) * per; ++k) {
+        const int hi = gi * hg + k;
+        const float* xm = x + bc * q * rs + (long long)hi * p;
+        const float* dym = dy + bc * q * rs + (long long)hi * p;
+        const float* cm = cs + bc * q * (long long)h + hi;
+        __syncthreads();  // the previous head's shared data is consumed
+        if (tid < 64) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+        else if (tid < 128) c_j[tid - 64] = j0 + tid - 64 < q ? cm[(long long)(j0 + tid - 64) * h] : 0.0f;
+        float d[4][4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) d[r][c] = 0.0f;
+        for (int k0 = 0; k0 < p; k0 += 32) {
+            if (k0 > 0) __syncthreads();
+            for (int e = tid; e < 64 * 32; e += 256) {
+                const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
+                As[rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : 0.0f;
+                Bs[rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * rs + pc] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int kk = 0; kk < 32; ++kk) {
+                float a[4], b[4];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) a[r] = As[ty * 4 + r][kk];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) b[c] = Bs[tx + 16 * c][kk];
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) d[r][c] = fmaf(a[r], b[c], d[r][c]);
+            }
+        }
+        float rsum[4], csum[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) rsum[r] = csum[r] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + ty * 4 + r;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int j = j0 + tx + 16 * c;
+                if (i < q && j <= i) {
+                    const float e = __expf(c_i[ty * 4 + r] - c_j[tx + 16 * c]) * d[r][c];
+                    ds[r][c] += e;
+                    const float gg = s[r][c] * e;
+                    rsum[r] += gg;
+                    csum[c] += gg;
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red[ty * 4 + r][tx] = rsum[r];
+        __syncthreads();
+        if (tid < 64 && i0 + tid < q) {
+            float t = 0.0f;
+            for (int w = 0; w < 16; ++w) t += red[tid][w];
+            part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int c = 0; c < 4; ++c) red[tx + 16 * c][ty] = csum[c];
+        __syncthreads();
+        if (tid < 64 && j0 + tid < q) {
+            float t = 0.0f;
+            for (int w = 0; w < 16; ++w) t += red[tid][w];
+            part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int i = i0 + ty * 4 + r;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int j = j0 + tx + 16 * c;
+            if (i < q && j < q) dSm[(long long)i * q + j] = ds[r][c];
+        }
+    }
+}
+"#;
+
+/// `(b * nc, q, h, p, g)` of the SSD diagonal op's operands.
+fn diag_dims(s: &T, cs: &T, x: &T) -> (usize, usize, usize, usize, usize) {
+    let (ss, cd, xs) = (s.meta.shape(), cs.meta.shape(), x.meta.shape());
+    assert!(
+        ss.len() == 5 && cd.len() == 4 && xs.len() == 5,
+        "SSD diagonal: scores [b, nc, g, q, q], cs [b, nc, q, h], x [b, nc, q, h, p]"
+    );
+    let (b, nc, q, h, p, g) = (xs[0], xs[1], xs[2], xs[3], xs[4], ss[2]);
+    assert_eq!(&cd[..], &[b, nc, q, h], "SSD diagonal: cs shape");
+    assert_eq!(&ss[..], &[b, nc, g, q, q], "SSD diagonal: scores shape");
+    assert!(g > 0 && h % g == 0, "SSD diagonal: {h} heads in {g} groups");
+    (b * nc, q, h, p, g)
+}
+
+/// `y [b, nc, q, h, p]` (f32) from scores, `cs` and `x` (see [`SSD_DIAG`]).
+pub fn ssd_diag_fwd(s: T, cs: T, x: T) -> T {
+    let (bcn, q, h, p, g) = diag_dims(&s, &cs, &x);
+    let (s, cs, x) = (
+        same_dtype(s, DType::F32),
+        same_dtype(cs, DType::F32),
+        same_dtype(x, DType::F32),
+    );
+    let out = empty(&x, x.meta.shape().to_vec(), DType::F32);
+    if bcn * q * h * p > 0 {
+        diag_apply(&s, &cs, &x, &out, "ssd_diag_fwd", (bcn, q, h, p, g));
+    }
+    drop((s, cs, x));
+    out
+}
+
+fn diag_apply(
+    s: &T,
+    cs: &T,
+    v: &T,
+    out: &T,
+    kernel: &str,
+    dims: (usize, usize, usize, usize, usize),
+) {
+    let (bcn, q, h, p, g) = dims;
+    let device = v.device.index;
+    let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, kernel);
+    let (mut o_p, stream) = ptr(out);
+    let (mut s_p, mut c_p, mut v_p) = (ptr(s).0, ptr(cs).0, ptr(v).0);
+    let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
+    let mut params = kernel_args!(s_p, c_p, v_p, o_p, q32, h32, g32, p32);
+    let grid = (
+        (bcn * h) as u32,
+        p.div_ceil(64) as u32,
+        q.div_ceil(64) as u32,
+    );
+    // SAFETY: the kernel's signature; contiguous f32 operands of the checked shapes.
+    unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+}
+
+/// `(dscores, dcs, dx)` of [`ssd_diag_fwd`] for the upstream `dy`.
+pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T) -> (T, T, T) {
+    let (bcn, q, h, p, g) = diag_dims(&s, &cs, &x);
+    let f32 = |t| same_dtype(t, DType::F32);
+    let (dy, s, cs, x) = (f32(dy), f32(s), f32(cs), f32(x));
+    let dx = empty(&x, x.meta.shape().to_vec(), DType::F32);
+    // The group's heads in `hs` parallel splits (partial dS summed after).
+    let hg = h / g;
+    let hs = [8, 4, 2, 1].into_iter().find(|s| hg % s == 0).unwrap_or(1);
+    let ds = empty(&x, vec![hs * bcn * g * q * q], DType::F32);
+    let nt = q.div_ceil(64);
+    // Flat: a multi-dim allocation may pad its rows (h = 3), the kernel writes flat indices.
+    let part = zeros_f32(&x, vec![2 * nt * bcn * q * h]);
+    if bcn * q * h * p > 0 {
+        diag_apply(&s, &cs, &dy, &dx, "ssd_diag_dx", (bcn, q, h, p, g));
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, "ssd_diag_grad");
+        let (mut ds_p, stream) = ptr(&ds);
+        let (mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p) =
+            (ptr(&s).0, ptr(&cs).0, ptr(&x).0, ptr(&dy).0, ptr(&part).0);
+        let (mut q32, mut h32, mut g32, mut p32, mut nt32, mut bcn64, mut hs32) = (
+            q as i32, h as i32, g as i32, p as i32, nt as i32, bcn as i64, hs as i32,
+        );
+        let mut params = kernel_args!(
+            s_p, c_p, x_p, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64, hs32
+        );
+        let grid = ((bcn * g * hs) as u32, nt as u32, nt as u32);
+        // SAFETY: the kernel's signature; `part` holds `2 nt` slots of `cs`'s size.
+        unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+    }
+    let part = Cb::float_reshape(part, [2 * nt, bcn * q * h].into());
+    let dcs = Cb::float_sum_dim(part, 0);
+    let dcs = Cb::float_reshape(dcs, cs.meta.shape().clone());
+    let ds = if hs == 1 {
+        ds
+    } else {
+        Cb::float_sum_dim(Cb::float_reshape(ds, [hs, bcn * g * q * q].into()), 0)
+    };
+    let ds = Cb::float_reshape(ds, s.meta.shape().clone());
+    drop((dy, s, x));
+    (ds, dcs, dx)
+}
+
+/// The chunk-to-chunk recurrence of the SSD states and a per-row scale,
+/// in the scan's own layout (no per-head copies).
+const SSD_AUX: &str = r#"
+// entering[c] = exp(a[c-1]) entering[c-1] + S[c-1], entering[0] = 0, with
+// S, entering [b, nc, n, h, p] and a [b, nc, h]. grid (b * h, ceil(n p / 256)):
+// one thread per element of a head's n x p state, walking the chunks.
+extern "C" __global__ void ssd_states_fwd(const float* __restrict__ S, const float* __restrict__ a,
+                                          float* __restrict__ E, int nc, int n, int h, int p)
+{
+    const int hh = (int)(blockIdx.x % (unsigned)h);
+    const long long bi = blockIdx.x / (unsigned)h;
+    const int e = blockIdx.y * 256 + threadIdx.x;
+    if (e >= n * p) return;
+    const int ni = e / p, pi = e - ni * p;
+    const long long plane = (long long)n * h * p;
+    const long long off = bi * nc * plane + ((long long)ni * h + hh) * p + pi;
+    float st = 0.0f;
+    for (int c = 0; c < nc; ++c) {
+        const long long i = off + c * plane;
+        E[i] = st;
+        st = __expf(a[(bi * nc + c) * h + hh]) * st + S[i];
+    }
+}
+
+// Backward, with G[c] the whole gradient of entering[c]:
+//   dS[c] = G[c+1],  da[c] = exp(a[c]) sum(G[c+1] o entering[c]),
+//   G[c] = dE[c] + exp(a[c]) G[c+1].
+// da's sums go per block to part [b, ceil(n p / 256), nc, h], added after
+// in a fixed order. 256 threads.
+extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const float* __restrict__ a,
+                                          const float* __restrict__ E, float* __restrict__ dS,
+                                          float* __restrict__ part, int nc, int n, int h, int p)
+{
+    __shared__ float warp_sums[8];
+    const int hh = (int)(blockIdx.x % (unsigned)h);
+    const long long bi = blockIdx.x / (unsigned)h;
+    const int e = blockIdx.y * 256 + threadIdx.x;
+    const bool valid = e < n * p;
+    const int ni = e / p, pi = e - ni * p;
+    const long long plane = (long long)n * h * p;
+    const long long off = bi * nc * plane + ((long long)ni * h + hh) * p + pi;
+    float gnext = 0.0f;
+    for (int c = nc - 1; c >= 0; --c) {
+        const long long i = off + c * plane;
+        const float ea = __expf(a[(bi * nc + c) * h + hh]);
+        float v = 0.0f;
+        if (valid) {
+            dS[i] = gnext;
+            v = gnext * E[i];
+        }
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = 0.0f;
+            for (int w = 0; w < 8; ++w) t += warp_sums[w];
+            part[((bi * gridDim.y + blockIdx.y) * nc + c) * h + hh] = ea * t;
+        }
+        __syncthreads();
+        if (valid) gnext = dE[i] + ea * gnext;
+    }
+}
+
+// y = x * s[row] for x [rows, p], s [rows].
+extern "C" __global__ void scale_rows_fwd(const float* __restrict__ x, const float* __restrict__ s,
+                                          float* __restrict__ y, long long n, int p)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = n <= 0xffffffffLL ? (long long)((unsigned)i / (unsigned)p) : i / p;
+        y[i] = x[i] * s[r];
+    }
+}
+
+// dx = g * s[row], ds[row] = sum over the row of g * x: one warp per row.
+extern "C" __global__ void scale_rows_bwd(const float* __restrict__ g, const float* __restrict__ x,
+                                          const float* __restrict__ s, float* __restrict__ dx,
+                                          float* __restrict__ ds, long long rows, int p)
+{
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+         r += warps) {
+        const float sr = s[r];
+        float acc = 0.0f;
+        for (int k = threadIdx.x & 31; k < p; k += 32) {
+            const long long i = r * p + k;
+            const float gi = g[i];
+            dx[i] = gi * sr;
+            acc += gi * x[i];
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if ((threadIdx.x & 31) == 0) ds[r] = acc;
+    }
+}
+"#;
+
+/// `(b, nc, n, h, p)` of the state recurrence's operands.
+fn states_dims(s: &T, a: &T) -> (usize, usize, usize, usize, usize) {
+    let (ss, sa) = (s.meta.shape(), a.meta.shape());
+    assert!(
+        ss.len() == 5 && sa.len() == 3,
+        "SSD states: S [b, nc, n, h, p], a [b, nc, h]"
+    );
+    assert_eq!(&sa[..], &[ss[0], ss[1], ss[3]], "SSD states: a shape");
+    (ss[0], ss[1], ss[2], ss[3], ss[4])
+}
+
+/// The state entering each chunk (f32, like `s`).
+pub fn ssd_states_fwd(s: T, a: T) -> T {
+    let (b, nc, n, h, p) = states_dims(&s, &a);
+    let (s, a) = (same_dtype(s, DType::F32), same_dtype(a, DType::F32));
+    let out = empty(&s, vec![b * nc * n * h * p], DType::F32);
+    if b * nc * n * h * p > 0 {
+        let device = s.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_fwd");
+        let (mut o_p, stream) = ptr(&out);
+        let (mut s_p, mut a_p) = (ptr(&s).0, ptr(&a).0);
+        let (mut nc32, mut n32, mut h32, mut p32) = (nc as i32, n as i32, h as i32, p as i32);
+        let mut params = kernel_args!(s_p, a_p, o_p, nc32, n32, h32, p32);
+        let grid = ((b * h) as u32, (n * p).div_ceil(256) as u32, 1);
+        // SAFETY: the kernel's signature; contiguous f32 of the checked shapes.
+        unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+    }
+    let shape = s.meta.shape().clone();
+    drop((s, a));
+    Cb::float_reshape(out, shape)
+}
+
+/// `(ds, da)` of [`ssd_states_fwd`], from its output `e`.
+pub fn ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
+    let (b, nc, n, h, p) = states_dims(&e, &a);
+    let f32 = |t| same_dtype(t, DType::F32);
+    let (de, a, e) = (f32(de), f32(a), f32(e));
+    let ds = empty(&e, vec![b * nc * n * h * p], DType::F32);
+    let splits = (n * p).div_ceil(256);
+    let part = empty(&e, vec![b * splits * nc * h], DType::F32);
+    if b * nc * n * h * p > 0 {
+        let device = e.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_bwd");
+        let (mut ds_p, stream) = ptr(&ds);
+        let (mut de_p, mut a_p, mut e_p, mut part_p) =
+            (ptr(&de).0, ptr(&a).0, ptr(&e).0, ptr(&part).0);
+        let (mut nc32, mut n32, mut h32, mut p32) = (nc as i32, n as i32, h as i32, p as i32);
+        let mut params = kernel_args!(de_p, a_p, e_p, ds_p, part_p, nc32, n32, h32, p32);
+        let grid = ((b * h) as u32, splits as u32, 1);
+        // SAFETY: the kernel's signature; `part` holds every block's sums.
+        unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+    }
+    let da = Cb::float_sum_dim(Cb::float_reshape(part, [b, splits, nc * h].into()), 1);
+    let da = Cb::float_reshape(da, a.meta.shape().clone());
+    let shape = e.meta.shape().clone();
+    drop((de, a, e));
+    (Cb::float_reshape(ds, shape), da)
+}
+
+/// `(rows, p)` of a row scale: `s` is `x` without its last dim.
+fn rows_dims(x: &T, s: &T) -> (usize, usize) {
+    let (xs, ss) = (x.meta.shape(), s.meta.shape());
+    assert!(
+        xs.len() == ss.len() + 1 && xs[..ss.len()] == ss[..],
+        "row scale: x {xs:?} and s {ss:?}"
+    );
+    (ss.num_elements(), xs[xs.len() - 1])
+}
+
+/// `x * s[.., None]` in f32.
+pub fn scale_rows_fwd(x: T, s: T) -> T {
+    let (rows, p) = rows_dims(&x, &s);
+    let (x, s) = (same_dtype(x, DType::F32), same_dtype(s, DType::F32));
+    let n = rows * p;
+    let y = empty(&x, vec![n], DType::F32);
+    if n > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_fwd");
+        let (mut y_p, stream) = ptr(&y);
+        let (mut x_p, mut s_p) = (ptr(&x).0, ptr(&s).0);
+        let (mut n64, mut p32) = (n as i64, p as i32);
+        let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
+        // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    }
+    let shape = x.meta.shape().clone();
+    drop((x, s));
+    Cb::float_reshape(y, shape)
+}
+
+/// `(dx, ds)` in f32.
+pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
+    let (rows, p) = rows_dims(&x, &s);
+    let f32 = |t| same_dtype(t, DType::F32);
+    let (g, x, s) = (f32(g), f32(x), f32(s));
+    let dx = empty(&x, vec![rows * p], DType::F32);
+    let ds = empty(&x, vec![rows], DType::F32);
+    if rows * p > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_bwd");
+        let (mut dx_p, stream) = ptr(&dx);
+        let (mut g_p, mut x_p, mut s_p, mut ds_p) = (ptr(&g).0, ptr(&x).0, ptr(&s).0, ptr(&ds).0);
+        let (mut r64, mut p32) = (rows as i64, p as i32);
+        let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32);
+        // SAFETY: the kernel's signature; one warp per row (8 per block).
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(rows * 32, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    }
+    let (xs, ss) = (x.meta.shape().clone(), s.meta.shape().clone());
+    drop((g, x, s));
+    (Cb::float_reshape(dx, xs), Cb::float_reshape(ds, ss))
+}

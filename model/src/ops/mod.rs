@@ -24,7 +24,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 
 pub use pieces::{
     causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, masked_decay, rms_norm,
-    scale_heads, segsum_exp, swiglu,
+    scale_heads, scale_rows, segsum_exp, ssd_diag, ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -270,6 +270,77 @@ pub trait BambaBackend: Backend {
         _scores: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no fused masked decay (bamba_fused() is false)")
+    }
+
+    /// The SSD's intra-chunk product `y [b, nc, q, h, p]`:
+    /// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} x_j` per chunk and
+    /// head, from scores `C B^T` `S [b, nc, g, q, q]`, cumulative log-decays
+    /// `cs [b, nc, q, h]` and `x [b, nc, q, h, p]`, all f32. Only called
+    /// when [`BambaBackend::bamba_fused`].
+    fn bamba_ssd_diag(
+        scores: FloatTensor<Self>,
+        cs: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::bamba_ssd_diag_fwd(scores, cs, x)
+    }
+
+    fn bamba_ssd_diag_fwd(
+        _scores: FloatTensor<Self>,
+        _cs: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
+    }
+
+    /// `(dscores, dcs, dx)`.
+    fn bamba_ssd_diag_bwd(
+        _dy: FloatTensor<Self>,
+        _scores: FloatTensor<Self>,
+        _cs: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
+    }
+
+    /// The SSD state entering each chunk, `E [b, nc, n, h, p]`: `E_0 = 0`,
+    /// `E_c = exp(a_{c-1}) E_{c-1} + S_{c-1}` from the chunks' own states
+    /// `S [b, nc, n, h, p]` and log-decays `a [b, nc, h]`, in f32. Only
+    /// called when [`BambaBackend::bamba_fused`].
+    fn bamba_ssd_states(s: FloatTensor<Self>, a: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_ssd_states_fwd(s, a)
+    }
+
+    fn bamba_ssd_states_fwd(_s: FloatTensor<Self>, _a: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
+    }
+
+    /// `(ds, da)` from the upstream gradient, `a` and the forward's output.
+    fn bamba_ssd_states_bwd(
+        _de: FloatTensor<Self>,
+        _a: FloatTensor<Self>,
+        _e: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
+    }
+
+    /// `x * s[.., None]` in f32, `s` shaped as `x` without its last dim.
+    /// Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_scale_rows_fwd(x, s)
+    }
+
+    fn bamba_scale_rows_fwd(_x: FloatTensor<Self>, _s: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
+    }
+
+    /// `(dx, ds)`.
+    fn bamba_scale_rows_bwd(
+        _g: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+        _s: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
     }
 
     /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).

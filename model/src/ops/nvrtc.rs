@@ -5,6 +5,7 @@
 //! Each source is compiled once per device for its own architecture and
 //! kept for the life of the process.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,10 +31,22 @@ fn cache() -> &'static Cache {
     CACHE.get_or_init(Default::default)
 }
 
+thread_local! {
+    /// The device's primary context, retained once per thread: creating a
+    /// `CudaContext` per launch retains and releases it each time.
+    static CONTEXTS: RefCell<HashMap<usize, Arc<CudaContext>>> = RefCell::new(HashMap::new());
+}
+
 fn context(device: usize) -> Arc<CudaContext> {
-    let ctx = CudaContext::new(device).expect("CUDA context");
-    ctx.bind_to_thread().expect("bind CUDA context");
-    ctx
+    CONTEXTS.with(|c| {
+        let ctx = c
+            .borrow_mut()
+            .entry(device)
+            .or_insert_with(|| CudaContext::new(device).expect("CUDA context"))
+            .clone();
+        ctx.bind_to_thread().expect("bind CUDA context");
+        ctx
+    })
 }
 
 /// `sm_XY` of `device` (NVRTC wants a `'static` name; one per device is leaked).

@@ -149,3 +149,53 @@ pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> 
         scores.into_primitive().tensor(),
     ))
 }
+
+/// The SSD's intra-chunk product `y [b, nc, q, h, p]` in f32:
+/// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} x_j` per chunk and head,
+/// from the group scores `C B^T` `S [b, nc, g, q, q]`, the cumulative
+/// log-decays `cs [b, nc, q, h]` and `x [b, nc, q, h, p]` (already `x dt`).
+pub fn ssd_diag<B: BambaBackend>(
+    scores: Tensor<B, 5>,
+    cs: Tensor<B, 4>,
+    x: Tensor<B, 5>,
+) -> Tensor<B, 5> {
+    if !B::bamba_fused() {
+        return reference::ssd_diag(scores, cs, x);
+    }
+    let p = |t: burn::tensor::TensorPrimitive<B>| t.tensor();
+    let f32 = burn::tensor::DType::F32;
+    float(B::bamba_ssd_diag(
+        p(scores.cast(f32).into_primitive()),
+        p(cs.cast(f32).into_primitive()),
+        p(x.cast(f32).into_primitive()),
+    ))
+}
+
+/// The SSD state entering each chunk (see [`BambaBackend::bamba_ssd_states`]):
+/// `S [b, nc, n, h, p]`, `a [b, nc, h]` -> `[b, nc, n, h, p]`, in f32.
+pub fn ssd_states<B: BambaBackend>(s: Tensor<B, 5>, a: Tensor<B, 3>) -> Tensor<B, 5> {
+    if !B::bamba_fused() {
+        return reference::ssd_states(s, a);
+    }
+    let f32 = burn::tensor::DType::F32;
+    float(B::bamba_ssd_states(
+        s.cast(f32).into_primitive().tensor(),
+        a.cast(f32).into_primitive().tensor(),
+    ))
+}
+
+/// `x * s[.., None]` in f32, `s` shaped as `x` without its last dim (a
+/// per-row scale with its reduction fused into the backward).
+pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
+    x: Tensor<B, D>,
+    s: Tensor<B, D1>,
+) -> Tensor<B, D> {
+    if !B::bamba_fused() {
+        return reference::scale_rows(x, s);
+    }
+    let f32 = burn::tensor::DType::F32;
+    float(B::bamba_scale_rows(
+        x.cast(f32).into_primitive().tensor(),
+        s.cast(f32).into_primitive().tensor(),
+    ))
+}

@@ -167,3 +167,44 @@ pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> 
     let scores = scores.permute([0, 2, 1, 3, 4]).unsqueeze_dim::<6>(2); // [b, g, 1, nc, q, q]
     (decay.reshape([b, g, h / g, nc, q, q]) * scores).reshape([b, h, nc, q, q])
 }
+
+/// See [`super::ssd_diag`]: the masked matrix per head, then a batched product.
+pub fn ssd_diag<B: BambaBackend>(
+    scores: Tensor<B, 5>,
+    cs: Tensor<B, 4>,
+    x: Tensor<B, 5>,
+) -> Tensor<B, 5> {
+    let m = masked_decay(cs.permute([0, 3, 1, 2]), scores); // [b, h, nc, q, q]
+    crate::ops::matmul(m, x.permute([0, 3, 1, 2, 4])).permute([0, 2, 3, 1, 4])
+}
+
+/// See [`super::ssd_states`]: the recurrence as one product per head with
+/// the chunk-to-chunk decay matrix (`segsum`), as HF's `torch_forward`.
+pub fn ssd_states<B: BambaBackend>(s: Tensor<B, 5>, a: Tensor<B, 3>) -> Tensor<B, 5> {
+    let [b, nc, n, h, p] = s.dims();
+    let device = s.device();
+    let s = Tensor::cat(
+        vec![
+            Tensor::zeros([b, h, 1, n * p], &device),
+            s.permute([0, 3, 1, 2, 4]).reshape([b, h, nc, n * p]),
+        ],
+        2,
+    );
+    let a = Tensor::cat(
+        vec![Tensor::zeros([b, h, 1], &device), a.swap_dims(1, 2)],
+        2,
+    );
+    let decay = segsum::<B, 3, 4>(a).exp(); // [b, h, nc + 1, nc + 1]
+    crate::ops::matmul(decay, s)
+        .narrow(2, 0, nc)
+        .reshape([b, h, nc, n, p])
+        .permute([0, 2, 3, 1, 4])
+}
+
+/// See [`super::scale_rows`].
+pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
+    x: Tensor<B, D>,
+    s: Tensor<B, D1>,
+) -> Tensor<B, D> {
+    x.cast(DType::F32) * s.cast(DType::F32).unsqueeze_dim::<D>(D1)
+}
