@@ -66,7 +66,7 @@ pub fn ssd_chunked<B: BambaBackend>(
     let scores = per_group(g, 2, |gi| {
         mm(group(&cm, gi), group(&bm, gi).swap_dims(2, 3), fast).unsqueeze_dim::<5>(2)
     }); // [b, nc, g, q, q]
-    let y_diag = ssd_diag(scores, cs.clone(), x.clone());
+    let y_diag = ssd_diag(scores, cs.clone(), x.clone(), fast);
 
     // 2. The state each chunk leaves behind, from its own inputs only:
     //    sum_j exp(cs_last - cs_j) B_j x_j^T, per group [b, nc, n, hg * p].

@@ -418,20 +418,25 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
         .into_iter()
         .filter(|s| large || s.3 < 64)
         {
-            let sc = move |x: &Inputs<B>| x[0].clone().reshape([b, nc, g, q, q]);
-            let cs =
-                move |x: &Inputs<B>| (-x[1].clone().reshape([b, nc, q, h]).abs() * 0.1).cumsum(2);
-            let xs = move |x: &Inputs<B>| x[2].clone().reshape([b, nc, q, h, p]);
+            // Exact in f32; with bf16-rounded inputs (as training feeds
+            // them) the products run as TF32.
+            let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
+            let sc = move |x: &Inputs<B>| f32(x[0].clone()).reshape([b, nc, g, q, q]);
+            let cs = move |x: &Inputs<B>| {
+                (-f32(x[1].clone()).reshape([b, nc, q, h]).abs() * 0.1).cumsum(2)
+            };
+            let xs = move |x: &Inputs<B>| f32(x[2].clone()).reshape([b, nc, q, h, p]);
             let n = b * nc * q * h * p;
+            let tf32 = dtype != DType::F32;
             check(
                 &format!("ssd_diag_{b}x{nc}x{q}x{h}x{p}_g{g}"),
-                DType::F32,
+                dtype,
                 &[
                     vec![b, nc, g, q, q],
                     vec![b, nc, q, h],
                     vec![b, nc, q, h, p],
                 ],
-                Box::new(move |x| ops::ssd_diag(sc(x), cs(x), xs(x)).reshape([n])),
+                Box::new(move |x| ops::ssd_diag(sc(x), cs(x), xs(x), tf32).reshape([n])),
                 Box::new(move |x| reference::ssd_diag(sc(x), cs(x), xs(x)).reshape([n])),
             );
         }

@@ -239,7 +239,9 @@ impl<B: BambaBackend> Backward<B, 2> for MaskedDecay {
 
 /// Fused SSD intra-chunk product; parents: scores, log-decays, inputs.
 #[derive(Debug)]
-struct SsdDiag;
+struct SsdDiag {
+    tf32: bool,
+}
 
 impl<B: BambaBackend> Backward<B, 3> for SsdDiag {
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
@@ -247,7 +249,7 @@ impl<B: BambaBackend> Backward<B, 3> for SsdDiag {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (scores, cs, x) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let (ds, dcs, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, x);
+        let (ds, dcs, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, x, self.tf32);
         let [ps, pc, px] = ops.parents;
         for (parent, grad) in [(ps, ds), (pc, dcs), (px, dx)] {
             if let Some(n) = parent {
@@ -443,18 +445,19 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         scores: FloatTensor<Self>,
         cs: FloatTensor<Self>,
         x: FloatTensor<Self>,
+        tf32: bool,
     ) -> FloatTensor<Self> {
-        let prep = SsdDiag
+        let prep = (SsdDiag { tf32 })
             .prepare::<C>([scores.node.clone(), cs.node.clone(), x.node.clone()])
             .compute_bound()
             .stateful();
         let (sp, cp, xp) = (scores.primitive, cs.primitive, x.primitive);
         match prep {
             OpsKind::Tracked(prep) => {
-                let out = B::bamba_ssd_diag_fwd(sp.clone(), cp.clone(), xp.clone());
+                let out = B::bamba_ssd_diag_fwd(sp.clone(), cp.clone(), xp.clone(), tf32);
                 prep.finish((sp, cp, xp), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_diag(sp, cp, xp)),
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_diag(sp, cp, xp, tf32)),
         }
     }
 

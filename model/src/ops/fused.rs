@@ -1769,51 +1769,114 @@ const SSD_DIAG: &str = r#"
 // [bc, q, h, p] (rows of h * p):
 //   forward:   out[i] = sum_{j <= i} exp(cs[i] - cs[j]) S[g(h)][i, j] v[j]
 //   transpose: out[i] = sum_{j >= i} exp(cs[j] - cs[i]) S[g(h)][j, i] v[j]
-// grid (bc * h, p tiles, i tiles), 256 threads, each a 4 x 4 output patch.
-#define DG_I 64
-#define DG_J 32
-#define DG_P 64
+// 64 x 64 output tiles, 256 threads (8 warps). Every thread owns the 16
+// elements of an mma.m16n8k8 accumulator layout: warp w covers rows
+// (w % 4) * 16 + {g, g + 8} and columns (w / 4) * 32 + 8 s + {2 t, 2 t + 1}
+// (g = lane / 4, t = lane % 4, s < 4). TC multiplies on tensor cores in
+// TF32 (bf16 training); otherwise the same products run as f32 FMAs.
+#define DG_T 64
+#define DG_K 32
+#define DG_KP 36  // padded rows: conflict-free fragment loads
+#define DG_VP 72
 
-template <bool TRANS>
+__device__ __forceinline__ unsigned tf32_bits(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+struct Frag {
+    int rb, cb, g, t;
+    __device__ Frag() {
+        const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+        rb = (w & 3) * 16; cb = (w >> 2) * 32; g = lane >> 2; t = lane & 3;
+    }
+    // Accumulator element e (s = e / 4, k = e % 4) -> tile row and column.
+    __device__ int row(int e) const { return rb + g + ((e & 2) ? 8 : 0); }
+    __device__ int col(int e) const { return cb + 8 * (e >> 2) + 2 * t + (e & 1); }
+};
+
+// acc += A[rows, 0..kn) B[0..kn), cols) over one shared tile, with
+// A(i, k) and B(k, j) read through the accessors.
+template <bool TC, typename FA, typename FB>
+__device__ __forceinline__ void tile_mma(float (&acc)[16], const Frag& f, int kn, FA A, FB B) {
+    if (TC) {
+        for (int k = 0; k < kn; k += 8) {
+            unsigned a[4];
+            a[0] = tf32_bits(A(f.rb + f.g, k + f.t));
+            a[1] = tf32_bits(A(f.rb + f.g + 8, k + f.t));
+            a[2] = tf32_bits(A(f.rb + f.g, k + f.t + 4));
+            a[3] = tf32_bits(A(f.rb + f.g + 8, k + f.t + 4));
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const int j = f.cb + 8 * s + f.g;
+                mma_tf32(acc + 4 * s, a, tf32_bits(B(k + f.t, j)), tf32_bits(B(k + f.t + 4, j)));
+            }
+        }
+    } else {
+#pragma unroll 4
+        for (int k = 0; k < kn; ++k) {
+            const float a0 = A(f.rb + f.g, k), a1 = A(f.rb + f.g + 8, k);
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const int j = f.cb + 8 * s + 2 * f.t;
+                const float b0 = B(k, j), b1 = B(k, j + 1);
+                acc[4 * s + 0] = fmaf(a0, b0, acc[4 * s + 0]);
+                acc[4 * s + 1] = fmaf(a0, b1, acc[4 * s + 1]);
+                acc[4 * s + 2] = fmaf(a1, b0, acc[4 * s + 2]);
+                acc[4 * s + 3] = fmaf(a1, b1, acc[4 * s + 3]);
+            }
+        }
+    }
+}
+
+// grid (bc * h, p tiles, i tiles).
+template <bool TRANS, bool TC>
 __device__ __forceinline__ void diag_apply(
     const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ v,
     float* __restrict__ out, int q, int h, int g, int p)
 {
-    __shared__ float Ms[DG_I][DG_J + 1];
-    __shared__ float Vs[DG_J][DG_P];
-    __shared__ float c_i[DG_I];
-    __shared__ float c_j[DG_J];
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    __shared__ float Ms[DG_T][DG_KP];
+    __shared__ float Vs[DG_K][DG_VP];
+    __shared__ float c_i[DG_T];
+    __shared__ float c_j[DG_K];
+    const int tid = threadIdx.x;
+    const Frag f;
     const int hi = (int)(blockIdx.x % (unsigned)h);
     const long long bc = blockIdx.x / (unsigned)h;
-    const int p0 = blockIdx.y * DG_P, i0 = blockIdx.z * DG_I;
+    const int p0 = blockIdx.y * DG_T, i0 = blockIdx.z * DG_T;
     const int gi = hi / (h / g);
     const float* Sm = S + (bc * g + gi) * (long long)q * q;
     const float* cm = cs + bc * q * (long long)h + hi;
     const long long rs = (long long)h * p;
     const float* vm = v + bc * q * rs + (long long)hi * p;
     float* om = out + bc * q * rs + (long long)hi * p;
-    if (tid < DG_I) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
-    float acc[4][4];
+    if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+    float acc[16];
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+    for (int e = 0; e < 16; ++e) acc[e] = 0.0f;
     const int j_begin = TRANS ? i0 : 0;
-    const int j_end = TRANS ? q : min(q, i0 + DG_I);
-    for (int j0 = j_begin; j0 < j_end; j0 += DG_J) {
+    const int j_end = TRANS ? q : min(q, i0 + DG_T);
+    for (int j0 = j_begin; j0 < j_end; j0 += DG_K) {
         __syncthreads();  // the previous tile is consumed
-        if (tid < DG_J) c_j[tid] = j0 + tid < q ? cm[(long long)(j0 + tid) * h] : 0.0f;
-        for (int e = tid; e < DG_J * DG_P; e += 256) {
-            const int jj = e / DG_P, pp = e - jj * DG_P;
+        if (tid < DG_K) c_j[tid] = j0 + tid < q ? cm[(long long)(j0 + tid) * h] : 0.0f;
+        for (int e = tid; e < DG_K * DG_T; e += 256) {
+            const int jj = e / DG_T, pp = e - jj * DG_T;
             const int j = j0 + jj, pc = p0 + pp;
             Vs[jj][pp] = (j < q && pc < p) ? vm[(long long)j * rs + pc] : 0.0f;
         }
         __syncthreads();
-        for (int e = tid; e < DG_I * DG_J; e += 256) {
+        for (int e = tid; e < DG_T * DG_K; e += 256) {
             // Coalesced reads of S: along j forward, along i transposed.
-            const int ii = TRANS ? e % DG_I : e / DG_J;
-            const int jj = TRANS ? e / DG_I : e % DG_J;
+            const int ii = TRANS ? e % DG_T : e / DG_K;
+            const int jj = TRANS ? e / DG_T : e % DG_K;
             const int i = i0 + ii, j = j0 + jj;
             float m = 0.0f;
             if (i < q && j < q) {
@@ -1823,41 +1886,27 @@ __device__ __forceinline__ void diag_apply(
             Ms[ii][jj] = m;
         }
         __syncthreads();
-#pragma unroll 8
-        for (int jj = 0; jj < DG_J; ++jj) {
-            float a[4], b[4];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) a[r] = Ms[ty * 4 + r][jj];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) b[c] = Vs[jj][tx + 16 * c];
-#pragma unroll
-            for (int r = 0; r < 4; ++r)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
-        }
+        tile_mma<TC>(acc, f, DG_K,
+                     [&](int i, int k) { return Ms[i][k]; },
+                     [&](int k, int j) { return Vs[k][j]; });
     }
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const int i = i0 + ty * 4 + r;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int pc = p0 + tx + 16 * c;
-            if (i < q && pc < p) om[(long long)i * rs + pc] = acc[r][c];
-        }
+    for (int e = 0; e < 16; ++e) {
+        const int i = i0 + f.row(e), pc = p0 + f.col(e);
+        if (i < q && pc < p) om[(long long)i * rs + pc] = acc[e];
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) ssd_diag_fwd(
-    const float* S, const float* cs, const float* x, float* y, int q, int h, int g, int p)
-{
-    diag_apply<false>(S, cs, x, y, q, h, g, p);
-}
-
-extern "C" __global__ void __launch_bounds__(256) ssd_diag_dx(
-    const float* S, const float* cs, const float* dy, float* dx, int q, int h, int g, int p)
-{
-    diag_apply<true>(S, cs, dy, dx, q, h, g, p);
-}
+#define DIAG_ENTRY(name, TRANS, TC)                                                      \
+    extern "C" __global__ void __launch_bounds__(256) name(                              \
+        const float* S, const float* cs, const float* v, float* out, int q, int h, int g, int p) \
+    {                                                                                    \
+        diag_apply<TRANS, TC>(S, cs, v, out, q, h, g, p);                                \
+    }
+DIAG_ENTRY(ssd_diag_fwd, false, false)
+DIAG_ENTRY(ssd_diag_dx, true, false)
+DIAG_ENTRY(ssd_diag_fwd_tc, false, true)
+DIAG_ENTRY(ssd_diag_dx_tc, true, true)
 
 // For one 64 x 64 tile (it, jt) of one (batch-chunk, group), with
 //   G_h[i, j] = exp(cs_h[i] - cs_h[j]) (dy_h[i] . x_h[j])   (j <= i):
@@ -1868,43 +1917,41 @@ extern "C" __global__ void __launch_bounds__(256) ssd_diag_dx(
 // no atomics). grid (bc * g * hs, nt, nt): the group's heads in `hs` splits,
 // each writing its own dS partial [hs, bc, g, q, q]; tiles above the
 // diagonal write zeros.
-extern "C" __global__ void __launch_bounds__(256) ssd_diag_grad(
+template <bool TC>
+__device__ __forceinline__ void diag_grad(
     const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ x,
     const float* __restrict__ dy, float* __restrict__ dS, float* __restrict__ part,
     int q, int h, int g, int p, int nt, long long bcn, int hs)
 {
-    __shared__ float As[64][33];
-    __shared__ float Bs[64][33];
-    __shared__ float c_i[64];
-    __shared__ float c_j[64];
-    __shared__ float red[64][17];
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    __shared__ float As[DG_T][DG_KP];
+    __shared__ float Bs[DG_T][DG_KP];
+    __shared__ float c_i[DG_T];
+    __shared__ float c_j[DG_T];
+    __shared__ float red[DG_T][33];
+    const int tid = threadIdx.x;
+    const Frag f;
     const int split = (int)(blockIdx.x % (unsigned)hs);
     const long long bcg = blockIdx.x / (unsigned)hs;
     const int gi = (int)(bcg % g);
     const long long bc = bcg / g;
     const int jt = blockIdx.y, it = blockIdx.z;
-    const int i0 = it * 64, j0 = jt * 64;
+    const int i0 = it * DG_T, j0 = jt * DG_T;
     const int hg = h / g, per = hg / hs;
     float* dSm = dS + ((split * bcn + bc) * g + gi) * (long long)q * q;
     if (jt > it) {
-        for (int e = tid; e < 64 * 64; e += 256) {
+        for (int e = tid; e < DG_T * DG_T; e += 256) {
             const int i = i0 + (e >> 6), j = j0 + (e & 63);
             if (i < q && j < q) dSm[(long long)i * q + j] = 0.0f;
         }
         return;
     }
     const float* Sm = S + (bc * g + gi) * (long long)q * q;
-    float s[4][4], ds[4][4];
+    float s[16], ds[16];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const int i = i0 + ty * 4 + r;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int j = j0 + tx + 16 * c;
-            s[r][c] = (i < q && j <= i) ? Sm[(long long)i * q + j] : 0.0f;
-            ds[r][c] = 0.0f;
-        }
+    for (int e = 0; e < 16; ++e) {
+        const int i = i0 + f.row(e), j = j0 + f.col(e);
+        s[e] = (i < q && j <= i) ? Sm[(long long)i * q + j] : 0.0f;
+        ds[e] = 0.0f;
     }
     const long long rs = (long long)h * p;
     for (int k = split * per; k < (split + 1) * per; ++k) {
@@ -1913,80 +1960,78 @@ extern "C" __global__ void __launch_bounds__(256) ssd_diag_grad(
         const float* dym = dy + bc * q * rs + (long long)hi * p;
         const float* cm = cs + bc * q * (long long)h + hi;
         __syncthreads();  // the previous head's shared data is consumed
-        if (tid < 64) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
-        else if (tid < 128) c_j[tid - 64] = j0 + tid - 64 < q ? cm[(long long)(j0 + tid - 64) * h] : 0.0f;
-        float d[4][4];
+        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+        else if (tid < 2 * DG_T) c_j[tid - DG_T] = j0 + tid - DG_T < q ? cm[(long long)(j0 + tid - DG_T) * h] : 0.0f;
+        float d[16];
 #pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) d[r][c] = 0.0f;
-        for (int k0 = 0; k0 < p; k0 += 32) {
+        for (int e = 0; e < 16; ++e) d[e] = 0.0f;
+        for (int k0 = 0; k0 < p; k0 += DG_K) {
             if (k0 > 0) __syncthreads();
-            for (int e = tid; e < 64 * 32; e += 256) {
+            for (int e = tid; e < DG_T * DG_K; e += 256) {
                 const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
                 As[rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : 0.0f;
                 Bs[rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * rs + pc] : 0.0f;
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                float a[4], b[4];
+            tile_mma<TC>(d, f, DG_K,
+                         [&](int i, int kk) { return As[i][kk]; },
+                         [&](int kk, int j) { return Bs[j][kk]; });
+        }
+        // Row sums: 4 columns-pairs per thread, 8 contributors per row
+        // (4 lanes x 2 column warps); column sums: 32 per column.
+        float rsum[2] = {0.0f, 0.0f}, csum[8];
 #pragma unroll
-                for (int r = 0; r < 4; ++r) a[r] = As[ty * 4 + r][kk];
+        for (int c = 0; c < 8; ++c) csum[c] = 0.0f;
 #pragma unroll
-                for (int c = 0; c < 4; ++c) b[c] = Bs[tx + 16 * c][kk];
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) d[r][c] = fmaf(a[r], b[c], d[r][c]);
+        for (int e = 0; e < 16; ++e) {
+            const int ii = f.row(e), jj = f.col(e);
+            const int i = i0 + ii, j = j0 + jj;
+            if (i < q && j <= i) {
+                const float ev = __expf(c_i[ii] - c_j[jj]) * d[e];
+                ds[e] += ev;
+                const float gg = s[e] * ev;
+                rsum[(e >> 1) & 1] += gg;
+                csum[2 * (e >> 2) + (e & 1)] += gg;
             }
         }
-        float rsum[4], csum[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) rsum[r] = csum[r] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int i = i0 + ty * 4 + r;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int j = j0 + tx + 16 * c;
-                if (i < q && j <= i) {
-                    const float e = __expf(c_i[ty * 4 + r] - c_j[tx + 16 * c]) * d[r][c];
-                    ds[r][c] += e;
-                    const float gg = s[r][c] * e;
-                    rsum[r] += gg;
-                    csum[c] += gg;
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 4; ++r) red[ty * 4 + r][tx] = rsum[r];
+        const int w = tid >> 5;
+        red[f.rb + f.g][(w >> 2) * 4 + f.t] = rsum[0];
+        red[f.rb + f.g + 8][(w >> 2) * 4 + f.t] = rsum[1];
         __syncthreads();
-        if (tid < 64 && i0 + tid < q) {
+        if (tid < DG_T && i0 + tid < q) {
             float t = 0.0f;
-            for (int w = 0; w < 16; ++w) t += red[tid][w];
+            for (int k2 = 0; k2 < 8; ++k2) t += red[tid][k2];
             part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
         }
         __syncthreads();
 #pragma unroll
-        for (int c = 0; c < 4; ++c) red[tx + 16 * c][ty] = csum[c];
+        for (int c = 0; c < 8; ++c) {
+            const int jj = f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1);
+            red[jj][(w & 3) * 8 + f.g] = csum[c];
+        }
         __syncthreads();
-        if (tid < 64 && j0 + tid < q) {
+        if (tid < DG_T && j0 + tid < q) {
             float t = 0.0f;
-            for (int w = 0; w < 16; ++w) t += red[tid][w];
+            for (int k2 = 0; k2 < 32; ++k2) t += red[tid][k2];
             part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
         }
     }
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const int i = i0 + ty * 4 + r;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int j = j0 + tx + 16 * c;
-            if (i < q && j < q) dSm[(long long)i * q + j] = ds[r][c];
-        }
+    for (int e = 0; e < 16; ++e) {
+        const int i = i0 + f.row(e), j = j0 + f.col(e);
+        if (i < q && j < q) dSm[(long long)i * q + j] = ds[e];
     }
 }
+
+#define GRAD_ENTRY(name, TC)                                                             \
+    extern "C" __global__ void __launch_bounds__(256) name(                              \
+        const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
+        float* part, int q, int h, int g, int p, int nt, long long bcn, int hs)          \
+    {                                                                                    \
+        diag_grad<TC>(S, cs, x, dy, dS, part, q, h, g, p, nt, bcn, hs);                  \
+    }
+GRAD_ENTRY(ssd_diag_grad, false)
+GRAD_ENTRY(ssd_diag_grad_tc, true)
 "#;
 
 /// `(b * nc, q, h, p, g)` of the SSD diagonal op's operands.
@@ -2004,7 +2049,7 @@ fn diag_dims(s: &T, cs: &T, x: &T) -> (usize, usize, usize, usize, usize) {
 }
 
 /// `y [b, nc, q, h, p]` (f32) from scores, `cs` and `x` (see [`SSD_DIAG`]).
-pub fn ssd_diag_fwd(s: T, cs: T, x: T) -> T {
+pub fn ssd_diag_fwd(s: T, cs: T, x: T, tf32: bool) -> T {
     let (bcn, q, h, p, g) = diag_dims(&s, &cs, &x);
     let (s, cs, x) = (
         same_dtype(s, DType::F32),
@@ -2013,7 +2058,12 @@ pub fn ssd_diag_fwd(s: T, cs: T, x: T) -> T {
     );
     let out = empty(&x, x.meta.shape().to_vec(), DType::F32);
     if bcn * q * h * p > 0 {
-        diag_apply(&s, &cs, &x, &out, "ssd_diag_fwd", (bcn, q, h, p, g));
+        let kernel = if tf32 {
+            "ssd_diag_fwd_tc"
+        } else {
+            "ssd_diag_fwd"
+        };
+        diag_apply(&s, &cs, &x, &out, kernel, (bcn, q, h, p, g));
     }
     drop((s, cs, x));
     out
@@ -2044,7 +2094,7 @@ fn diag_apply(
 }
 
 /// `(dscores, dcs, dx)` of [`ssd_diag_fwd`] for the upstream `dy`.
-pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T) -> (T, T, T) {
+pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
     let (bcn, q, h, p, g) = diag_dims(&s, &cs, &x);
     let f32 = |t| same_dtype(t, DType::F32);
     let (dy, s, cs, x) = (f32(dy), f32(s), f32(cs), f32(x));
@@ -2057,9 +2107,14 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T) -> (T, T, T) {
     // Flat: a multi-dim allocation may pad its rows (h = 3), the kernel writes flat indices.
     let part = zeros_f32(&x, vec![2 * nt * bcn * q * h]);
     if bcn * q * h * p > 0 {
-        diag_apply(&s, &cs, &dy, &dx, "ssd_diag_dx", (bcn, q, h, p, g));
+        let (dx_kernel, grad_kernel) = if tf32 {
+            ("ssd_diag_dx_tc", "ssd_diag_grad_tc")
+        } else {
+            ("ssd_diag_dx", "ssd_diag_grad")
+        };
+        diag_apply(&s, &cs, &dy, &dx, dx_kernel, (bcn, q, h, p, g));
         let device = x.device.index;
-        let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, "ssd_diag_grad");
+        let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, grad_kernel);
         let (mut ds_p, stream) = ptr(&ds);
         let (mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p) =
             (ptr(&s).0, ptr(&cs).0, ptr(&x).0, ptr(&dy).0, ptr(&part).0);

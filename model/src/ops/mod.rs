@@ -275,20 +275,22 @@ pub trait BambaBackend: Backend {
     /// The SSD's intra-chunk product `y [b, nc, q, h, p]`:
     /// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} x_j` per chunk and
     /// head, from scores `C B^T` `S [b, nc, g, q, q]`, cumulative log-decays
-    /// `cs [b, nc, q, h]` and `x [b, nc, q, h, p]`, all f32. Only called
-    /// when [`BambaBackend::bamba_fused`].
+    /// `cs [b, nc, q, h]` and `x [b, nc, q, h, p]`, all f32; the products as
+    /// TF32 when `tf32`. Only called when [`BambaBackend::bamba_fused`].
     fn bamba_ssd_diag(
         scores: FloatTensor<Self>,
         cs: FloatTensor<Self>,
         x: FloatTensor<Self>,
+        tf32: bool,
     ) -> FloatTensor<Self> {
-        Self::bamba_ssd_diag_fwd(scores, cs, x)
+        Self::bamba_ssd_diag_fwd(scores, cs, x, tf32)
     }
 
     fn bamba_ssd_diag_fwd(
         _scores: FloatTensor<Self>,
         _cs: FloatTensor<Self>,
         _x: FloatTensor<Self>,
+        _tf32: bool,
     ) -> FloatTensor<Self> {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }
@@ -299,6 +301,7 @@ pub trait BambaBackend: Backend {
         _scores: FloatTensor<Self>,
         _cs: FloatTensor<Self>,
         _x: FloatTensor<Self>,
+        _tf32: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }

@@ -153,11 +153,13 @@ pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> 
 /// The SSD's intra-chunk product `y [b, nc, q, h, p]` in f32:
 /// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} x_j` per chunk and head,
 /// from the group scores `C B^T` `S [b, nc, g, q, q]`, the cumulative
-/// log-decays `cs [b, nc, q, h]` and `x [b, nc, q, h, p]` (already `x dt`).
+/// log-decays `cs [b, nc, q, h]` and `x [b, nc, q, h, p]` (already `x dt`);
+/// the products may run as TF32 when `tf32` (bf16 training).
 pub fn ssd_diag<B: BambaBackend>(
     scores: Tensor<B, 5>,
     cs: Tensor<B, 4>,
     x: Tensor<B, 5>,
+    tf32: bool,
 ) -> Tensor<B, 5> {
     if !B::bamba_fused() {
         return reference::ssd_diag(scores, cs, x);
@@ -168,6 +170,7 @@ pub fn ssd_diag<B: BambaBackend>(
         p(scores.cast(f32).into_primitive()),
         p(cs.cast(f32).into_primitive()),
         p(x.cast(f32).into_primitive()),
+        tf32,
     ))
 }
 
