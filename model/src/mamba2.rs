@@ -4,7 +4,7 @@
 // `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
 #![allow(non_snake_case)]
 
-use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, scale_heads};
+use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, narrow, scale_heads};
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
@@ -92,14 +92,15 @@ impl<B: BambaBackend> BambaMixer<B> {
         // in_proj splits, in this order: z (gate), xBC (conv input), dt.
         let proj = self.in_proj.forward(x);
         let conv_dim = di + 2 * g * n;
-        let z = proj.clone().narrow(2, 0, di);
-        let xbc = proj.clone().narrow(2, di, conv_dim);
-        let dt = proj.narrow(2, di + conv_dim, nh);
+        // (`narrow` of `ops`: the three share one gradient buffer.)
+        let z = narrow(proj.clone(), 2, 0, di);
+        let xbc = narrow(proj.clone(), 2, di, conv_dim);
+        let dt = narrow(proj, 2, di + conv_dim, nh);
 
         let xbc = self.conv1d.forward_silu(xbc);
-        let xs = xbc.clone().narrow(2, 0, di).reshape([b, l, nh, p]);
-        let bm = xbc.clone().narrow(2, di, g * n).reshape([b, l, g, n]);
-        let cm = xbc.narrow(2, di + g * n, g * n).reshape([b, l, g, n]);
+        let xs = narrow(xbc.clone(), 2, 0, di).reshape([b, l, nh, p]);
+        let bm = narrow(xbc.clone(), 2, di, g * n).reshape([b, l, g, n]);
+        let cm = narrow(xbc, 2, di + g * n, g * n).reshape([b, l, g, n]);
 
         let dt = dt_softplus(dt, self.dt_bias.val(), self.dt_min, self.dt_max);
         let a = self.A_log.val().exp().neg();

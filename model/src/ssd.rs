@@ -101,7 +101,7 @@ fn cols<B: BambaBackend>(t: Tensor<B, 4>, start: usize, len: usize) -> Tensor<B,
     if start == 0 && len == t.dims()[3] {
         t
     } else {
-        t.narrow(3, start, len)
+        crate::ops::narrow(t, 3, start, len)
     }
 }
 

@@ -300,6 +300,43 @@ impl<B: BambaBackend> Backward<B, 2> for ScaleRows {
     }
 }
 
+/// A slice whose gradient is added into the parent's gradient in place:
+/// the parent's first slice allocates it zero-filled, later ones (other
+/// slices of the same tensor) write their part into it.
+/// burn's autodiff tensor (its module is private; the alias reaches it).
+type NodeKey<B, C> = FloatTensor<Autodiff<B, C>>;
+
+#[derive(Debug)]
+struct Narrow<C>(std::marker::PhantomData<C>);
+
+impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 1> for Narrow<C> {
+    type State = (Vec<burn::tensor::Slice>, burn::tensor::Shape);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (slices, shape) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [parent] = ops.parents;
+        let Some(parent) = parent else { return };
+        // `Gradients::remove` looks the node up by its id; the primitive is unused.
+        let key = NodeKey::<B, C> {
+            primitive: grad.clone(),
+            node: parent.clone(),
+            rc: std::sync::Arc::new(parent.id),
+        };
+        let full = match grads.remove::<B>(&key) {
+            Some(existing) => {
+                let part = B::float_slice(existing.clone(), &slices);
+                B::float_slice_assign(existing, &slices, B::float_add(part, grad))
+            }
+            None => {
+                let zeros = B::float_zeros(shape, &B::float_device(&grad), grad.dtype().into());
+                B::float_slice_assign(zeros, &slices, grad)
+            }
+        };
+        grads.register::<B>(parent.id, full);
+    }
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_fused() -> bool {
         B::bamba_fused()
@@ -491,6 +528,27 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         }
     }
 
+    fn bamba_narrow(
+        t: FloatTensor<Self>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> FloatTensor<Self> {
+        let shape = t.shape();
+        let slices = super::narrow_slices(&shape, dim, start, len);
+        match Narrow::<C>(std::marker::PhantomData)
+            .prepare::<C>([t.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::float_slice(t.primitive, &slices);
+                prep.finish((slices, shape), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::float_slice(t.primitive, &slices)),
+        }
+    }
+
     fn bamba_rms_norm(
         x: FloatTensor<Self>,
         z: Option<FloatTensor<Self>>,
@@ -555,6 +613,43 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
                 prep.finish((lhs_state, rhs_state), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(mm(lhs.primitive, rhs.primitive)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, Tensor};
+
+    type B = Autodiff<Flex>;
+
+    /// Slices of one tensor (overlapping, and beside a use of the whole
+    /// tensor) get the same gradient as through burn's own `narrow`.
+    #[test]
+    fn narrow_gradients_accumulate_like_burns() {
+        let dev = Default::default();
+        let x0 = Tensor::<Flex, 3>::random([2, 5, 9], Distribution::Normal(0.0, 1.0), &dev);
+        let w = Tensor::<B, 3>::random([2, 5, 9], Distribution::Normal(0.0, 1.0), &dev);
+        let grad = |ours: bool| {
+            let x = Tensor::<B, 3>::from_inner(x0.clone()).require_grad();
+            let cut = |t: Tensor<B, 3>, start, len| {
+                if ours {
+                    crate::ops::narrow(t, 2, start, len)
+                } else {
+                    t.narrow(2, start, len)
+                }
+            };
+            let y = (cut(x.clone(), 0, 4) * 2.0).sum()
+                + (cut(x.clone(), 3, 6).exp()).sum()
+                + (cut(x.clone(), 8, 1) * cut(x.clone(), 0, 1)).sum()
+                + (x.clone() * w.clone()).sum();
+            let g = y.backward();
+            x.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap()
+        };
+        let (ours, burns) = (grad(true), grad(false));
+        for (a, b) in ours.iter().zip(&burns) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod reference;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive};
 
 pub use pieces::{
     causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, masked_decay, rms_norm,
@@ -346,6 +346,19 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
     }
 
+    /// `t[.., start .. start + len, ..]` along `dim`. Under autodiff its
+    /// gradient is added into that slice of the parent's gradient, so the
+    /// splits of one tensor (the Mamba mixer's `in_proj` output) cost one
+    /// zero-filled gradient instead of one each plus their sum.
+    fn bamba_narrow(
+        t: FloatTensor<Self>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> FloatTensor<Self> {
+        Self::float_slice(t.clone(), &narrow_slices(&t.shape(), dim, start, len))
+    }
+
     /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).
     fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
@@ -433,3 +446,37 @@ pub fn sum_squares<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
 }
 
 impl BambaBackend for burn::backend::Flex {}
+
+/// The slices of `narrow(dim, start, len)` on a tensor of `shape`.
+pub(crate) fn narrow_slices(shape: &Shape, dim: usize, start: usize, len: usize) -> Vec<Slice> {
+    (0..shape.num_dims())
+        .map(|d| {
+            if d == dim {
+                Slice::new(start as isize, Some((start + len) as isize), 1)
+            } else {
+                Slice::new(0, Some(shape[d] as isize), 1)
+            }
+        })
+        .collect()
+}
+
+/// [`Tensor::narrow`] through [`BambaBackend::bamba_narrow`] (one gradient
+/// buffer shared by all the slices of a tensor).
+pub fn narrow<B: BambaBackend, const D: usize>(
+    t: Tensor<B, D>,
+    dim: usize,
+    start: usize,
+    len: usize,
+) -> Tensor<B, D> {
+    assert!(
+        dim < D && start + len <= t.dims()[dim],
+        "narrow({dim}, {start}, {len}) of {:?}",
+        t.dims()
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_narrow(
+        t.into_primitive().tensor(),
+        dim,
+        start,
+        len,
+    )))
+}
