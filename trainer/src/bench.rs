@@ -392,23 +392,6 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 }),
             );
         }
-        for (b, h, nc, q, g) in [(2, 4, 3, 37, 2), (1, 64, 16, 256, 1)]
-            .into_iter()
-            .filter(|s| large || s.1 < 64)
-        {
-            let cs =
-                move |x: &Inputs<B>| (-x[0].clone().reshape([b, h, nc, q]).abs() * 0.1).cumsum(3);
-            let sc = move |x: &Inputs<B>| x[1].clone().reshape([b, nc, g, q, q]);
-            check(
-                &format!("masked_decay_{b}x{h}x{nc}x{q}_g{g}"),
-                DType::F32,
-                &[vec![b, h, nc, q], vec![b, nc, g, q, q]],
-                Box::new(move |x| ops::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])),
-                Box::new(move |x| {
-                    reference::masked_decay(cs(x), sc(x)).reshape([b * h * nc * q * q])
-                }),
-            );
-        }
         // Partial tiles (q, p not multiples of 64; p not of 32) and two groups.
         for (b, nc, q, h, p, g) in [
             (2, 3, 37, 4, 5, 2),
@@ -470,26 +453,6 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 Box::new(move |x| {
                     reference::scale_rows(x[0].clone().reshape([r, p]), x[1].clone())
                         .reshape([r * p])
-                }),
-            );
-        }
-        for (m, t) in [(30, 37), (1024, 256), (64, 17)]
-            .into_iter()
-            .filter(|s| large || s.0 < 1000)
-        {
-            check(
-                &format!("segsum_exp_{m}x{t}"),
-                DType::F32,
-                &[vec![m, t]],
-                // Log-decays are negative: A dt < 0.
-                Box::new(move |x| {
-                    ops::segsum_exp::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1)
-                        .reshape([m * t * t])
-                }),
-                Box::new(move |x| {
-                    reference::segsum::<B, 2, 3>(-x[0].clone().reshape([m, t]).abs() * 0.1)
-                        .exp()
-                        .reshape([m * t * t])
                 }),
             );
         }

@@ -179,22 +179,6 @@ impl<B: BambaBackend> Backward<B, 1> for CausalSoftmax {
     }
 }
 
-/// Fused SSD decay matrix; parent: the cumulative sums.
-#[derive(Debug)]
-struct SegsumExp;
-
-impl<B: BambaBackend> Backward<B, 1> for SegsumExp {
-    type State = FloatTensor<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<B>(&ops.node);
-        let [p] = ops.parents;
-        if let Some(n) = p {
-            grads.register::<B>(n.id, B::bamba_segsum_exp_bwd(g, ops.state));
-        }
-    }
-}
-
 /// Fused SwiGLU; parents: gate, up.
 #[derive(Debug)]
 struct Swiglu;
@@ -212,27 +196,6 @@ impl<B: BambaBackend> Backward<B, 2> for Swiglu {
         }
         if let Some(n) = pu {
             grads.register::<B>(n.id, du);
-        }
-    }
-}
-
-/// Fused SSD masked matrix; parents: cumulative log-decays, group scores.
-#[derive(Debug)]
-struct MaskedDecay;
-
-impl<B: BambaBackend> Backward<B, 2> for MaskedDecay {
-    type State = (FloatTensor<B>, FloatTensor<B>);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (cs, scores) = ops.state;
-        let dm = grads.consume::<B>(&ops.node);
-        let (dcs, ds) = B::bamba_masked_decay_bwd(dm, cs, scores);
-        let [pc, ps] = ops.parents;
-        if let Some(n) = pc {
-            grads.register::<B>(n.id, dcs);
-        }
-        if let Some(n) = ps {
-            grads.register::<B>(n.id, ds);
         }
     }
 }
@@ -433,21 +396,6 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         }
     }
 
-    fn bamba_segsum_exp(cs: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prep = SegsumExp
-            .prepare::<C>([cs.node.clone()])
-            .compute_bound()
-            .stateful();
-        let cp = cs.primitive;
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let out = B::bamba_segsum_exp_fwd(cp.clone());
-                prep.finish(cp, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_segsum_exp(cp)),
-        }
-    }
-
     fn bamba_swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
         let prep = Swiglu
             .prepare::<C>([g.node.clone(), u.node.clone()])
@@ -460,21 +408,6 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((gp, up), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_swiglu(gp, up)),
-        }
-    }
-
-    fn bamba_masked_decay(cs: FloatTensor<Self>, scores: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prep = MaskedDecay
-            .prepare::<C>([cs.node.clone(), scores.node.clone()])
-            .compute_bound()
-            .stateful();
-        let (cp, sp) = (cs.primitive, scores.primitive);
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let out = B::bamba_masked_decay_fwd(cp.clone(), sp.clone());
-                prep.finish((cp, sp), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_masked_decay(cp, sp)),
         }
     }
 

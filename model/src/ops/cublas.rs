@@ -102,28 +102,12 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::causal_softmax_bwd(dprobs, probs, scale)
     }
 
-    fn bamba_segsum_exp_fwd(cs: T) -> T {
-        super::fused::segsum_exp_fwd(cs)
-    }
-
-    fn bamba_segsum_exp_bwd(dl: T, cs: T) -> T {
-        super::fused::segsum_exp_bwd(dl, cs)
-    }
-
     fn bamba_swiglu_fwd(g: T, u: T) -> T {
         super::fused::swiglu_fwd(g, u)
     }
 
     fn bamba_swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
         super::fused::swiglu_bwd(dy, g, u)
-    }
-
-    fn bamba_masked_decay_fwd(cs: T, scores: T) -> T {
-        super::fused::masked_decay_fwd(cs, scores)
-    }
-
-    fn bamba_masked_decay_bwd(dm: T, cs: T, scores: T) -> (T, T) {
-        super::fused::masked_decay_bwd(dm, cs, scores)
     }
 
     fn bamba_ssd_diag_fwd(scores: T, cs: T, x: T, tf32: bool) -> T {

@@ -23,8 +23,8 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive};
 
 pub use pieces::{
-    causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, masked_decay, rms_norm,
-    scale_heads, scale_rows, segsum_exp, ssd_diag, ssd_states, swiglu,
+    causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
+    scale_rows, ssd_diag, ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -215,21 +215,6 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused softmax (bamba_fused() is false)")
     }
 
-    /// `L[.., i, j] = exp(cs_i - cs_j)` for `j <= i`, else 0, from f32
-    /// `cs [.., t]`. Only called when [`BambaBackend::bamba_fused`].
-    fn bamba_segsum_exp(cs: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::bamba_segsum_exp_fwd(cs)
-    }
-
-    fn bamba_segsum_exp_fwd(_cs: FloatTensor<Self>) -> FloatTensor<Self> {
-        unimplemented!("this backend has no fused segsum (bamba_fused() is false)")
-    }
-
-    /// `dcs` from `dL`.
-    fn bamba_segsum_exp_bwd(_dl: FloatTensor<Self>, _cs: FloatTensor<Self>) -> FloatTensor<Self> {
-        unimplemented!("this backend has no fused segsum (bamba_fused() is false)")
-    }
-
     /// SwiGLU's `silu(g) * u`, in `g`'s dtype. Only called when
     /// [`BambaBackend::bamba_fused`].
     fn bamba_swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -247,29 +232,6 @@ pub trait BambaBackend: Backend {
         _u: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no fused SwiGLU (bamba_fused() is false)")
-    }
-
-    /// The SSD's masked intra-chunk matrix `exp(segsum) o (C B^T)` per head
-    /// from cumulative log-decays `cs [b, h, nc, q]` and per-group scores
-    /// `[b, nc, g, q, q]`, in f32. Only called when [`BambaBackend::bamba_fused`].
-    fn bamba_masked_decay(cs: FloatTensor<Self>, scores: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::bamba_masked_decay_fwd(cs, scores)
-    }
-
-    fn bamba_masked_decay_fwd(
-        _cs: FloatTensor<Self>,
-        _scores: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        unimplemented!("this backend has no fused masked decay (bamba_fused() is false)")
-    }
-
-    /// `(dcs, dscores)`.
-    fn bamba_masked_decay_bwd(
-        _dm: FloatTensor<Self>,
-        _cs: FloatTensor<Self>,
-        _scores: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        unimplemented!("this backend has no fused masked decay (bamba_fused() is false)")
     }
 
     /// The SSD's intra-chunk product `y [b, nc, q, h, p]`:

@@ -113,18 +113,6 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
     ))
 }
 
-/// The SSD decay matrix `exp(segsum(x))`: `[.., t] -> [.., t, t]`, entry
-/// `(i, j)` the decay `exp(x[j+1] + .. + x[i])` for `j <= i`, 0 above.
-pub fn segsum_exp<B: BambaBackend, const D: usize, const D2: usize>(
-    x: Tensor<B, D>,
-) -> Tensor<B, D2> {
-    if !B::bamba_fused() {
-        return reference::segsum(x).exp();
-    }
-    let cs = x.cast(burn::tensor::DType::F32).cumsum(D - 1);
-    float(B::bamba_segsum_exp(cs.into_primitive().tensor()))
-}
-
 /// SwiGLU's gate `silu(g) * u` (the MLP's `act(gate_proj(x)) * up_proj(x)`).
 pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
     if !(B::bamba_fused() && g.dtype() == u.dtype()) {
@@ -133,20 +121,6 @@ pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3>
     float(B::bamba_swiglu(
         g.into_primitive().tensor(),
         u.into_primitive().tensor(),
-    ))
-}
-
-/// The SSD's masked intra-chunk matrix `M [b, h, nc, q, q]`:
-/// `exp(cs_i - cs_j) * S[g(h)][i, j]` for `j <= i`, else 0, from the
-/// cumulative log-decays `cs [b, h, nc, q]` and the group scores `C B^T`
-/// `S [b, nc, g, q, q]`, in f32.
-pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> Tensor<B, 5> {
-    if !B::bamba_fused() {
-        return reference::masked_decay(cs, scores);
-    }
-    float(B::bamba_masked_decay(
-        cs.into_primitive().tensor(),
-        scores.into_primitive().tensor(),
     ))
 }
 

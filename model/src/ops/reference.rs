@@ -153,8 +153,11 @@ pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3>
     silu(g) * u
 }
 
-/// See [`super::masked_decay`]: the decay as one cumulative-sum difference,
-/// masked, exponentiated, times the scores broadcast over the group's heads.
+/// The SSD's masked intra-chunk matrix `M [b, h, nc, q, q]`,
+/// `exp(cs_i - cs_j) S[g(h)]_{ij}` for `j <= i`, else 0, from `cs [b, h, nc, q]`
+/// and the group scores `S [b, nc, g, q, q]`: the decay as one cumulative-sum
+/// difference, masked, exponentiated, times the scores broadcast over the
+/// group's heads.
 pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> Tensor<B, 5> {
     let [b, h, nc, q] = cs.dims();
     let g = scores.dims()[2];
