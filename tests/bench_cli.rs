@@ -89,6 +89,7 @@ fn bench_kernels_compares_every_piece() {
         "causal_softmax",
         "cross_entropy",
         "swiglu",
+        "pack_f32",
     ] {
         assert!(
             kernels.iter().any(|k| k.starts_with(want)),

@@ -14,10 +14,15 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use super::BambaBackend;
 
 /// `C = A B`: `dA = dC B^T`, `dB = A^T dC`, both through the inner hook
-/// (the TF32 one when the forward was TF32).
+/// (the TF32 one when the forward was TF32). An operand stored transposed
+/// (`x @ W^T`) gets its gradient in the same layout, `(B dC^T)^T` or
+/// `(dC^T A)^T`: the same GEMM, written so that the weight's gradient is
+/// row-major like the weight.
 #[derive(Debug)]
 struct Matmul {
     tf32: bool,
+    /// Whether lhs, rhs were stored transposed.
+    transposed: [bool; 2],
 }
 
 impl<B: BambaBackend> Backward<B, 2> for Matmul {
@@ -32,12 +37,20 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
         } else {
             B::bamba_matmul
         };
+        let t = B::float_transpose;
+        let [lhs_t, rhs_t] = self.transposed;
         binary::<B, _, _>(
             ops.parents,
             ops.node,
             grads,
-            |grad| mm(grad, B::float_transpose(rhs.expect("rhs saved"))),
-            |grad| mm(B::float_transpose(lhs.expect("lhs saved")), grad),
+            |grad| {
+                let rhs = rhs.expect("rhs saved");
+                if lhs_t { t(mm(rhs, t(grad))) } else { mm(grad, t(rhs)) }
+            },
+            |grad| {
+                let lhs = lhs.expect("lhs saved");
+                if rhs_t { t(mm(t(grad), lhs)) } else { mm(t(lhs), grad) }
+            },
         );
     }
 }
@@ -533,7 +546,11 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
             return Autodiff::<B, C>::float_matmul(lhs, rhs);
         }
         let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match (Matmul { tf32 })
+        let transposed = [
+            B::bamba_transposed(&lhs.primitive),
+            B::bamba_transposed(&rhs.primitive),
+        ];
+        match (Matmul { tf32, transposed })
             .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
             .compute_bound()
             .stateful()

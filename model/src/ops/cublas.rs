@@ -50,6 +50,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         true
     }
 
+    fn bamba_transposed(t: &T) -> bool {
+        layout(t).is_some_and(|l| !l.row_major)
+    }
+
+    fn bamba_pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
+        super::fused::pack_f32(parts, len, acc)
+    }
+
     fn bamba_rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
         super::fused::rms_norm_fwd(x, z, w, eps)
     }

@@ -92,6 +92,85 @@ pub fn sum_squares(x: T) -> T {
     out
 }
 
+// dst[i] (+)= float(src[i]); a null src writes zeros.
+const PACK: &str = r#"
+template <typename S>
+__device__ __forceinline__ void pack(const S* __restrict__ src, float* __restrict__ dst,
+                                     long long n, int acc) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        if (src) {
+            if constexpr (sizeof(S) == 2) v = bf16_to_f32(src[i]); else v = src[i];
+        }
+        dst[i] = acc ? dst[i] + v : v;
+    }
+}
+extern "C" __global__ void pack_bf16(const bf16_t* src, float* dst, long long n, int acc) {
+    pack(src, dst, n, acc);
+}
+extern "C" __global__ void pack_f32(const float* src, float* dst, long long n, int acc) {
+    pack(src, dst, n, acc);
+}
+"#;
+
+/// See [`super::BambaBackend::bamba_pack_f32`]: one kernel per part (cast
+/// and copy, or add), zeros written only into the gaps. The accumulator is
+/// updated in place when nothing else holds it.
+pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
+    let like = parts
+        .first()
+        .map(|p| p.0.clone())
+        .or_else(|| acc.clone())
+        .expect("pack_f32: nothing to pack");
+    let device = like.device.index;
+    let src = format!("{}{}", nvrtc::PRELUDE, PACK);
+    let run = |src_p: u64, dst: &T, at: usize, n: usize, dtype: DType, acc: bool| {
+        if n == 0 {
+            return;
+        }
+        let name = match dtype {
+            DType::BF16 => "pack_bf16",
+            DType::F32 => "pack_f32",
+            other => panic!("pack_f32: unsupported gradient dtype {other:?}"),
+        };
+        let f = nvrtc::function(device, "pack", &src, name);
+        let (base, stream) = ptr(dst);
+        let (mut s_p, mut d_p) = (src_p, base + 4 * at as u64);
+        let (mut n64, mut acc32) = (n as i64, acc as i32);
+        let mut params = kernel_args!(s_p, d_p, n64, acc32);
+        // SAFETY: the kernel's signature; `src` holds `n` elements (or is
+        // null), `dst` at least `at + n` f32, both live until enqueued.
+        unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+    };
+    let (out, accumulate) = match acc {
+        Some(a) if a.dtype == DType::F32 && a.is_contiguous() && a.can_mut() => (a, true),
+        Some(a) => {
+            let a = into_contiguous(a);
+            let out = empty(&like, vec![len], DType::F32);
+            run(ptr(&a).0, &out, 0, len, a.dtype, false);
+            (out, true)
+        }
+        None => (empty(&like, vec![len], DType::F32), false),
+    };
+    let mut parts: Vec<(T, usize)> = parts.into_iter().map(|(p, o)| (into_contiguous(p), o)).collect();
+    parts.sort_by_key(|p| p.1);
+    let mut filled = 0;
+    for (part, at) in &parts {
+        let n = part.meta.shape().num_elements();
+        if !accumulate && *at > filled {
+            run(0, &out, filled, at - filled, DType::F32, false);
+        }
+        run(ptr(part).0, &out, *at, n, part.dtype, accumulate);
+        filled = filled.max(at + n);
+    }
+    if !accumulate && len > filled {
+        run(0, &out, filled, len - filled, DType::F32, false);
+    }
+    drop(parts);
+    out
+}
+
 fn f32_contiguous(t: T, what: &str) -> T {
     assert_eq!(t.dtype, DType::F32, "fused AdamW: {what} must be f32");
     into_contiguous(t)

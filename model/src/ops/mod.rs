@@ -327,6 +327,41 @@ pub trait BambaBackend: Backend {
         x.powi_scalar(2).sum().into_primitive().tensor()
     }
 
+    /// Whether the last two dims of `t` lie transposed in memory (a
+    /// `transpose()` view of a row-major matrix). The GEMM backward then
+    /// writes that operand's gradient in the same layout, so a linear
+    /// layer's weight gradient comes out `[out, in]` row-major, as the
+    /// weight, and flattens without a copy.
+    fn bamba_transposed(_t: &FloatTensor<Self>) -> bool {
+        false
+    }
+
+    /// `acc + zeros [len]` with each `(part, offset)` added at its offset,
+    /// in f32: gathering a unit's parameter gradients (any float dtype, any
+    /// shape, read flat) into its flat buffer in one pass per part.
+    fn bamba_pack_f32(
+        parts: Vec<(FloatTensor<Self>, usize)>,
+        len: usize,
+        acc: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let device = parts
+            .first()
+            .map(|(p, _)| Self::float_device(p))
+            .or_else(|| acc.as_ref().map(Self::float_device))
+            .expect("pack_f32: nothing to pack");
+        let mut out = acc.map(|a| Self::float_cast(a, DType::F32.into())).unwrap_or_else(|| {
+            Self::float_zeros([len].into(), &device, DType::F32.into())
+        });
+        for (part, offset) in parts {
+            let n = part.shape().num_elements();
+            let part = Self::float_reshape(Self::float_cast(part, DType::F32.into()), [n].into());
+            let range = [Slice::new(offset as isize, Some((offset + n) as isize), 1)];
+            let sum = Self::float_add(Self::float_slice(out.clone(), &range), part);
+            out = Self::float_slice_assign(out, &range, sum);
+        }
+        out
+    }
+
     /// One AdamW update of flat f32 tensors in a single pass, where the
     /// backend has a kernel for it (`None`: the caller runs the tensor ops).
     fn bamba_adamw(
@@ -407,6 +442,31 @@ pub fn sum_squares<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     )))
 }
 
+/// `acc + zeros [len]` with each `(part, offset)` added flat at its offset,
+/// in f32 (see [`BambaBackend::bamba_pack_f32`]).
+pub fn pack_f32<B: BambaBackend, const D: usize>(
+    parts: Vec<(Tensor<B, D>, usize)>,
+    len: usize,
+    acc: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
+    for (p, offset) in &parts {
+        assert!(
+            offset + p.shape().num_elements() <= len,
+            "pack_f32: a part of {:?} at {offset} overruns {len}",
+            p.dims()
+        );
+    }
+    let parts = parts
+        .into_iter()
+        .map(|(p, o)| (p.into_primitive().tensor(), o))
+        .collect();
+    let acc = acc.map(|a| {
+        assert_eq!(a.dims(), [len], "pack_f32: accumulator length");
+        a.into_primitive().tensor()
+    });
+    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_pack_f32(parts, len, acc)))
+}
+
 impl BambaBackend for burn::backend::Flex {}
 
 /// The slices of `narrow(dim, start, len)` on a tensor of `shape`.
@@ -441,4 +501,23 @@ pub fn narrow<B: BambaBackend, const D: usize>(
         start,
         len,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn pack_f32_places_parts_zeroes_gaps_and_accumulates() {
+        let dev = Default::default();
+        let a = Tensor::<Flex, 2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &dev);
+        let b = Tensor::<Flex, 2>::from_floats([[5.0, 6.0]], &dev);
+        let packed = pack_f32(vec![(b.clone(), 6), (a.clone(), 1)], 9, None);
+        let want = [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 6.0, 0.0];
+        assert_eq!(packed.to_data().to_vec::<f32>().unwrap(), want);
+        let twice = pack_f32(vec![(a, 1), (b, 6)], 9, Some(packed));
+        let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        assert_eq!(twice.to_data().to_vec::<f32>().unwrap(), want2);
+    }
 }

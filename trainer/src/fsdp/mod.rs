@@ -167,25 +167,25 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     /// Adds this micro-batch's gradients (already scaled by 1/accumulation).
     pub fn accumulate<M: Module<B>>(&mut self, model: &M, grads: &B::Gradients) {
         let mut found = collect_grads::<B, M>(model, "", grads);
-        for (i, unit) in self.layout.units.iter().enumerate() {
-            let padded = unit.padded(self.layout.shards);
-            let mut parts: Vec<Tensor<Inner<B>, 1>> = unit
-                .params
-                .iter()
-                .map(|p| match found.remove(&p.name) {
-                    Some(g) => g.cast(DType::F32),
-                    None => Tensor::zeros([p.numel], &self.device),
-                })
-                .collect();
-            if padded > unit.numel {
-                parts.push(Tensor::zeros([padded - unit.numel], &self.device));
-            }
-            let g = Tensor::cat(parts, 0);
-            self.grads[i] = Some(match self.grads[i].take() {
-                Some(acc) => acc + g,
-                None => g,
-            });
+        for i in 0..self.layout.units.len() {
+            self.add_unit_grads(i, &mut found);
         }
+    }
+
+    /// Adds the gradients in `found` (flat, by HF name) of unit `i`'s
+    /// parameters into its f32 buffer, in one pass per parameter.
+    fn add_unit_grads(&mut self, i: usize, found: &mut HashMap<String, Tensor<Inner<B>, 1>>) {
+        let unit = &self.layout.units[i];
+        let parts: Vec<_> = unit
+            .params
+            .iter()
+            .filter_map(|p| found.remove(&p.name).map(|g| (g, p.offset)))
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        let padded = unit.padded(self.layout.shards);
+        self.grads[i] = Some(bamba_model::ops::pack_f32(parts, padded, self.grads[i].take()));
     }
 
     /// Reduces gradients to slices, clips by the global norm and steps AdamW.

@@ -204,12 +204,12 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let loss = causal_lm_loss(logits, targets, model.z_loss_coefficient) * scale;
         let grads = loss.backward();
         let mut dy = x.grad(&grads).expect("the head's input is tracked");
-        self.add_unit_grads(head, &final_norm, "model.final_layernorm", &grads);
+        self.add_module_grads(head, &final_norm, "model.final_layernorm", &grads);
         if let Some(h) = &lm_head {
-            self.add_unit_grads(head, h, "lm_head", &grads);
+            self.add_module_grads(head, h, "lm_head", &grads);
         }
         if tied {
-            self.add_unit_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
+            self.add_module_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
         }
         drop((final_norm, lm_head, grads));
         if last {
@@ -234,7 +234,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             };
             let grads = (y * Tensor::from_inner(dy)).sum().backward();
             dy = x.grad(&grads).expect("the layer's input is tracked");
-            self.add_unit_grads(u, &layer, &name, &grads);
+            self.add_module_grads(u, &layer, &name, &grads);
             drop((layer, grads));
             if last {
                 reduces.push_back((u, self.start_reduce(u, shard_comm, overlap)?));
@@ -255,7 +255,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         }
         let e = m.embed_tokens.forward(inputs);
         let grads = (e * Tensor::from_inner(dy)).sum().backward();
-        self.add_unit_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
+        self.add_module_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
         m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
         if last {
             reduces.push_back((embed, self.start_reduce(embed, shard_comm, overlap)?));
@@ -272,7 +272,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     }
 
     /// Adds the gradients of `module`'s parameters (paths under `prefix`) to unit `i`.
-    fn add_unit_grads<M: Module<B>>(
+    fn add_module_grads<M: Module<B>>(
         &mut self,
         i: usize,
         module: &M,
@@ -280,29 +280,6 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         grads: &B::Gradients,
     ) {
         let mut found = super::collect_grads::<B, M>(module, prefix, grads);
-        let unit = &self.layout.units[i];
-        let mut parts = Vec::with_capacity(unit.params.len() + 1);
-        let mut any = false;
-        for p in &unit.params {
-            parts.push(match found.remove(&p.name) {
-                Some(g) => {
-                    any = true;
-                    g.cast(burn::tensor::DType::F32)
-                }
-                None => Tensor::zeros([p.numel], &self.device),
-            });
-        }
-        if !any {
-            return;
-        }
-        let padded = unit.padded(self.layout.shards);
-        if padded > unit.numel {
-            parts.push(Tensor::zeros([padded - unit.numel], &self.device));
-        }
-        let g = Tensor::cat(parts, 0);
-        self.grads[i] = Some(match self.grads[i].take() {
-            Some(acc) => acc + g,
-            None => g,
-        });
+        self.add_unit_grads(i, &mut found);
     }
 }
