@@ -553,6 +553,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 .iter()
                 .map(|u| (u.name.clone(), u.numel))
                 .collect(),
+            align: self.sharded.layout.align,
             skipped_steps: self.skipped,
             wandb_run_id: self.wandb_run_id.clone(),
             config_yaml: serde_norway::to_string(&self.cfg).unwrap_or_default(),

@@ -142,7 +142,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::scale_rows_bwd(g, x, s)
     }
 
-    fn bamba_adamw(s: super::AdamWState<Self>, h: &super::AdamWHyper) -> Option<[T; 3]> {
+    fn bamba_adamw(
+        s: super::AdamWState<Self>,
+        h: &super::AdamWHyper,
+    ) -> Option<([T; 3], Option<T>)> {
         Some(super::fused::adamw(
             s.param,
             s.grad,
@@ -150,6 +153,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
             s.exp_avg_sq,
             s.decay_mask,
             s.grad_scale,
+            s.bf16_copy,
             h,
         ))
     }

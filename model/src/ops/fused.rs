@@ -14,13 +14,14 @@ use crate::kernel_args;
 /// tensor type does not depend on its element parameters).
 type Cb = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
 
+// p_lp (optional): the new parameter rounded to bf16, the copy FSDP gathers.
 const ADAMW: &str = r#"
 extern "C" __global__ void adamw_step(
     const float* __restrict__ p, const float* __restrict__ g,
     const float* __restrict__ m, const float* __restrict__ v,
     const float* __restrict__ mask, const float* __restrict__ scale,
     float* __restrict__ p_out, float* __restrict__ m_out, float* __restrict__ v_out,
-    long long n, float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
+    bf16_t* __restrict__ p_lp, long long n, float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
 {
     const float c = scale ? scale[0] : 1.0f;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -33,6 +34,7 @@ extern "C" __global__ void adamw_step(
         const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
         pi = pi - mi / (sqrtf(vi) * inv_sqrt_bc2 + eps) * lr_bc1;
         p_out[i] = pi;
+        if (p_lp) p_lp[i] = f32_to_bf16(pi);
         m_out[i] = mi;
         v_out[i] = vi;
     }
@@ -71,7 +73,7 @@ pub fn sum_squares(x: T) -> T {
         return out;
     }
     let device = x.device.index;
-    let f = nvrtc::function(device, "adamw", ADAMW, "sum_squares");
+    let f = nvrtc::function(device, "adamw", &adamw_src(), "sum_squares");
     let (mut o_p, stream) = ptr(&out);
     let mut x_p = ptr(&x).0;
     let mut n64 = n as i64;
@@ -171,13 +173,28 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
     out
 }
 
+fn adamw_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, ADAMW)
+}
+
 fn f32_contiguous(t: T, what: &str) -> T {
     assert_eq!(t.dtype, DType::F32, "fused AdamW: {what} must be f32");
     into_contiguous(t)
 }
 
-/// One AdamW step in one pass: reads p, g, m, v (and the mask), writes the new three.
-pub fn adamw(p: T, g: T, m: T, v: T, mask: Option<T>, scale: Option<T>, h: &AdamWHyper) -> [T; 3] {
+/// One AdamW step in one pass: reads p, g, m, v (and the mask), writes the
+/// new three, and with `bf16_copy` the new parameter in bf16 as well.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    p: T,
+    g: T,
+    m: T,
+    v: T,
+    mask: Option<T>,
+    scale: Option<T>,
+    bf16_copy: bool,
+    h: &AdamWHyper,
+) -> ([T; 3], Option<T>) {
     let n = p.meta.shape().num_elements();
     let (p, g) = (f32_contiguous(p, "param"), f32_contiguous(g, "grad"));
     let (m, v) = (
@@ -202,16 +219,18 @@ pub fn adamw(p: T, g: T, m: T, v: T, mask: Option<T>, scale: Option<T>, h: &Adam
         )
     };
     let (po, mo, vo) = (out(), out(), out());
+    let lp = bf16_copy.then(|| empty(&p, vec![n], DType::BF16));
     if n == 0 {
-        return [po, mo, vo];
+        return ([po, mo, vo], lp);
     }
     let device = p.device.index;
-    let f = nvrtc::function(device, "adamw", ADAMW, "adamw_step");
+    let f = nvrtc::function(device, "adamw", &adamw_src(), "adamw_step");
     let (mut po_p, stream) = ptr(&po);
     let (mut p_p, mut g_p, mut m_p, mut v_p) = (ptr(&p).0, ptr(&g).0, ptr(&m).0, ptr(&v).0);
     let mut mask_p = mask.as_ref().map_or(0, |t| ptr(t).0);
     let mut scale_p = scale.as_ref().map_or(0, |t| ptr(t).0);
     let (mut mo_p, mut vo_p) = (ptr(&mo).0, ptr(&vo).0);
+    let mut lp_p = lp.as_ref().map_or(0, |t| ptr(t).0);
     let mut n64 = n as i64;
     let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
     let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
@@ -226,6 +245,7 @@ pub fn adamw(p: T, g: T, m: T, v: T, mask: Option<T>, scale: Option<T>, h: &Adam
         po_p,
         mo_p,
         vo_p,
+        lp_p,
         n64,
         b1,
         b2,
@@ -234,7 +254,8 @@ pub fn adamw(p: T, g: T, m: T, v: T, mask: Option<T>, scale: Option<T>, h: &Adam
         eps,
         lr_wd
     );
-    // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one),
+    // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one,
+    // the optional copy `n` bf16),
     // live until the launch is enqueued (burn reuses memory in stream order).
     unsafe {
         launch(
@@ -248,7 +269,7 @@ pub fn adamw(p: T, g: T, m: T, v: T, mask: Option<T>, scale: Option<T>, h: &Adam
         )
     };
     drop((p, g, m, v, mask, scale));
-    [po, mo, vo]
+    ([po, mo, vo], lp)
 }
 
 /// RMSNorm, optionally gated (Mamba2's `w * rmsnorm(x * silu(z))`), one

@@ -363,11 +363,14 @@ pub trait BambaBackend: Backend {
     }
 
     /// One AdamW update of flat f32 tensors in a single pass, where the
-    /// backend has a kernel for it (`None`: the caller runs the tensor ops).
+    /// backend has a kernel for it (`None`: the caller runs the tensor ops):
+    /// `[param, exp_avg, exp_avg_sq]`, and the new parameter in bf16 when
+    /// the state asks for it.
+    #[allow(clippy::type_complexity)]
     fn bamba_adamw(
         _state: AdamWState<Self>,
         _hyper: &AdamWHyper,
-    ) -> Option<[FloatTensor<Self>; 3]> {
+    ) -> Option<([FloatTensor<Self>; 3], Option<FloatTensor<Self>>)> {
         None
     }
 }
@@ -382,6 +385,9 @@ pub struct AdamWState<B: Backend> {
     pub exp_avg_sq: FloatTensor<B>,
     pub decay_mask: Option<FloatTensor<B>>,
     pub grad_scale: Option<FloatTensor<B>>,
+    /// Also write the new parameter rounded to bf16 (the compute copy FSDP
+    /// gathers), saving a separate cast pass over the f32 weights.
+    pub bf16_copy: bool,
 }
 
 /// AdamW's scalars for one step, bias corrections folded in.

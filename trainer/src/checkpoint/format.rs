@@ -16,7 +16,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: parameters aligned in the flat buffers (`align`); 1 (still read): packed.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
@@ -29,6 +30,10 @@ pub struct CheckpointMeta {
     pub strategy: String,
     /// `(unit name, real elements)`: a reader checks it builds the same units.
     pub units: Vec<(String, usize)>,
+    /// Alignment of parameters in the flat buffers (`fsdp::Layout::align`);
+    /// absent in format 1, which packed them (1).
+    #[serde(default = "packed")]
+    pub align: usize,
     pub skipped_steps: u64,
     pub wandb_run_id: Option<String>,
     /// The effective config of the run, as YAML.
@@ -212,11 +217,15 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+fn packed() -> usize {
+    1
+}
+
 pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
     let meta: CheckpointMeta = read_json(&dir.join("meta.json"))?;
-    if meta.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&meta.format_version) {
         bail!(
-            "{}: checkpoint format {} (this build reads {FORMAT_VERSION})",
+            "{}: checkpoint format {} (this build reads formats 1 to {FORMAT_VERSION})",
             dir.display(),
             meta.format_version
         );

@@ -37,6 +37,9 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     pub shard_rank: usize,
     /// Per unit, `[shard_len]` f32 master weights.
     pub master: Vec<Tensor<Inner<B>, 1>>,
+    /// Per unit, the master slice in the compute dtype, when the optimizer
+    /// wrote it in its pass (saves a cast before each gather).
+    compute_copy: Vec<Option<Tensor<Inner<B>, 1>>>,
     pub moments: Vec<Moments<Inner<B>>>,
     /// Per unit, 1 where weight decay applies, 0 elsewhere (and on padding).
     decay: Vec<Tensor<Inner<B>, 1>>,
@@ -82,6 +85,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             .collect();
         let grads = vec![None; layout.units.len()];
         Ok(Self {
+            compute_copy: vec![None; layout.units.len()],
             layout,
             shard_rank,
             master,
@@ -129,6 +133,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let decay = masks.into_iter().map(|m| flat(m, device)).collect();
         let grads = vec![None; layout.units.len()];
         Ok(Self {
+            compute_copy: vec![None; layout.units.len()],
             layout,
             shard_rank,
             master,
@@ -149,8 +154,8 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         shard_comm: &dyn Comm<Inner<B>>,
     ) -> Result<M> {
         let mut setter = SetParams::<B>::new();
-        for (unit, shard) in self.layout.units.iter().zip(&self.master) {
-            let full = shard_comm.all_gather(shard.clone().cast(self.compute))?;
+        for (i, unit) in self.layout.units.iter().enumerate() {
+            let full = shard_comm.all_gather(self.compute_shard(i))?;
             for p in &unit.params {
                 setter.insert(&p.name, full.clone().narrow(0, p.offset, p.numel), &p.shape);
             }
@@ -162,6 +167,14 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             setter.values.keys().collect::<Vec<_>>()
         );
         Ok(model)
+    }
+
+    /// Unit `i`'s slice in the compute dtype, ready to all-gather.
+    fn compute_shard(&self, i: usize) -> Tensor<Inner<B>, 1> {
+        match &self.compute_copy[i] {
+            Some(c) => c.clone(),
+            None => self.master[i].clone().cast(self.compute),
+        }
     }
 
     /// Adds this micro-batch's gradients (already scaled by 1/accumulation).
@@ -226,8 +239,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         // Moments move through the update (no placeholder: a zero-size
         // tensor is an invalid kernel launch on CUDA).
         let all_moments = std::mem::take(&mut self.moments);
+        let bf16_copy = self.compute == DType::BF16;
         for (i, (grad, moments)) in shards.into_iter().zip(all_moments).enumerate() {
-            let (p, m) = opt.update(
+            let (p, m, copy) = opt.update_with_copy(
                 self.master[i].clone(),
                 grad,
                 moments,
@@ -235,8 +249,10 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 coef.as_ref(),
                 lr,
                 step,
+                bf16_copy,
             );
             self.master[i] = p;
+            self.compute_copy[i] = copy;
             self.moments.push(m);
         }
         Ok(norm)

@@ -88,7 +88,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         comm: &dyn Comm<Inner<B>>,
         overlap: bool,
     ) -> Result<Pending<Inner<B>>> {
-        let shard = self.master[i].clone().cast(self.compute);
+        let shard = self.compute_shard(i);
         if overlap {
             comm.start_all_gather(shard)
         } else {

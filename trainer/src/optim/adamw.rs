@@ -82,6 +82,25 @@ impl AdamW {
         lr: f64,
         step: u64,
     ) -> (Tensor<B, 1>, Moments<B>) {
+        let (p, m, _) = self.update_with_copy(param, grad, moments, decay, grad_scale, lr, step, false);
+        (p, m)
+    }
+
+    /// [`AdamW::update`], and with `bf16_copy` the new parameter in bf16
+    /// too where the backend's fused kernel writes it in the same pass
+    /// (`None` otherwise: the caller casts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with_copy<B: BambaBackend>(
+        &self,
+        param: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        moments: Moments<B>,
+        decay: Option<&Tensor<B, 1>>,
+        grad_scale: Option<&Tensor<B, 1>>,
+        lr: f64,
+        step: u64,
+        bf16_copy: bool,
+    ) -> (Tensor<B, 1>, Moments<B>, Option<Tensor<B, 1>>) {
         let (b1, b2) = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(step as i32);
         let bc2 = 1.0 - b2.powi(step as i32);
@@ -93,6 +112,7 @@ impl AdamW {
             exp_avg_sq: prim(moments.exp_avg_sq.clone()),
             decay_mask: decay.map(|t| prim(t.clone())),
             grad_scale: grad_scale.map(|t| prim(t.clone())),
+            bf16_copy,
         };
         let hyper = AdamWHyper {
             beta1: b1,
@@ -102,7 +122,7 @@ impl AdamW {
             eps: self.cfg.eps,
             lr_wd: lr * self.cfg.weight_decay,
         };
-        if let Some([p, m, v]) = B::bamba_adamw(state, &hyper) {
+        if let Some(([p, m, v], copy)) = B::bamba_adamw(state, &hyper) {
             let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
             return (
                 t(p),
@@ -110,6 +130,7 @@ impl AdamW {
                     exp_avg: t(m),
                     exp_avg_sq: t(v),
                 },
+                copy.map(t),
             );
         }
         let grad = match grad_scale {
@@ -132,6 +153,7 @@ impl AdamW {
                 exp_avg,
                 exp_avg_sq,
             },
+            None,
         )
     }
 }
