@@ -181,6 +181,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         };
 
         let mut sharded = sharded;
+        sharded.keep_compute_copy = cfg.parallelism.activation_checkpointing == 0.0;
         sharded.reduce = match cfg.parallelism.reduce_dtype {
             ReduceDtype::F32 => DType::F32,
             ReduceDtype::Bf16 => DType::BF16,
@@ -336,7 +337,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 None => l,
             });
         }
-        self.model = Some(model);
+        self.model = Some(if ac == 0.0 {
+            self.sharded.release(model)
+        } else {
+            model
+        });
         self.step += 1;
         self.tokens_seen += self.cfg.tokens_per_step();
 

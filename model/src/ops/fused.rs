@@ -16,27 +16,64 @@ type Cb = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
 
 // p_lp (optional): the new parameter rounded to bf16, the copy FSDP gathers.
 const ADAMW: &str = r#"
-extern "C" __global__ void adamw_step(
-    const float* __restrict__ p, const float* __restrict__ g,
-    const float* __restrict__ m, const float* __restrict__ v,
-    const float* __restrict__ mask, const float* __restrict__ scale,
-    float* __restrict__ p_out, float* __restrict__ m_out, float* __restrict__ v_out,
-    bf16_t* __restrict__ p_lp, long long n, float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
-{
-    const float c = scale ? scale[0] : 1.0f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float gi = g[i] * c;
-        float pi = p[i];
+// The outputs may be the inputs (updated in place: each element is read
+// before it is written, by the same thread), hence no __restrict__ on them.
+// Four elements per thread and pass (16-byte accesses) where aligned.
+struct AdamW {
+    float c, b1, b2, lr_bc1, inv_sqrt_bc2, eps, lr_wd;
+    __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float mask,
+                                               bool has_mask) const {
+        g *= c;
         // Decoupled weight decay first, as torch.optim.AdamW.
-        pi = mask ? pi - pi * mask[i] * lr_wd : pi * (1.0f - lr_wd);
-        const float mi = b1 * m[i] + (1.0f - b1) * gi;
-        const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        pi = pi - mi / (sqrtf(vi) * inv_sqrt_bc2 + eps) * lr_bc1;
+        p = has_mask ? p - p * mask * lr_wd : p * (1.0f - lr_wd);
+        m = b1 * m + (1.0f - b1) * g;
+        v = b2 * v + (1.0f - b2) * g * g;
+        p = p - m / (sqrtf(v) * inv_sqrt_bc2 + eps) * lr_bc1;
+    }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return ((unsigned long long)p & 15ull) == 0;
+}
+
+extern "C" __global__ void adamw_step(
+    const float* p, const float* __restrict__ g, const float* m, const float* v,
+    const float* __restrict__ mask, const float* __restrict__ scale,
+    float* p_out, float* m_out, float* v_out, bf16_t* __restrict__ p_lp, long long n,
+    float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
+{
+    const AdamW f{scale ? scale[0] : 1.0f, b1, b2, lr_bc1, inv_sqrt_bc2, eps, lr_wd};
+    const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) &&
+                     aligned16(p_out) && aligned16(m_out) && aligned16(v_out) &&
+                     (!mask || aligned16(mask)) && (((unsigned long long)p_lp & 7ull) == 0);
+    const long long n4 = vec ? n / 4 : 0;
+    for (long long i = tid; i < n4; i += stride) {
+        float4 pp = ((const float4*)p)[i], gg = ((const float4*)g)[i];
+        float4 mm = ((const float4*)m)[i], vv = ((const float4*)v)[i];
+        float4 dm = mask ? ((const float4*)mask)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        f(pp.x, gg.x, mm.x, vv.x, dm.x, mask);
+        f(pp.y, gg.y, mm.y, vv.y, dm.y, mask);
+        f(pp.z, gg.z, mm.z, vv.z, dm.z, mask);
+        f(pp.w, gg.w, mm.w, vv.w, dm.w, mask);
+        ((float4*)p_out)[i] = pp;
+        ((float4*)m_out)[i] = mm;
+        ((float4*)v_out)[i] = vv;
+        if (p_lp) {
+            uint2 lo;
+            lo.x = (unsigned)f32_to_bf16(pp.x) | ((unsigned)f32_to_bf16(pp.y) << 16);
+            lo.y = (unsigned)f32_to_bf16(pp.z) | ((unsigned)f32_to_bf16(pp.w) << 16);
+            ((uint2*)p_lp)[i] = lo;
+        }
+    }
+    for (long long i = 4 * n4 + tid; i < n; i += stride) {
+        float pi = p[i], mi = m[i], vi = v[i];
+        f(pi, g[i], mi, vi, mask ? mask[i] : 0.0f, mask);
         p_out[i] = pi;
-        if (p_lp) p_lp[i] = f32_to_bf16(pi);
         m_out[i] = mi;
         v_out[i] = vi;
+        if (p_lp) p_lp[i] = f32_to_bf16(pi);
     }
 }
 
@@ -96,11 +133,33 @@ pub fn sum_squares(x: T) -> T {
 
 // dst[i] (+)= float(src[i]); a null src writes zeros.
 const PACK: &str = r#"
+// Four elements per thread and pass (16-byte f32 accesses) where aligned.
 template <typename S>
 __device__ __forceinline__ void pack(const S* __restrict__ src, float* __restrict__ dst,
                                      long long n, int acc) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+    const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const bool vec = ((unsigned long long)dst & 15ull) == 0 &&
+                     ((unsigned long long)src & (4 * sizeof(S) - 1)) == 0;
+    const long long n4 = vec ? n / 4 : 0;
+    for (long long i = tid; i < n4; i += stride) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (src) {
+            if constexpr (sizeof(S) == 2) {
+                const uint2 w = ((const uint2*)src)[i];
+                v = make_float4(bf16_to_f32(w.x & 0xffffu), bf16_to_f32(w.x >> 16),
+                                bf16_to_f32(w.y & 0xffffu), bf16_to_f32(w.y >> 16));
+            } else {
+                v = ((const float4*)src)[i];
+            }
+        }
+        if (acc) {
+            const float4 d = ((const float4*)dst)[i];
+            v.x += d.x; v.y += d.y; v.z += d.z; v.w += d.w;
+        }
+        ((float4*)dst)[i] = v;
+    }
+    for (long long i = 4 * n4 + tid; i < n; i += stride) {
         float v = 0.0f;
         if (src) {
             if constexpr (sizeof(S) == 2) v = bf16_to_f32(src[i]); else v = src[i];
@@ -210,15 +269,15 @@ pub fn adamw(
             "fused AdamW: operand sizes differ"
         );
     }
-    let out = || {
-        empty_device_contiguous_dtype(
-            p.client.clone(),
-            p.device.clone(),
-            p.meta.shape().clone(),
-            DType::F32,
-        )
+    // In place where nothing else holds the buffer.
+    let out = |t: &T| {
+        if t.can_mut() {
+            t.clone()
+        } else {
+            empty(t, t.meta.shape().to_vec(), DType::F32)
+        }
     };
-    let (po, mo, vo) = (out(), out(), out());
+    let (po, mo, vo) = (out(&p), out(&m), out(&v));
     let lp = bf16_copy.then(|| empty(&p, vec![n], DType::BF16));
     if n == 0 {
         return ([po, mo, vo], lp);
@@ -1648,7 +1707,7 @@ __device__ __forceinline__ void tile_mma(float (&acc)[16], const Frag& f, int kn
     }
 }
 
-// grid (bc * h, p tiles, i tiles).
+// grid (i tiles * bc * h, p tiles).
 template <bool TRANS, bool TC>
 __device__ __forceinline__ void diag_apply(
     const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ v,
@@ -1660,9 +1719,14 @@ __device__ __forceinline__ void diag_apply(
     __shared__ float c_j[DG_K];
     const int tid = threadIdx.x;
     const Frag f;
-    const int hi = (int)(blockIdx.x % (unsigned)h);
-    const long long bc = blockIdx.x / (unsigned)h;
-    const int p0 = blockIdx.y * DG_T, i0 = blockIdx.z * DG_T;
+    // A (chunk, head)'s row tiles run side by side (its v rows stay in L2),
+    // the longest (most column tiles) first.
+    const int nt = (q + DG_T - 1) / DG_T;
+    const int r = (int)(blockIdx.x % (unsigned)nt);
+    const int it = TRANS ? r : nt - 1 - r;
+    const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)h);
+    const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)h);
+    const int p0 = blockIdx.y * DG_T, i0 = it * DG_T;
     const int gi = hi / (h / g);
     const float* Sm = S + (bc * g + gi) * (long long)q * q;
     const float* cm = cs + bc * q * (long long)h + hi;
@@ -1709,7 +1773,7 @@ __device__ __forceinline__ void diag_apply(
 }
 
 #define DIAG_ENTRY(name, TRANS, TC)                                                      \
-    extern "C" __global__ void __launch_bounds__(256) name(                              \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                           \
         const float* S, const float* cs, const float* v, float* out, int q, int h, int g, int p) \
     {                                                                                    \
         diag_apply<TRANS, TC>(S, cs, v, out, q, h, g, p);                                \
@@ -1725,7 +1789,7 @@ DIAG_ENTRY(ssd_diag_dx_tc, true, true)
 //   dcs_h[i] += sum_j S[i, j] G_h[i, j],  dcs_h[j] -= sum_i S[i, j] G_h[i, j].
 // The dcs sums go to part [2 nt, bc, q, h] (zeroed): row sums in slot jt,
 // column sums in slot nt + it, added in a fixed order after (reproducible:
-// no atomics). grid (bc * g * hs, nt, nt): the group's heads in `hs` splits,
+// no atomics). grid (nt * nt * hs * bc * g): the group's heads in `hs` splits,
 // each writing its own dS partial [hs, bc, g, q, q]; tiles above the
 // diagonal write zeros.
 template <bool TC>
@@ -1741,11 +1805,13 @@ __device__ __forceinline__ void diag_grad(
     __shared__ float red[DG_T][33];
     const int tid = threadIdx.x;
     const Frag f;
-    const int split = (int)(blockIdx.x % (unsigned)hs);
-    const long long bcg = blockIdx.x / (unsigned)hs;
+    // A (chunk, group, split)'s tiles run side by side (its rows stay in L2).
+    const int tile = (int)(blockIdx.x % (unsigned)(nt * nt));
+    const int jt = tile % nt, it = tile / nt;
+    const int split = (int)((blockIdx.x / (unsigned)(nt * nt)) % (unsigned)hs);
+    const long long bcg = blockIdx.x / ((unsigned)(nt * nt) * (unsigned)hs);
     const int gi = (int)(bcg % g);
     const long long bc = bcg / g;
-    const int jt = blockIdx.y, it = blockIdx.z;
     const int i0 = it * DG_T, j0 = jt * DG_T;
     const int hg = h / g, per = hg / hs;
     float* dSm = dS + ((split * bcn + bc) * g + gi) * (long long)q * q;
@@ -1835,7 +1901,7 @@ __device__ __forceinline__ void diag_grad(
 }
 
 #define GRAD_ENTRY(name, TC)                                                             \
-    extern "C" __global__ void __launch_bounds__(256) name(                              \
+    extern "C" __global__ void __launch_bounds__(256, 3) name(                           \
         const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
         float* part, int q, int h, int g, int p, int nt, long long bcn, int hs)          \
     {                                                                                    \
@@ -1895,11 +1961,7 @@ fn diag_apply(
     let (mut s_p, mut c_p, mut v_p) = (ptr(s).0, ptr(cs).0, ptr(v).0);
     let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
     let mut params = kernel_args!(s_p, c_p, v_p, o_p, q32, h32, g32, p32);
-    let grid = (
-        (bcn * h) as u32,
-        p.div_ceil(64) as u32,
-        q.div_ceil(64) as u32,
-    );
+    let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
     // SAFETY: the kernel's signature; contiguous f32 operands of the checked shapes.
     unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
 }
@@ -1935,7 +1997,7 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
         let mut params = kernel_args!(
             s_p, c_p, x_p, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64, hs32
         );
-        let grid = ((bcn * g * hs) as u32, nt as u32, nt as u32);
+        let grid = ((nt * nt * hs * bcn * g) as u32, 1, 1);
         // SAFETY: the kernel's signature; `part` holds `2 nt` slots of `cs`'s size.
         unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
     }

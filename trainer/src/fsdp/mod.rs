@@ -40,6 +40,10 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// Per unit, the master slice in the compute dtype, when the optimizer
     /// wrote it in its pass (saves a cast before each gather).
     compute_copy: Vec<Option<Tensor<Inner<B>, 1>>>,
+    /// Whether to keep `compute_copy` between steps: when the whole model
+    /// is gathered anyway (no activation checkpointing), it costs nothing;
+    /// with per-layer gathers it would hold a compute copy of every unit.
+    pub keep_compute_copy: bool,
     pub moments: Vec<Moments<Inner<B>>>,
     /// Per unit, 1 where weight decay applies, 0 elsewhere (and on padding).
     decay: Vec<Tensor<Inner<B>, 1>>,
@@ -86,6 +90,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let grads = vec![None; layout.units.len()];
         Ok(Self {
             compute_copy: vec![None; layout.units.len()],
+            keep_compute_copy: false,
             layout,
             shard_rank,
             master,
@@ -134,6 +139,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let grads = vec![None; layout.units.len()];
         Ok(Self {
             compute_copy: vec![None; layout.units.len()],
+            keep_compute_copy: false,
             layout,
             shard_rank,
             master,
@@ -167,6 +173,13 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             setter.values.keys().collect::<Vec<_>>()
         );
         Ok(model)
+    }
+
+    /// `model` with its gathered parameters dropped (stale once the
+    /// optimizer steps; the next step gathers again), so that their memory
+    /// is free for the update.
+    pub fn release<M: Module<B>>(&self, model: M) -> M {
+        SetParams::<B>::free(model)
     }
 
     /// Unit `i`'s slice in the compute dtype, ready to all-gather.
@@ -239,10 +252,13 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         // Moments move through the update (no placeholder: a zero-size
         // tensor is an invalid kernel launch on CUDA).
         let all_moments = std::mem::take(&mut self.moments);
-        let bf16_copy = self.compute == DType::BF16;
-        for (i, (grad, moments)) in shards.into_iter().zip(all_moments).enumerate() {
+        let bf16_copy = self.keep_compute_copy && self.compute == DType::BF16;
+        let masters = std::mem::take(&mut self.master);
+        for (i, ((grad, moments), master)) in shards.into_iter().zip(all_moments).zip(masters).enumerate() {
+            // Dropped first: the update may reuse its memory.
+            self.compute_copy[i] = None;
             let (p, m, copy) = opt.update_with_copy(
-                self.master[i].clone(),
+                master,
                 grad,
                 moments,
                 Some(&self.decay[i]),
@@ -251,7 +267,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 step,
                 bf16_copy,
             );
-            self.master[i] = p;
+            self.master.push(p);
             self.compute_copy[i] = copy;
             self.moments.push(m);
         }
@@ -346,6 +362,8 @@ struct SetParams<B: BambaAutodiffBackend> {
     values: HashMap<String, (Tensor<Inner<B>, 1>, Vec<usize>)>,
     /// Map every parameter to a 1-element placeholder instead (frees memory).
     free: bool,
+    /// The one buffer every placeholder views.
+    placeholder: Option<Tensor<B, 1>>,
 }
 
 impl<B: BambaAutodiffBackend> SetParams<B> {
@@ -354,6 +372,7 @@ impl<B: BambaAutodiffBackend> SetParams<B> {
             path: vec![],
             values: HashMap::new(),
             free: false,
+            placeholder: None,
         }
     }
 
@@ -388,7 +407,11 @@ impl<B: BambaAutodiffBackend> ModuleMapper<B> for SetParams<B> {
         let (id, old, mapper) = param.consume();
         if self.free {
             let device = old.device();
-            return Param::from_mapped_value(id, Tensor::zeros([1; D], &device), mapper);
+            let one = self
+                .placeholder
+                .get_or_insert_with(|| Tensor::zeros([1], &device))
+                .clone();
+            return Param::from_mapped_value(id, one.reshape([1; D]), mapper);
         }
         let name = self.path.join(".");
         let Some((flat, shape)) = self.values.remove(&name) else {

@@ -105,15 +105,6 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(step as i32);
         let bc2 = 1.0 - b2.powi(step as i32);
         let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
-        let state = AdamWState {
-            param: prim(param.clone()),
-            grad: prim(grad.clone()),
-            exp_avg: prim(moments.exp_avg.clone()),
-            exp_avg_sq: prim(moments.exp_avg_sq.clone()),
-            decay_mask: decay.map(|t| prim(t.clone())),
-            grad_scale: grad_scale.map(|t| prim(t.clone())),
-            bf16_copy,
-        };
         let hyper = AdamWHyper {
             beta1: b1,
             beta2: b2,
@@ -122,7 +113,19 @@ impl AdamW {
             eps: self.cfg.eps,
             lr_wd: lr * self.cfg.weight_decay,
         };
-        if let Some(([p, m, v], copy)) = B::bamba_adamw(state, &hyper) {
+        // Handed over, not cloned: a kernel may then update them in place.
+        if B::bamba_fused() {
+            let state = AdamWState {
+                param: prim(param),
+                grad: prim(grad),
+                exp_avg: prim(moments.exp_avg),
+                exp_avg_sq: prim(moments.exp_avg_sq),
+                decay_mask: decay.map(|t| prim(t.clone())),
+                grad_scale: grad_scale.map(|t| prim(t.clone())),
+                bf16_copy,
+            };
+            let ([p, m, v], copy) =
+                B::bamba_adamw(state, &hyper).expect("a backend with fused kernels has fused AdamW");
             let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
             return (
                 t(p),
