@@ -316,6 +316,93 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
     // Flattened inputs in, one output out, so one harness serves every piece.
     type Piece<'a, B> = Box<dyn Fn(&Inputs<B>) -> Tensor<B, 1> + 'a>;
     let mut ok = true;
+    // First (quick): gradient packing (FSDP's flat buffers): bf16 and f32 parts at offsets,
+    // gaps zeroed, then accumulated in place; checked on the host.
+    {
+        type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let a = Tensor::<I<B>, 2>::random([3, 5], Distribution::Normal(0.0, 1.0), device)
+            .cast(DType::BF16);
+        let b = Tensor::<I<B>, 2>::random([1, 7], Distribution::Normal(0.0, 1.0), device);
+        let host = |t: Tensor<I<B>, 2>| t.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+        let (ha, hb) = (host(a.clone()), host(b.clone()));
+        let once = ops::pack_f32(vec![(a.clone(), 2), (b.clone(), 20)], 40, None);
+        let twice = ops::pack_f32(vec![(a, 2), (b, 20)], 40, Some(once));
+        let got = twice.into_data().to_vec::<f32>().unwrap();
+        let mut want = vec![0f32; 40];
+        want[2..17].copy_from_slice(&ha);
+        want[20..27].copy_from_slice(&hb);
+        let max_abs = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - 2.0 * w).abs())
+            .fold(0f32, f32::max);
+        let pass = max_abs == 0.0;
+        ok &= pass;
+        println!(
+            "{}",
+            json!({"kernel": "pack_f32", "dtype": "BF16+F32", "value": "output",
+                "max_abs": max_abs, "rel": max_abs, "pass": pass})
+        );
+    }
+    // Fused AdamW (in place, with the bf16 copy) against the update on the host.
+    {
+        type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        use bamba_model::ops::{AdamWHyper, AdamWState};
+        let n = 1003; // four-wide passes and a tail
+        let rnd = |lo: f64, hi: f64| {
+            Tensor::<I<B>, 1>::random([n], Distribution::Uniform(lo, hi), device)
+        };
+        let (p, g, m, v) = (rnd(-1.0, 1.0), rnd(-1.0, 1.0), rnd(-0.1, 0.1), rnd(0.0, 0.01));
+        let mask = rnd(0.0, 1.0).greater_elem(0.5).float();
+        let host = |t: &Tensor<I<B>, 1>| t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let (hp, hg, hm, hv, hmask) = (host(&p), host(&g), host(&m), host(&v), host(&mask));
+        let h = AdamWHyper {
+            beta1: 0.9,
+            beta2: 0.95,
+            lr_bc1: 1e-3 / 0.1,
+            inv_sqrt_bc2: 1.0 / 0.05f64.sqrt(),
+            eps: 1e-8,
+            lr_wd: 1e-4,
+        };
+        let prim = |t: Tensor<I<B>, 1>| t.into_primitive().tensor();
+        let state = AdamWState {
+            param: prim(p),
+            grad: prim(g),
+            exp_avg: prim(m),
+            exp_avg_sq: prim(v),
+            decay_mask: Some(prim(mask)),
+            grad_scale: None,
+            bf16_copy: true,
+        };
+        if let Some(([np, nm, nv], copy)) = <I<B> as bamba_model::BambaBackend>::bamba_adamw(state, &h) {
+            let t = |x| host(&Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(x)));
+            let (np, nm, nv) = (t(np), t(nm), t(nv));
+            let lp = copy.map(|c| {
+                host(&Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(c)).cast(DType::F32))
+            });
+            let mut max_abs = 0f32;
+            for i in 0..n {
+                let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+                let mut pi = hp[i] - hp[i] * hmask[i] * h.lr_wd as f32;
+                let mi = b1 * hm[i] + (1.0 - b1) * hg[i];
+                let vi = b2 * hv[i] + (1.0 - b2) * hg[i] * hg[i];
+                pi -= mi / (vi.sqrt() * h.inv_sqrt_bc2 as f32 + h.eps as f32) * h.lr_bc1 as f32;
+                let lp_err = lp.as_ref().map_or(0.0, |lp| (lp[i] - pi).abs() - pi.abs() / 128.0);
+                max_abs = max_abs
+                    .max((np[i] - pi).abs())
+                    .max((nm[i] - mi).abs())
+                    .max((nv[i] - vi).abs())
+                    .max(lp_err.max(0.0));
+            }
+            let pass = max_abs <= 1e-5 && lp.is_some();
+            ok &= pass;
+            println!(
+                "{}",
+                json!({"kernel": "adamw", "dtype": "F32", "value": "param+moments+bf16",
+                    "max_abs": max_abs, "rel": max_abs, "pass": pass})
+            );
+        }
+    }
     let mut check =
         |name: &str, dtype: DType, shapes: &[Vec<usize>], fused: Piece<B>, refr: Piece<B>| {
             let inputs: Vec<Tensor<B, 1>> = shapes
@@ -570,93 +657,6 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                     reference::scale_heads(x[0].clone().reshape([b, l, h, p]), x[1].clone())
                         .reshape([b * l * h * p])
                 }),
-            );
-        }
-    }
-    // Gradient packing (FSDP's flat buffers): bf16 and f32 parts at offsets,
-    // gaps zeroed, then accumulated in place; checked on the host.
-    {
-        type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
-        let a = Tensor::<I<B>, 2>::random([3, 5], Distribution::Normal(0.0, 1.0), device)
-            .cast(DType::BF16);
-        let b = Tensor::<I<B>, 2>::random([1, 7], Distribution::Normal(0.0, 1.0), device);
-        let host = |t: Tensor<I<B>, 2>| t.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
-        let (ha, hb) = (host(a.clone()), host(b.clone()));
-        let once = ops::pack_f32(vec![(a.clone(), 2), (b.clone(), 20)], 40, None);
-        let twice = ops::pack_f32(vec![(a, 2), (b, 20)], 40, Some(once));
-        let got = twice.into_data().to_vec::<f32>().unwrap();
-        let mut want = vec![0f32; 40];
-        want[2..17].copy_from_slice(&ha);
-        want[20..27].copy_from_slice(&hb);
-        let max_abs = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - 2.0 * w).abs())
-            .fold(0f32, f32::max);
-        let pass = max_abs == 0.0;
-        ok &= pass;
-        println!(
-            "{}",
-            json!({"kernel": "pack_f32", "dtype": "BF16+F32", "value": "output",
-                "max_abs": max_abs, "rel": max_abs, "pass": pass})
-        );
-    }
-    // Fused AdamW (in place, with the bf16 copy) against the update on the host.
-    {
-        type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
-        use bamba_model::ops::{AdamWHyper, AdamWState};
-        let n = 1003; // four-wide passes and a tail
-        let rnd = |lo: f64, hi: f64| {
-            Tensor::<I<B>, 1>::random([n], Distribution::Uniform(lo, hi), device)
-        };
-        let (p, g, m, v) = (rnd(-1.0, 1.0), rnd(-1.0, 1.0), rnd(-0.1, 0.1), rnd(0.0, 0.01));
-        let mask = rnd(0.0, 1.0).greater_elem(0.5).float();
-        let host = |t: &Tensor<I<B>, 1>| t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap();
-        let (hp, hg, hm, hv, hmask) = (host(&p), host(&g), host(&m), host(&v), host(&mask));
-        let h = AdamWHyper {
-            beta1: 0.9,
-            beta2: 0.95,
-            lr_bc1: 1e-3 / 0.1,
-            inv_sqrt_bc2: 1.0 / 0.05f64.sqrt(),
-            eps: 1e-8,
-            lr_wd: 1e-4,
-        };
-        let prim = |t: Tensor<I<B>, 1>| t.into_primitive().tensor();
-        let state = AdamWState {
-            param: prim(p),
-            grad: prim(g),
-            exp_avg: prim(m),
-            exp_avg_sq: prim(v),
-            decay_mask: Some(prim(mask)),
-            grad_scale: None,
-            bf16_copy: true,
-        };
-        if let Some(([np, nm, nv], copy)) = <I<B> as bamba_model::BambaBackend>::bamba_adamw(state, &h) {
-            let t = |x| host(&Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(x)));
-            let (np, nm, nv) = (t(np), t(nm), t(nv));
-            let lp = copy.map(|c| {
-                host(&Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(c)).cast(DType::F32))
-            });
-            let mut max_abs = 0f32;
-            for i in 0..n {
-                let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-                let mut pi = hp[i] - hp[i] * hmask[i] * h.lr_wd as f32;
-                let mi = b1 * hm[i] + (1.0 - b1) * hg[i];
-                let vi = b2 * hv[i] + (1.0 - b2) * hg[i] * hg[i];
-                pi -= mi / (vi.sqrt() * h.inv_sqrt_bc2 as f32 + h.eps as f32) * h.lr_bc1 as f32;
-                let lp_err = lp.as_ref().map_or(0.0, |lp| (lp[i] - pi).abs() - pi.abs() / 128.0);
-                max_abs = max_abs
-                    .max((np[i] - pi).abs())
-                    .max((nm[i] - mi).abs())
-                    .max((nv[i] - vi).abs())
-                    .max(lp_err.max(0.0));
-            }
-            let pass = max_abs <= 1e-5 && lp.is_some();
-            ok &= pass;
-            println!(
-                "{}",
-                json!({"kernel": "adamw", "dtype": "F32", "value": "param+moments+bf16",
-                    "max_abs": max_abs, "rel": max_abs, "pass": pass})
             );
         }
     }
