@@ -602,4 +602,37 @@ mod tests {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
+    /// `x @ W^T` with both operands stored transposed: gradients equal
+    /// burn's matmul, and each comes out in its operand's own layout (the
+    /// weight's row-major, so flattening it needs no copy).
+    #[test]
+    fn transposed_operands_get_gradients_in_their_layout() {
+        let dev = Default::default();
+        let x0 = Tensor::<Flex, 2>::random([7, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let w0 = Tensor::<Flex, 2>::random([3, 7], Distribution::Normal(0.0, 1.0), &dev);
+        let g0 = Tensor::<Flex, 2>::random([5, 3], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |ours: bool| {
+            let xs = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
+            let w = Tensor::<B, 2>::from_inner(w0.clone()).require_grad();
+            let (x, wt) = (xs.clone().transpose(), w.clone().transpose());
+            let y = if ours {
+                crate::ops::matmul(x, wt)
+            } else {
+                x.matmul(wt)
+            };
+            let grads = (y * Tensor::from_inner(g0.clone())).sum().backward();
+            (xs.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+        };
+        let ((xa, wa), (xb, wb)) = (run(true), run(false));
+        let strides = |t: &Tensor<Flex, 2>| t.clone().into_primitive().tensor().layout().strides().to_vec();
+        assert_eq!(strides(&wa), vec![7, 1], "weight gradient row-major");
+        assert_eq!(strides(&xa), vec![5, 1], "input gradient in its storage layout");
+        let close = |a: Vec<f32>, b: Vec<f32>| {
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+            }
+        };
+        close(xa.into_data().to_vec().unwrap(), xb.into_data().to_vec().unwrap());
+        close(wa.into_data().to_vec().unwrap(), wb.into_data().to_vec().unwrap());
+    }
 }

@@ -473,7 +473,14 @@ pub fn pack_f32<B: BambaBackend, const D: usize>(
     Tensor::from_primitive(TensorPrimitive::Float(B::bamba_pack_f32(parts, len, acc)))
 }
 
-impl BambaBackend for burn::backend::Flex {}
+impl BambaBackend for burn::backend::Flex {
+    fn bamba_transposed(t: &FloatTensor<Self>) -> bool {
+        let l = t.layout();
+        let (shape, strides) = (l.shape(), l.strides());
+        let d = shape.num_dims();
+        d >= 2 && shape[d - 2] > 1 && shape[d - 1] > 1 && strides[d - 2] == 1 && strides[d - 1] > 1
+    }
+}
 
 /// The slices of `narrow(dim, start, len)` on a tensor of `shape`.
 pub(crate) fn narrow_slices(shape: &Shape, dim: usize, start: usize, len: usize) -> Vec<Slice> {
