@@ -352,9 +352,20 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
         let rnd = |lo: f64, hi: f64| {
             Tensor::<I<B>, 1>::random([n], Distribution::Uniform(lo, hi), device)
         };
-        let (p, g, m, v) = (rnd(-1.0, 1.0), rnd(-1.0, 1.0), rnd(-0.1, 0.1), rnd(0.0, 0.01));
+        let (p, g, m, v) = (
+            rnd(-1.0, 1.0),
+            rnd(-1.0, 1.0),
+            rnd(-0.1, 0.1),
+            rnd(0.0, 0.01),
+        );
         let mask = rnd(0.0, 1.0).greater_elem(0.5).float();
-        let host = |t: &Tensor<I<B>, 1>| t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let host = |t: &Tensor<I<B>, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap()
+        };
         let (hp, hg, hm, hv, hmask) = (host(&p), host(&g), host(&m), host(&v), host(&mask));
         let h = AdamWHyper {
             beta1: 0.9,
@@ -374,11 +385,20 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
             grad_scale: None,
             bf16_copy: true,
         };
-        if let Some(([np, nm, nv], copy)) = <I<B> as bamba_model::BambaBackend>::bamba_adamw(state, &h) {
-            let t = |x| host(&Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(x)));
+        if let Some(([np, nm, nv], copy)) =
+            <I<B> as bamba_model::BambaBackend>::bamba_adamw(state, &h)
+        {
+            let t = |x| {
+                host(&Tensor::<I<B>, 1>::from_primitive(
+                    burn::tensor::TensorPrimitive::Float(x),
+                ))
+            };
             let (np, nm, nv) = (t(np), t(nm), t(nv));
             let lp = copy.map(|c| {
-                host(&Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(c)).cast(DType::F32))
+                host(
+                    &Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(c))
+                        .cast(DType::F32),
+                )
             });
             let mut max_abs = 0f32;
             for i in 0..n {
@@ -387,7 +407,9 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 let mi = b1 * hm[i] + (1.0 - b1) * hg[i];
                 let vi = b2 * hv[i] + (1.0 - b2) * hg[i] * hg[i];
                 pi -= mi / (vi.sqrt() * h.inv_sqrt_bc2 as f32 + h.eps as f32) * h.lr_bc1 as f32;
-                let lp_err = lp.as_ref().map_or(0.0, |lp| (lp[i] - pi).abs() - pi.abs() / 128.0);
+                let lp_err = lp
+                    .as_ref()
+                    .map_or(0.0, |lp| (lp[i] - pi).abs() - pi.abs() / 128.0);
                 max_abs = max_abs
                     .max((np[i] - pi).abs())
                     .max((nm[i] - mi).abs())

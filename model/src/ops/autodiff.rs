@@ -45,11 +45,19 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
             grads,
             |grad| {
                 let rhs = rhs.expect("rhs saved");
-                if lhs_t { t(mm(rhs, t(grad))) } else { mm(grad, t(rhs)) }
+                if lhs_t {
+                    t(mm(rhs, t(grad)))
+                } else {
+                    mm(grad, t(rhs))
+                }
             },
             |grad| {
                 let lhs = lhs.expect("lhs saved");
-                if rhs_t { t(mm(t(grad), lhs)) } else { mm(t(lhs), grad) }
+                if rhs_t {
+                    t(mm(t(grad), lhs))
+                } else {
+                    mm(t(lhs), grad)
+                }
             },
         );
     }
@@ -624,15 +632,32 @@ mod tests {
             (xs.grad(&grads).unwrap(), w.grad(&grads).unwrap())
         };
         let ((xa, wa), (xb, wb)) = (run(true), run(false));
-        let strides = |t: &Tensor<Flex, 2>| t.clone().into_primitive().tensor().layout().strides().to_vec();
+        let strides = |t: &Tensor<Flex, 2>| {
+            t.clone()
+                .into_primitive()
+                .tensor()
+                .layout()
+                .strides()
+                .to_vec()
+        };
         assert_eq!(strides(&wa), vec![7, 1], "weight gradient row-major");
-        assert_eq!(strides(&xa), vec![5, 1], "input gradient in its storage layout");
+        assert_eq!(
+            strides(&xa),
+            vec![5, 1],
+            "input gradient in its storage layout"
+        );
         let close = |a: Vec<f32>, b: Vec<f32>| {
             for (a, b) in a.iter().zip(&b) {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
             }
         };
-        close(xa.into_data().to_vec().unwrap(), xb.into_data().to_vec().unwrap());
-        close(wa.into_data().to_vec().unwrap(), wb.into_data().to_vec().unwrap());
+        close(
+            xa.into_data().to_vec().unwrap(),
+            xb.into_data().to_vec().unwrap(),
+        );
+        close(
+            wa.into_data().to_vec().unwrap(),
+            wb.into_data().to_vec().unwrap(),
+        );
     }
 }

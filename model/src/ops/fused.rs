@@ -202,7 +202,17 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
         let mut params = kernel_args!(s_p, d_p, n64, acc32);
         // SAFETY: the kernel's signature; `src` holds `n` elements (or is
         // null), `dst` at least `at + n` f32, both live until enqueued.
-        unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, &mut params) };
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
     };
     let (out, accumulate) = match acc {
         Some(a) if a.dtype == DType::F32 && a.is_contiguous() && a.can_mut() => (a, true),
@@ -214,7 +224,10 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
         }
         None => (empty(&like, vec![len], DType::F32), false),
     };
-    let mut parts: Vec<(T, usize)> = parts.into_iter().map(|(p, o)| (into_contiguous(p), o)).collect();
+    let mut parts: Vec<(T, usize)> = parts
+        .into_iter()
+        .map(|(p, o)| (into_contiguous(p), o))
+        .collect();
     parts.sort_by_key(|p| p.1);
     let mut filled = 0;
     for (part, at) in &parts {

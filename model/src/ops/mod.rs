@@ -349,9 +349,9 @@ pub trait BambaBackend: Backend {
             .map(|(p, _)| Self::float_device(p))
             .or_else(|| acc.as_ref().map(Self::float_device))
             .expect("pack_f32: nothing to pack");
-        let mut out = acc.map(|a| Self::float_cast(a, DType::F32.into())).unwrap_or_else(|| {
-            Self::float_zeros([len].into(), &device, DType::F32.into())
-        });
+        let mut out = acc
+            .map(|a| Self::float_cast(a, DType::F32.into()))
+            .unwrap_or_else(|| Self::float_zeros([len].into(), &device, DType::F32.into()));
         for (part, offset) in parts {
             let n = part.shape().num_elements();
             let part = Self::float_reshape(Self::float_cast(part, DType::F32.into()), [n].into());

@@ -149,7 +149,11 @@ mod tests {
             world_size: layout.shards,
             shards: layout.shards,
             strategy: "fsdp".into(),
-            units: layout.units.iter().map(|u| (u.name.clone(), u.numel)).collect(),
+            units: layout
+                .units
+                .iter()
+                .map(|u| (u.name.clone(), u.numel))
+                .collect(),
             align: layout.align,
             skipped_steps: 0,
             wandb_run_id: None,
@@ -180,7 +184,11 @@ mod tests {
                                 want[to + i] = value(pi, at + i, k);
                             }
                         }
-                        assert_eq!(v, &want, "unit {} state {k} shard {shard} (v{version})", u.name);
+                        assert_eq!(
+                            v, &want,
+                            "unit {} state {k} shard {shard} (v{version})",
+                            u.name
+                        );
                     }
                 }
             }
@@ -197,6 +205,9 @@ mod tests {
         write(dir.path(), &short);
         let err = read_slices(dir.path(), &meta(&layout, 2), &layout, 0).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("shard_0.safetensors") && msg.contains("embed.master"), "{msg}");
+        assert!(
+            msg.contains("shard_0.safetensors") && msg.contains("embed.master"),
+            "{msg}"
+        );
     }
 }

@@ -211,7 +211,11 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             return;
         }
         let padded = unit.padded(self.layout.shards);
-        self.grads[i] = Some(bamba_model::ops::pack_f32(parts, padded, self.grads[i].take()));
+        self.grads[i] = Some(bamba_model::ops::pack_f32(
+            parts,
+            padded,
+            self.grads[i].take(),
+        ));
     }
 
     /// Reduces gradients to slices, clips by the global norm and steps AdamW.
@@ -254,10 +258,12 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let all_moments = std::mem::take(&mut self.moments);
         let bf16_copy = self.keep_compute_copy && self.compute == DType::BF16;
         let masters = std::mem::take(&mut self.master);
-        for (i, ((grad, moments), master)) in shards.into_iter().zip(all_moments).zip(masters).enumerate() {
+        for (i, ((grad, moments), master)) in
+            shards.into_iter().zip(all_moments).zip(masters).enumerate()
+        {
             // Dropped first: the update may reuse its memory.
             self.compute_copy[i] = None;
-            let (p, m, copy) = opt.update_with_copy(
+            let (p, m, copy) = opt.update(
                 master,
                 grad,
                 moments,

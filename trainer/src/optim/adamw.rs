@@ -67,30 +67,14 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// One update of `param` in place semantics (returns the new tensors).
-    /// `step` is 1-based; `decay` is a per-element 0/1 mask or `None` for
-    /// all-decay; `grad_scale` (`[1]`, e.g. the clipping coefficient)
-    /// multiplies the gradient. One fused kernel where the backend has it.
+    /// One update of `param` (returns the new tensors; a fused kernel may
+    /// reuse the buffers it is handed). `step` is 1-based; `decay` is a
+    /// per-element 0/1 mask or `None` for all-decay; `grad_scale` (`[1]`,
+    /// e.g. the clipping coefficient) multiplies the gradient. With
+    /// `bf16_copy`, the backend's fused kernel also writes the new
+    /// parameter in bf16 in the same pass (`None` otherwise: the caller casts).
     #[allow(clippy::too_many_arguments)]
     pub fn update<B: BambaBackend>(
-        &self,
-        param: Tensor<B, 1>,
-        grad: Tensor<B, 1>,
-        moments: Moments<B>,
-        decay: Option<&Tensor<B, 1>>,
-        grad_scale: Option<&Tensor<B, 1>>,
-        lr: f64,
-        step: u64,
-    ) -> (Tensor<B, 1>, Moments<B>) {
-        let (p, m, _) = self.update_with_copy(param, grad, moments, decay, grad_scale, lr, step, false);
-        (p, m)
-    }
-
-    /// [`AdamW::update`], and with `bf16_copy` the new parameter in bf16
-    /// too where the backend's fused kernel writes it in the same pass
-    /// (`None` otherwise: the caller casts).
-    #[allow(clippy::too_many_arguments)]
-    pub fn update_with_copy<B: BambaBackend>(
         &self,
         param: Tensor<B, 1>,
         grad: Tensor<B, 1>,
@@ -124,8 +108,8 @@ impl AdamW {
                 grad_scale: grad_scale.map(|t| prim(t.clone())),
                 bf16_copy,
             };
-            let ([p, m, v], copy) =
-                B::bamba_adamw(state, &hyper).expect("a backend with fused kernels has fused AdamW");
+            let ([p, m, v], copy) = B::bamba_adamw(state, &hyper)
+                .expect("a backend with fused kernels has fused AdamW");
             let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
             return (
                 t(p),
@@ -197,7 +181,7 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             let gt =
                 Tensor::from_data(TensorData::new(vec![*g as f32, 2.0 * *g as f32], [2]), &dev);
-            (p, m) = opt.update(p, gt, m, None, None, 1e-2, t as u64 + 1);
+            (p, m, _) = opt.update(p, gt, m, None, None, 1e-2, t as u64 + 1, false);
         }
         let got = p.into_data().to_vec::<f32>().unwrap();
         let want = [
