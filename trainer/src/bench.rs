@@ -101,6 +101,11 @@ pub fn run<B: BambaAutodiffBackend>(
     }
     let phases = t.phases.take().unwrap_or_default();
     let n = args.profile_steps.max(1) as f64;
+    let per_step = |m: &std::collections::BTreeMap<&'static str, f64>| {
+        m.iter()
+            .map(|(k, v)| (k.to_string(), json!(v / n)))
+            .collect::<serde_json::Map<_, _>>()
+    };
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tps = tokens / mean / world;
     let summary = json!({
@@ -115,14 +120,8 @@ pub fn run<B: BambaAutodiffBackend>(
         "peak_tflops": peak,
         "peak_memory_bytes": peak_mem,
         "memory_growth_bytes": mem.last().copied().unwrap_or(0) as i64 - mem.first().copied().unwrap_or(0) as i64,
-        "phase_s": {
-            "gather": phases.gather_s / n,
-            "forward": phases.forward_s / n,
-            "backward": phases.backward_s / n,
-            "accumulate": phases.accumulate_s / n,
-            "streamed_forward_backward": phases.streamed_s / n,
-            "optimizer": phases.optimizer_s / n,
-        },
+        "phase_s": per_step(&phases.wall),
+        "phase_host_s": per_step(&phases.host),
     });
     line(summary.clone());
     Ok(summary)

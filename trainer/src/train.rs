@@ -72,19 +72,19 @@ pub struct Trainer<B: BambaAutodiffBackend> {
 }
 
 /// Seconds spent in each phase of the steps timed so far (`bamba-train bench`).
-#[derive(Debug, Default, Clone, serde::Serialize)]
+///
+/// Phases (in step order): `gather`; `forward`, `backward` and
+/// `accumulate` (flattening gradients into the per-unit buffers), or, when
+/// streamed, `streamed_forward_backward` (per-layer gathers and
+/// reduce-scatters interleave with compute, so they are timed together);
+/// `optimizer` (reduce-scatter, clipping and AdamW on the local shard).
+#[derive(Debug, Default, Clone)]
 pub struct PhaseTimes {
-    pub gather_s: f64,
-    pub forward_s: f64,
-    pub backward_s: f64,
-    /// Streamed mode: forward + backward with per-layer gathers and
-    /// reduce-scatters (they interleave, so they are timed together).
-    pub streamed_s: f64,
-    /// Flattening gradients into the per-layer buffers (accumulation).
-    pub accumulate_s: f64,
-    /// Reduce-scatter, clipping and AdamW on the local shard.
-    pub optimizer_s: f64,
-    #[serde(skip)]
+    /// Wall time of each phase, the device synchronised at its end.
+    pub wall: std::collections::BTreeMap<&'static str, f64>,
+    /// The part of it the host spent enqueueing the phase's work: near the
+    /// wall time, the phase waits on the host (launch overhead), not the GPU.
+    pub host: std::collections::BTreeMap<&'static str, f64>,
     mark: Option<Instant>,
 }
 
@@ -260,12 +260,16 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         self.rt.rank == 0
     }
 
-    /// Ends a phase when profiling: waits for the device, adds the time to `field`.
-    fn phase(&mut self, field: fn(&mut PhaseTimes) -> &mut f64) {
+    /// Ends phase `name` when profiling: waits for the device, adds the
+    /// times (host enqueue and wall) since the previous phase ended.
+    fn phase(&mut self, name: &'static str) {
         if let Some(p) = &mut self.phases {
+            let enqueued = Instant::now();
             let _ = B::sync(&self.device);
             let now = Instant::now();
-            *field(p) += (now - p.mark.unwrap_or(now)).as_secs_f64();
+            let start = p.mark.unwrap_or(enqueued);
+            *p.host.entry(name).or_default() += (enqueued - start).as_secs_f64();
+            *p.wall.entry(name).or_default() += (now - start).as_secs_f64();
             p.mark = Some(now);
         }
     }
@@ -307,7 +311,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 None => self.loader.next_batch(mb)?,
             };
             let (inputs, targets) = self.batch_tensors(lines, mb);
-            self.phase(|p| &mut p.gather_s);
+            self.phase("gather");
             let l = if ac > 0.0 {
                 let l = self.sharded.streamed_step(
                     &mut model,
@@ -320,15 +324,15 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     &*self.rt.shard_comm,
                     &*self.rt.replicate_comm,
                 )?;
-                self.phase(|p| &mut p.streamed_s);
+                self.phase("streamed_forward_backward");
                 l
             } else {
                 let loss = model.loss(inputs, targets) / self.accum as f64;
-                self.phase(|p| &mut p.forward_s);
+                self.phase("forward");
                 let grads = loss.backward();
-                self.phase(|p| &mut p.backward_s);
+                self.phase("backward");
                 self.sharded.accumulate(&model, &grads);
-                self.phase(|p| &mut p.accumulate_s);
+                self.phase("accumulate");
                 loss.inner()
             };
             let l = l.cast(DType::F32);
@@ -405,7 +409,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             shard,
             replicate,
         )?;
-        self.phase(|p| &mut p.optimizer_s);
+        self.phase("optimizer");
         Ok((loss, Some(norm), stop))
     }
 
