@@ -56,7 +56,10 @@ fn bench_prints_throughput_mfu_memory_and_phases() {
     let host = summary["phase_host_s"].as_object().expect("host split");
     for (k, wall) in phases {
         let h = host[k].as_f64().unwrap();
-        assert!(h >= 0.0 && h <= wall.as_f64().unwrap() + 1e-9, "{k}: {summary}");
+        assert!(
+            h >= 0.0 && h <= wall.as_f64().unwrap() + 1e-9,
+            "{k}: {summary}"
+        );
     }
 }
 

@@ -83,25 +83,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             master.push(flat(values, device));
             moments.push(Moments::zeros(unit.shard_len, device));
         }
-        let decay = decay_masks(&layout, shard_rank, &decays)
-            .into_iter()
-            .map(|m| flat(m, device))
-            .collect();
-        let grads = vec![None; layout.units.len()];
-        Ok(Self {
-            compute_copy: vec![None; layout.units.len()],
-            keep_compute_copy: false,
-            layout,
-            shard_rank,
-            master,
-            moments,
-            decay,
-            reduced: grads.clone(),
-            grads,
-            compute,
-            reduce: DType::F32,
-            device: device.clone(),
-        })
+        Ok(Self::with_state(
+            layout, shard_rank, master, moments, &decays, compute, device,
+        ))
     }
 
     /// Restores slices read from a checkpoint (`[master, exp_avg, exp_avg_sq]`
@@ -115,7 +99,6 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         compute: DType,
         device: &burn::tensor::Device<Inner<B>>,
     ) -> Result<Self> {
-        let masks = decay_masks(&layout, shard_rank, &decays);
         let (mut master, mut moments) = (vec![], vec![]);
         for (unit, [m, a, s]) in layout.units.iter().zip(slices) {
             anyhow::ensure!(
@@ -135,22 +118,40 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 Moments::zeros(unit.shard_len, device)
             });
         }
-        let decay = masks.into_iter().map(|m| flat(m, device)).collect();
-        let grads = vec![None; layout.units.len()];
-        Ok(Self {
-            compute_copy: vec![None; layout.units.len()],
+        Ok(Self::with_state(
+            layout, shard_rank, master, moments, &decays, compute, device,
+        ))
+    }
+
+    /// The slices `master` and `moments` with their decay masks, no gradients yet.
+    fn with_state(
+        layout: Layout,
+        shard_rank: usize,
+        master: Vec<Tensor<Inner<B>, 1>>,
+        moments: Vec<Moments<Inner<B>>>,
+        decays: &dyn Fn(&str) -> bool,
+        compute: DType,
+        device: &burn::tensor::Device<Inner<B>>,
+    ) -> Self {
+        let decay = decay_masks(&layout, shard_rank, decays)
+            .into_iter()
+            .map(|m| flat(m, device))
+            .collect();
+        let none = vec![None; layout.units.len()];
+        Self {
+            compute_copy: none.clone(),
             keep_compute_copy: false,
             layout,
             shard_rank,
             master,
             moments,
             decay,
-            reduced: grads.clone(),
-            grads,
+            reduced: none.clone(),
+            grads: none,
             compute,
             reduce: DType::F32,
             device: device.clone(),
-        })
+        }
     }
 
     /// All-gathers every unit and puts the full parameters into `model`.
