@@ -301,14 +301,8 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
             cb::cublasOperation_t::CUBLAS_OP_T
         }
     };
-    let client = out.client.clone();
-    let res = |t: &T| {
-        client
-            .get_resource(t.handle.clone())
-            .expect("device memory of a CUDA tensor")
-    };
-    let (a, b, c) = (res(&rhs), res(&lhs), res(&out));
-    let (a, b, c) = (a.resource(), b.resource(), c.resource());
+    // The three operands' memory in one call (see `nvrtc::ptrs_dyn`).
+    let ([a, b, c], stream) = super::nvrtc::ptrs([&rhs, &lhs, &out]);
     let ty = cuda_type(dtype);
     let (alpha, beta) = (1f32, 0f32);
     let device = lhs.device.index;
@@ -316,7 +310,7 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
         // SAFETY: pointers are live burn buffers (held by `lhs`/`rhs`/`out`
         // until after the call is enqueued; burn reuses memory in stream
         // order), shapes and strides checked above.
-        cudarc::cublas::result::set_stream(h, c.stream as _).expect("cublasSetStream");
+        cudarc::cublas::result::set_stream(h, stream as _).expect("cublasSetStream");
         let status = cb::cublasGemmStridedBatchedEx(
             h,
             op(ra.row_major),
@@ -325,16 +319,16 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
             m as i32,
             k as i32,
             &alpha as *const f32 as *const c_void,
-            a.ptr as *const c_void,
+            a as *const c_void,
             ty,
             ra.ld as i32,
             ra.batch_stride,
-            b.ptr as *const c_void,
+            b as *const c_void,
             ty,
             la.ld as i32,
             la.batch_stride,
             &beta as *const f32 as *const c_void,
-            c.ptr as *mut c_void,
+            c as *mut c_void,
             ty,
             n as i32,
             (m * n) as i64,

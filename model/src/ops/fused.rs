@@ -7,7 +7,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::AdamWHyper;
-use super::nvrtc::{self, T, grid_for, launch, ptr};
+use super::nvrtc::{self, T, grid_for, launch, ptrs, ptrs_opt};
 use crate::kernel_args;
 
 /// The CUDA backend type, for burn's own ops on the kernels' tensors (the
@@ -111,8 +111,7 @@ pub fn sum_squares(x: T) -> T {
     }
     let device = x.device.index;
     let f = nvrtc::function(device, "adamw", &adamw_src(), "sum_squares");
-    let (mut o_p, stream) = ptr(&out);
-    let mut x_p = ptr(&x).0;
+    let ([mut o_p, mut x_p], stream) = ptrs([&out, &x]);
     let mut n64 = n as i64;
     let mut params = kernel_args!(x_p, o_p, n64);
     // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
@@ -186,40 +185,42 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
         .expect("pack_f32: nothing to pack");
     let device = like.device.index;
     let src = format!("{}{}", nvrtc::PRELUDE, PACK);
-    let run = |src_p: u64, dst: &T, at: usize, n: usize, dtype: DType, acc: bool| {
-        if n == 0 {
-            return;
-        }
-        let name = match dtype {
-            DType::BF16 => "pack_bf16",
-            DType::F32 => "pack_f32",
-            other => panic!("pack_f32: unsupported gradient dtype {other:?}"),
+    let run =
+        |src_p: u64, dst: (u64, nvrtc::Stream), at: usize, n: usize, dtype: DType, acc: bool| {
+            if n == 0 {
+                return;
+            }
+            let name = match dtype {
+                DType::BF16 => "pack_bf16",
+                DType::F32 => "pack_f32",
+                other => panic!("pack_f32: unsupported gradient dtype {other:?}"),
+            };
+            let f = nvrtc::function(device, "pack", &src, name);
+            let (base, stream) = dst;
+            let (mut s_p, mut d_p) = (src_p, base + 4 * at as u64);
+            let (mut n64, mut acc32) = (n as i64, acc as i32);
+            let mut params = kernel_args!(s_p, d_p, n64, acc32);
+            // SAFETY: the kernel's signature; `src` holds `n` elements (or is
+            // null), `dst` at least `at + n` f32, both live until enqueued.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    grid_for(n, 256),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
         };
-        let f = nvrtc::function(device, "pack", &src, name);
-        let (base, stream) = ptr(dst);
-        let (mut s_p, mut d_p) = (src_p, base + 4 * at as u64);
-        let (mut n64, mut acc32) = (n as i64, acc as i32);
-        let mut params = kernel_args!(s_p, d_p, n64, acc32);
-        // SAFETY: the kernel's signature; `src` holds `n` elements (or is
-        // null), `dst` at least `at + n` f32, both live until enqueued.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
-    };
     let (out, accumulate) = match acc {
         Some(a) if a.dtype == DType::F32 && a.is_contiguous() && a.can_mut() => (a, true),
         Some(a) => {
             let a = into_contiguous(a);
             let out = empty(&like, vec![len], DType::F32);
-            run(ptr(&a).0, &out, 0, len, a.dtype, false);
+            let ([a_p, o_p], stream) = ptrs([&a, &out]);
+            run(a_p, (o_p, stream), 0, len, a.dtype, false);
             (out, true)
         }
         None => (empty(&like, vec![len], DType::F32), false),
@@ -229,17 +230,24 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
         .map(|(p, o)| (into_contiguous(p), o))
         .collect();
     parts.sort_by_key(|p| p.1);
+    // Every operand's memory in one call (see `nvrtc::ptrs_dyn`).
+    let (p, stream) = nvrtc::ptrs_dyn(
+        &std::iter::once(Some(&out))
+            .chain(parts.iter().map(|(t, _)| Some(t)))
+            .collect::<Vec<_>>(),
+    );
+    let dst = (p[0], stream);
     let mut filled = 0;
-    for (part, at) in &parts {
+    for ((part, at), &src_p) in parts.iter().zip(&p[1..]) {
         let n = part.meta.shape().num_elements();
         if !accumulate && *at > filled {
-            run(0, &out, filled, at - filled, DType::F32, false);
+            run(0, dst, filled, at - filled, DType::F32, false);
         }
-        run(ptr(part).0, &out, *at, n, part.dtype, accumulate);
+        run(src_p, dst, *at, n, part.dtype, accumulate);
         filled = filled.max(at + n);
     }
     if !accumulate && len > filled {
-        run(0, &out, filled, len - filled, DType::F32, false);
+        run(0, dst, filled, len - filled, DType::F32, false);
     }
     drop(parts);
     out
@@ -297,12 +305,32 @@ pub fn adamw(
     }
     let device = p.device.index;
     let f = nvrtc::function(device, "adamw", &adamw_src(), "adamw_step");
-    let (mut po_p, stream) = ptr(&po);
-    let (mut p_p, mut g_p, mut m_p, mut v_p) = (ptr(&p).0, ptr(&g).0, ptr(&m).0, ptr(&v).0);
-    let mut mask_p = mask.as_ref().map_or(0, |t| ptr(t).0);
-    let mut scale_p = scale.as_ref().map_or(0, |t| ptr(t).0);
-    let (mut mo_p, mut vo_p) = (ptr(&mo).0, ptr(&vo).0);
-    let mut lp_p = lp.as_ref().map_or(0, |t| ptr(t).0);
+    let (
+        [
+            mut po_p,
+            mut p_p,
+            mut g_p,
+            mut m_p,
+            mut v_p,
+            mut mask_p,
+            mut scale_p,
+            mut mo_p,
+            mut vo_p,
+            mut lp_p,
+        ],
+        stream,
+    ) = ptrs_opt([
+        Some(&po),
+        Some(&p),
+        Some(&g),
+        Some(&m),
+        Some(&v),
+        mask.as_ref(),
+        scale.as_ref(),
+        Some(&mo),
+        Some(&vo),
+        lp.as_ref(),
+    ]);
     let mut n64 = n as i64;
     let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
     let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
@@ -528,9 +556,8 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
         &norm_src(),
         &format!("norm_fwd_{}", suffix(dtype)),
     );
-    let (mut out_p, stream) = ptr(&out);
-    let (mut x_p, mut w_p, mut r_p) = (ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
-    let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
+    let ([mut out_p, mut x_p, mut w_p, mut r_p, mut z_p], stream) =
+        ptrs_opt([Some(&out), Some(&x), Some(&w), Some(&rstd), z.as_ref()]);
     let (mut rows64, mut d32, mut eps32) = (rows as i64, d as i32, eps as f32);
     let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32);
     // SAFETY: the kernel's signature; buffers of `rows * d` (`d` for w, `rows` for rstd).
@@ -585,12 +612,30 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
         let f = nvrtc::function(device, "norm", &src, &format!("norm_bwd_{sfx}"));
         let f_dw = nvrtc::function(device, "norm", &src, &format!("norm_dw_{sfx}"));
         let f_sum = nvrtc::function(device, "norm", &src, "colsum");
-        let (mut dx_p, stream) = ptr(&dx);
-        let (mut dy_p, mut x_p, mut w_p, mut r_p) =
-            (ptr(&dout).0, ptr(&x).0, ptr(&w).0, ptr(&rstd).0);
-        let mut z_p = z.as_ref().map_or(0, |t| ptr(t).0);
-        let mut dz_p = dz.as_ref().map_or(0, |t| ptr(t).0);
-        let (mut part_p, mut dw_p) = (ptr(&dw_part).0, ptr(&dw).0);
+        let (
+            [
+                mut dx_p,
+                mut dy_p,
+                mut x_p,
+                mut w_p,
+                mut r_p,
+                mut z_p,
+                mut dz_p,
+                mut part_p,
+                mut dw_p,
+            ],
+            stream,
+        ) = ptrs_opt([
+            Some(&dx),
+            Some(&dout),
+            Some(&x),
+            Some(&w),
+            Some(&rstd),
+            z.as_ref(),
+            dz.as_ref(),
+            Some(&dw_part),
+            Some(&dw),
+        ]);
         let (mut rows64, mut d32) = (rows as i64, d as i32);
         let (mut per, mut parts) = (NORM_DW_ROWS as i32, chunks as i32);
         let mut p1 = kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, rows64, d32);
@@ -787,9 +832,8 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
         &conv_src(),
         &format!("conv_fwd_{}", suffix(dtype)),
     );
-    let (mut y_p, stream) = ptr(&y);
-    let (mut x_p, mut w_p) = (ptr(&x).0, ptr(&w).0);
-    let mut b_p = bias.as_ref().map_or(0, |t| ptr(t).0);
+    let ([mut y_p, mut x_p, mut w_p, mut b_p], stream) =
+        ptrs_opt([Some(&y), Some(&x), Some(&w), bias.as_ref()]);
     let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
     let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32);
     // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
@@ -838,11 +882,28 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
         let sfx = suffix(dtype);
         let f_dw = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dw_{sfx}"));
         let f_dx = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dx_{sfx}"));
-        let (mut du_p, stream) = ptr(&du);
-        let (mut x_p, mut w_p, mut dy_p) = (ptr(&x).0, ptr(&w).0, ptr(&dy).0);
-        let mut b_p = bias.as_ref().map_or(0, |t| ptr(t).0);
-        let (mut dw_p, mut dx_p) = (ptr(&dw).0, ptr(&dx).0);
-        let mut db_p = db.as_ref().map_or(0, |t| ptr(t).0);
+        let (
+            [
+                mut du_p,
+                mut x_p,
+                mut w_p,
+                mut dy_p,
+                mut b_p,
+                mut dw_p,
+                mut dx_p,
+                mut db_p,
+            ],
+            stream,
+        ) = ptrs_opt([
+            Some(&du),
+            Some(&x),
+            Some(&w),
+            Some(&dy),
+            bias.as_ref(),
+            Some(&dw),
+            Some(&dx),
+            db.as_ref(),
+        ]);
         let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
         let mut steps = CONV_STEPS as i32;
         let grid = (
@@ -1024,8 +1085,7 @@ pub fn dt_softplus_fwd(raw: T, bias: T, lo: f64, hi: f64) -> T {
         &heads_src(),
         &format!("dt_fwd_{}", suffix(dtype)),
     );
-    let (mut dt_p, stream) = ptr(&dt);
-    let (mut r_p, mut b_p) = (ptr(&raw).0, ptr(&bias).0);
+    let ([mut dt_p, mut r_p, mut b_p], stream) = ptrs([&dt, &raw, &bias]);
     let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
     let mut params = kernel_args!(r_p, b_p, dt_p, n64, h32, lo32, hi32);
     // SAFETY: the kernel's signature; raw, dt `[n]`, bias `[h]`.
@@ -1060,9 +1120,8 @@ pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
             &heads_src(),
             &format!("dt_bwd_{}", suffix(dtype)),
         );
-        let (mut d_p, stream) = ptr(&draw);
-        let (mut g_p, mut r_p, mut b_p, mut db_p) =
-            (ptr(&g).0, ptr(&raw).0, ptr(&bias).0, ptr(&dbias).0);
+        let ([mut d_p, mut g_p, mut r_p, mut b_p, mut db_p], stream) =
+            ptrs([&draw, &g, &raw, &bias, &dbias]);
         let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
         let mut params = kernel_args!(g_p, r_p, b_p, d_p, db_p, n64, h32, lo32, hi32);
         // SAFETY: as in the forward; `h` floats of shared memory.
@@ -1098,8 +1157,7 @@ pub fn scale_heads_fwd(x: T, a: T) -> T {
         &heads_src(),
         &format!("scale_fwd_{}", suffix(dtype)),
     );
-    let (mut y_p, stream) = ptr(&y);
-    let (mut x_p, mut a_p) = (ptr(&x).0, ptr(&a).0);
+    let ([mut y_p, mut x_p, mut a_p], stream) = ptrs([&y, &x, &a]);
     let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
     let mut params = kernel_args!(x_p, a_p, y_p, n64, h32, in32);
     // SAFETY: the kernel's signature; x, y `[n]`, a `[h]`.
@@ -1137,8 +1195,8 @@ pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
             &heads_src(),
             &format!("scale_bwd_{}", suffix(dtype)),
         );
-        let (mut dx_p, stream) = ptr(&dx);
-        let (mut g_p, mut x_p, mut a_p, mut da_p) = (ptr(&g).0, ptr(&x).0, ptr(&a).0, ptr(&da).0);
+        let ([mut dx_p, mut g_p, mut x_p, mut a_p, mut da_p], stream) =
+            ptrs([&dx, &g, &x, &a, &da]);
         let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
         let mut params = kernel_args!(g_p, x_p, a_p, dx_p, da_p, n64, h32, in32);
         // SAFETY: as in the forward; `h` floats of shared memory.
@@ -1278,8 +1336,8 @@ pub fn cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
         &xent_src(),
         &format!("xent_fwd_{}", suffix(dtype)),
     );
-    let (mut loss_p, stream) = ptr(&loss);
-    let (mut x_p, mut t_p, mut lse_p) = (ptr(&logits).0, ptr(&targets).0, ptr(&lse).0);
+    let ([mut loss_p, mut x_p, mut t_p, mut lse_p], stream) =
+        ptrs([&loss, &logits, &targets, &lse]);
     let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
     let mut params = kernel_args!(x_p, t_p, loss_p, lse_p, rows64, v32, z32);
     // SAFETY: the kernel's signature; logits `[rows, v]`, the rest `[rows]`.
@@ -1313,9 +1371,8 @@ pub fn cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
             &xent_src(),
             &format!("xent_bwd_{}", suffix(dtype)),
         );
-        let (mut dx_p, stream) = ptr(&dx);
-        let (mut g_p, mut x_p, mut t_p, mut lse_p) =
-            (ptr(&g).0, ptr(&logits).0, ptr(&targets).0, ptr(&lse).0);
+        let ([mut dx_p, mut g_p, mut x_p, mut t_p, mut lse_p], stream) =
+            ptrs([&dx, &g, &logits, &targets, &lse]);
         let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
         let mut params = kernel_args!(g_p, x_p, t_p, lse_p, dx_p, rows64, v32, z32);
         // SAFETY: as in the forward; `dx` `[rows, v]`.
@@ -1461,8 +1518,7 @@ pub fn causal_softmax_fwd(scores: T, scale: f64) -> T {
         &softmax_src(),
         &format!("softmax_fwd_{}", suffix(dtype)),
     );
-    let (mut p_p, stream) = ptr(&probs);
-    let mut s_p = ptr(&scores).0;
+    let ([mut p_p, mut s_p], stream) = ptrs([&probs, &scores]);
     let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
     let mut params = kernel_args!(s_p, p_p, rows64, l32, sc);
     // SAFETY: the kernel's signature; both `[rows, l]`.
@@ -1495,8 +1551,7 @@ pub fn causal_softmax_bwd(dprobs: T, probs: T, scale: f64) -> T {
             &softmax_src(),
             &format!("softmax_bwd_{}", suffix(dtype)),
         );
-        let (mut ds_p, stream) = ptr(&ds);
-        let (mut dp_p, mut p_p) = (ptr(&dprobs).0, ptr(&probs).0);
+        let ([mut ds_p, mut dp_p, mut p_p], stream) = ptrs([&ds, &dprobs, &probs]);
         let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
         let mut params = kernel_args!(dp_p, p_p, ds_p, rows64, l32, sc);
         // SAFETY: as in the forward.
@@ -1584,8 +1639,7 @@ pub fn swiglu_fwd(g: T, u: T) -> T {
         &swiglu_src(),
         &format!("swiglu_fwd_{}", suffix(dtype)),
     );
-    let (mut y_p, stream) = ptr(&y);
-    let (mut g_p, mut u_p) = (ptr(&g).0, ptr(&u).0);
+    let ([mut y_p, mut g_p, mut u_p], stream) = ptrs([&y, &g, &u]);
     let mut n64 = n as i64;
     let mut params = kernel_args!(g_p, u_p, y_p, n64);
     // SAFETY: the kernel's signature; three buffers of `n`.
@@ -1623,8 +1677,8 @@ pub fn swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
             &swiglu_src(),
             &format!("swiglu_bwd_{}", suffix(dtype)),
         );
-        let (mut dg_p, stream) = ptr(&dg);
-        let (mut dy_p, mut g_p, mut u_p, mut du_p) = (ptr(&dy).0, ptr(&g).0, ptr(&u).0, ptr(&du).0);
+        let ([mut dg_p, mut dy_p, mut g_p, mut u_p, mut du_p], stream) =
+            ptrs([&dg, &dy, &g, &u, &du]);
         let mut n64 = n as i64;
         let mut params = kernel_args!(dy_p, g_p, u_p, dg_p, du_p, n64);
         // SAFETY: as in the forward; five buffers of `n`.
@@ -1972,8 +2026,7 @@ fn diag_apply(
     let (bcn, q, h, p, g) = dims;
     let device = v.device.index;
     let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, kernel);
-    let (mut o_p, stream) = ptr(out);
-    let (mut s_p, mut c_p, mut v_p) = (ptr(s).0, ptr(cs).0, ptr(v).0);
+    let ([mut o_p, mut s_p, mut c_p, mut v_p], stream) = ptrs([out, s, cs, v]);
     let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
     let mut params = kernel_args!(s_p, c_p, v_p, o_p, q32, h32, g32, p32);
     let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
@@ -2003,9 +2056,8 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
         diag_apply(&s, &cs, &dy, &dx, dx_kernel, (bcn, q, h, p, g));
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, grad_kernel);
-        let (mut ds_p, stream) = ptr(&ds);
-        let (mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p) =
-            (ptr(&s).0, ptr(&cs).0, ptr(&x).0, ptr(&dy).0, ptr(&part).0);
+        let ([mut ds_p, mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p], stream) =
+            ptrs([&ds, &s, &cs, &x, &dy, &part]);
         let (mut q32, mut h32, mut g32, mut p32, mut nt32, mut bcn64, mut hs32) = (
             q as i32, h as i32, g as i32, p as i32, nt as i32, bcn as i64, hs as i32,
         );
@@ -2144,8 +2196,7 @@ pub fn ssd_states_fwd(s: T, a: T) -> T {
     if b * nc * n * h * p > 0 {
         let device = s.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_fwd");
-        let (mut o_p, stream) = ptr(&out);
-        let (mut s_p, mut a_p) = (ptr(&s).0, ptr(&a).0);
+        let ([mut o_p, mut s_p, mut a_p], stream) = ptrs([&out, &s, &a]);
         let (mut nc32, mut n32, mut h32, mut p32) = (nc as i32, n as i32, h as i32, p as i32);
         let mut params = kernel_args!(s_p, a_p, o_p, nc32, n32, h32, p32);
         let grid = ((b * h) as u32, (n * p).div_ceil(256) as u32, 1);
@@ -2168,9 +2219,8 @@ pub fn ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
     if b * nc * n * h * p > 0 {
         let device = e.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_bwd");
-        let (mut ds_p, stream) = ptr(&ds);
-        let (mut de_p, mut a_p, mut e_p, mut part_p) =
-            (ptr(&de).0, ptr(&a).0, ptr(&e).0, ptr(&part).0);
+        let ([mut ds_p, mut de_p, mut a_p, mut e_p, mut part_p], stream) =
+            ptrs([&ds, &de, &a, &e, &part]);
         let (mut nc32, mut n32, mut h32, mut p32) = (nc as i32, n as i32, h as i32, p as i32);
         let mut params = kernel_args!(de_p, a_p, e_p, ds_p, part_p, nc32, n32, h32, p32);
         let grid = ((b * h) as u32, splits as u32, 1);
@@ -2203,8 +2253,7 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
     if n > 0 {
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_fwd");
-        let (mut y_p, stream) = ptr(&y);
-        let (mut x_p, mut s_p) = (ptr(&x).0, ptr(&s).0);
+        let ([mut y_p, mut x_p, mut s_p], stream) = ptrs([&y, &x, &s]);
         let (mut n64, mut p32) = (n as i64, p as i32);
         let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
         // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
@@ -2235,8 +2284,8 @@ pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
     if rows * p > 0 {
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_bwd");
-        let (mut dx_p, stream) = ptr(&dx);
-        let (mut g_p, mut x_p, mut s_p, mut ds_p) = (ptr(&g).0, ptr(&x).0, ptr(&s).0, ptr(&ds).0);
+        let ([mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream) =
+            ptrs([&dx, &g, &x, &s, &ds]);
         let (mut r64, mut p32) = (rows as i64, p as i32);
         let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32);
         // SAFETY: the kernel's signature; one warp per row (8 per block).

@@ -17,6 +17,9 @@ use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 pub type T = CubeTensor<CudaRuntime>;
 
+/// A CUDA stream, as cubecl hands it out.
+pub type Stream = cu::CUstream;
+
 /// A compiled module: its functions by name. Handles are plain driver
 /// pointers, valid on any thread of the process (primary context).
 struct Module {
@@ -92,14 +95,55 @@ pub fn function(device: usize, module: &'static str, src: &str, name: &str) -> c
     f
 }
 
-/// Device pointer and stream of a contiguous tensor's buffer.
-pub fn ptr(t: &T) -> (u64, cu::CUstream) {
-    let res = t
+/// Device pointers of several tensors (0 for `None`) and the stream of the
+/// first, resolved in one call on cubecl's device thread: from any other
+/// thread, each `get_resource` is a blocking round trip to that thread
+/// (cubecl 0.10's channel device handle), so a launch pays one, not one per
+/// operand. The round trip also orders the launch after every burn op
+/// enqueued before it (the device thread runs its queue in order).
+pub fn ptrs_dyn(ts: &[Option<&T>]) -> (Vec<u64>, cu::CUstream) {
+    let client = ts
+        .iter()
+        .flatten()
+        .next()
+        .expect("ptrs: at least one tensor")
         .client
-        .get_resource(t.handle.clone())
-        .expect("device memory of a CUDA tensor");
-    let r = res.resource();
-    (r.ptr, r.stream as cu::CUstream)
+        .clone();
+    let handles: Vec<_> = ts.iter().map(|t| t.map(|t| t.handle.clone())).collect();
+    let on_device = client.clone();
+    let (p, stream) = client
+        .exclusive(move || {
+            let mut stream = 0usize;
+            let p: Vec<u64> = handles
+                .into_iter()
+                .map(|h| {
+                    h.map_or(0, |h| {
+                        let res = on_device
+                            .get_resource(h)
+                            .expect("device memory of a CUDA tensor");
+                        let r = res.resource();
+                        if stream == 0 {
+                            stream = r.stream as usize;
+                        }
+                        r.ptr
+                    })
+                })
+                .collect();
+            (p, stream)
+        })
+        .expect("cubecl's device thread");
+    (p, stream as cu::CUstream)
+}
+
+/// [`ptrs_dyn`] for a fixed set of tensors, some optional.
+pub fn ptrs_opt<const N: usize>(ts: [Option<&T>; N]) -> ([u64; N], cu::CUstream) {
+    let (p, stream) = ptrs_dyn(&ts);
+    (p.try_into().expect("one pointer per tensor"), stream)
+}
+
+/// [`ptrs_dyn`] for a fixed set of tensors: `([pointers], stream of the first)`.
+pub fn ptrs<const N: usize>(ts: [&T; N]) -> ([u64; N], cu::CUstream) {
+    ptrs_opt(ts.map(Some))
 }
 
 /// Launches `f` on `stream`. `params` point at the kernel's arguments, in
