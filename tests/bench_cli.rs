@@ -64,6 +64,40 @@ fn bench_prints_throughput_mfu_memory_and_phases() {
 }
 
 #[test]
+fn bench_host_profile_writes_folded_stacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("host.folded");
+    let rows = bench(
+        tmp.path(),
+        &[
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--profile-steps",
+            "0",
+            "--host-profile",
+            path.to_str().unwrap(),
+        ],
+    );
+    let line = rows
+        .iter()
+        .find(|r| r["bench"] == "host_profile")
+        .expect("a host_profile line");
+    assert!(line["samples"].as_u64().unwrap() > 0, "{line}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // `thread;root;..;leaf count`, and the training step is on some stack.
+    let mut total = 0;
+    for l in text.lines() {
+        let (stack, count) = l.rsplit_once(' ').expect("folded line");
+        assert!(!stack.is_empty());
+        total += count.parse::<u64>().expect("a sample count");
+    }
+    assert_eq!(total, line["samples"].as_u64().unwrap());
+    assert!(text.contains("train_step"), "{text}");
+}
+
+#[test]
 fn bench_ops_times_each_piece() {
     let tmp = tempfile::tempdir().unwrap();
     let rows = bench(tmp.path(), &["--ops"]);

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// bandwidth of the shard group (as nccl-tests reports it) on this many MB.
     #[arg(long, value_name = "MB")]
     pub collectives: Option<usize>,
+    /// Sample the host threads' stacks during the timed steps and write them
+    /// to FILE as folded stacks (flamegraph input). Needs an unstripped binary.
+    #[arg(long, value_name = "FILE")]
+    pub host_profile: Option<std::path::PathBuf>,
 }
 
 /// Device memory in use (bytes) as the driver reports it, or the process RSS on CPU.
@@ -83,6 +87,11 @@ pub fn run<B: BambaAutodiffBackend>(
     }
     let mut times = vec![];
     let mut mem = vec![];
+    let profiler = args
+        .host_profile
+        .as_deref()
+        .map(crate::host_profile::HostProfile::start)
+        .transpose()?;
     for i in 0..args.steps {
         let s = Instant::now();
         let (loss, _, _) = t.train_step(false)?;
@@ -94,6 +103,10 @@ pub fn run<B: BambaAutodiffBackend>(
         let tps = tokens / dt / world;
         line(json!({"step": i + 1, "loss": loss, "step_time_s": dt,
             "tokens_per_s_per_device": tps, "mfu": mfu(flops, tps, peak), "memory_bytes": m}));
+    }
+    if let (Some(p), Some(path)) = (profiler, &args.host_profile) {
+        let samples = p.finish()?;
+        line(json!({"bench": "host_profile", "path": path, "samples": samples}));
     }
     t.phases = Some(PhaseTimes::default());
     for _ in 0..args.profile_steps {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dist;
 pub mod forward;
 pub mod fsdp;
+pub mod host_profile;
 pub mod metrics;
 pub mod optim;
 pub mod runtime;

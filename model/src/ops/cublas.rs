@@ -301,49 +301,53 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
             cb::cublasOperation_t::CUBLAS_OP_T
         }
     };
-    // The three operands' memory in one call (see `nvrtc::ptrs_dyn`).
-    let ([a, b, c], stream) = super::nvrtc::ptrs([&rhs, &lhs, &out]);
     let ty = cuda_type(dtype);
-    let (alpha, beta) = (1f32, 0f32);
     let device = lhs.device.index;
-    with_handle(device, |h| unsafe {
-        // SAFETY: pointers are live burn buffers (held by `lhs`/`rhs`/`out`
-        // until after the call is enqueued; burn reuses memory in stream
-        // order), shapes and strides checked above.
-        cudarc::cublas::result::set_stream(h, stream as _).expect("cublasSetStream");
-        let status = cb::cublasGemmStridedBatchedEx(
-            h,
-            op(ra.row_major),
-            op(la.row_major),
-            n as i32,
-            m as i32,
-            k as i32,
-            &alpha as *const f32 as *const c_void,
-            a as *const c_void,
-            ty,
-            ra.ld as i32,
-            ra.batch_stride,
-            b as *const c_void,
-            ty,
-            la.ld as i32,
-            la.batch_stride,
-            &beta as *const f32 as *const c_void,
-            c as *mut c_void,
-            ty,
-            n as i32,
-            (m * n) as i64,
-            batch as i32,
-            // f32 stays full precision (no TF32) unless asked: HF parity.
-            // bf16/f16 accumulate in f32.
-            if tf32 && dtype == DType::F32 {
-                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-            } else {
-                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F
-            },
-            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        );
-        status.result().unwrap_or_else(|e| {
-            panic!("cublasGemmStridedBatchedEx({ls:?} @ {rs:?}, {dtype:?}): {e:?}")
+    let (ra_op, ra_ld, ra_bs) = (op(ra.row_major), ra.ld as i32, ra.batch_stride);
+    let (la_op, la_ld, la_bs) = (op(la.row_major), la.ld as i32, la.batch_stride);
+    // f32 stays full precision (no TF32) unless asked: HF parity.
+    // bf16/f16 accumulate in f32.
+    let compute = if tf32 && dtype == DType::F32 {
+        cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        cb::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
+    // On cubecl's device thread, in stream order (see `nvrtc::enqueue`);
+    // cuBLAS handles are per thread.
+    super::nvrtc::enqueue([&rhs, &lhs, &out], move |[a, b, c], stream| {
+        let (alpha, beta) = (1f32, 0f32);
+        with_handle(device, |h| unsafe {
+            // SAFETY: pointers are live burn buffers (bound by the queued
+            // task), shapes and strides checked above.
+            cudarc::cublas::result::set_stream(h, stream as _).expect("cublasSetStream");
+            let status = cb::cublasGemmStridedBatchedEx(
+                h,
+                ra_op,
+                la_op,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                a as *const c_void,
+                ty,
+                ra_ld,
+                ra_bs,
+                b as *const c_void,
+                ty,
+                la_ld,
+                la_bs,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                ty,
+                n as i32,
+                (m * n) as i64,
+                batch as i32,
+                compute,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            );
+            status.result().unwrap_or_else(|e| {
+                panic!("cublasGemmStridedBatchedEx({ls:?} @ {rs:?}, {dtype:?}): {e:?}")
+            });
         });
     });
     drop((lhs, rhs));

@@ -7,7 +7,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::AdamWHyper;
-use super::nvrtc::{self, T, grid_for, launch, ptrs, ptrs_opt};
+use super::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch};
 use crate::kernel_args;
 
 /// The CUDA backend type, for burn's own ops on the kernels' tensors (the
@@ -111,21 +111,22 @@ pub fn sum_squares(x: T) -> T {
     }
     let device = x.device.index;
     let f = nvrtc::function(device, "adamw", &adamw_src(), "sum_squares");
-    let ([mut o_p, mut x_p], stream) = ptrs([&out, &x]);
-    let mut n64 = n as i64;
-    let mut params = kernel_args!(x_p, o_p, n64);
-    // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
-    unsafe {
-        launch(
-            device,
-            f,
-            grid_for(n, 256),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue([&out, &x], move |[mut o_p, mut x_p], stream| {
+        let mut n64 = n as i64;
+        let mut params = kernel_args!(x_p, o_p, n64);
+        // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    });
     drop(x);
     out
 }
@@ -185,23 +186,54 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
         .expect("pack_f32: nothing to pack");
     let device = like.device.index;
     let src = format!("{}{}", nvrtc::PRELUDE, PACK);
-    let run =
-        |src_p: u64, dst: (u64, nvrtc::Stream), at: usize, n: usize, dtype: DType, acc: bool| {
-            if n == 0 {
-                return;
-            }
-            let name = match dtype {
-                DType::BF16 => "pack_bf16",
-                DType::F32 => "pack_f32",
-                other => panic!("pack_f32: unsupported gradient dtype {other:?}"),
-            };
-            let f = nvrtc::function(device, "pack", &src, name);
-            let (base, stream) = dst;
-            let (mut s_p, mut d_p) = (src_p, base + 4 * at as u64);
+    let kernel = |dtype: DType| {
+        let name = match dtype {
+            DType::BF16 => "pack_bf16",
+            DType::F32 => "pack_f32",
+            other => panic!("pack_f32: unsupported gradient dtype {other:?}"),
+        };
+        nvrtc::function(device, "pack", &src, name)
+    };
+    // (operand index, 0 = zeros; kernel; dst offset; length; add)
+    let mut jobs: Vec<(usize, nvrtc::Kernel, usize, usize, bool)> = Vec::new();
+    let mut operands: Vec<T> = Vec::new();
+    let (out, accumulate) = match acc {
+        Some(a) if a.dtype == DType::F32 && a.is_contiguous() && a.can_mut() => (a, true),
+        Some(a) => {
+            let a = into_contiguous(a);
+            jobs.push((1, kernel(a.dtype), 0, len, false));
+            operands.push(a);
+            (empty(&like, vec![len], DType::F32), true)
+        }
+        None => (empty(&like, vec![len], DType::F32), false),
+    };
+    let mut parts: Vec<(T, usize)> = parts
+        .into_iter()
+        .map(|(p, o)| (into_contiguous(p), o))
+        .collect();
+    parts.sort_by_key(|p| p.1);
+    let zeros = kernel(DType::F32);
+    let mut filled = 0;
+    for (part, at) in parts {
+        let n = part.meta.shape().num_elements();
+        if !accumulate && at > filled {
+            jobs.push((0, zeros, filled, at - filled, false));
+        }
+        jobs.push((operands.len() + 1, kernel(part.dtype), at, n, accumulate));
+        operands.push(part);
+        filled = filled.max(at + n);
+    }
+    if !accumulate && len > filled {
+        jobs.push((0, zeros, filled, len - filled, false));
+    }
+    let ts: Vec<Option<&T>> = std::iter::once(&out).chain(&operands).map(Some).collect();
+    nvrtc::enqueue_dyn(&ts, move |p, stream| {
+        for (src, f, at, n, acc) in jobs.into_iter().filter(|j| j.3 > 0) {
+            let (mut s_p, mut d_p) = (if src == 0 { 0 } else { p[src] }, p[0] + 4 * at as u64);
             let (mut n64, mut acc32) = (n as i64, acc as i32);
             let mut params = kernel_args!(s_p, d_p, n64, acc32);
             // SAFETY: the kernel's signature; `src` holds `n` elements (or is
-            // null), `dst` at least `at + n` f32, both live until enqueued.
+            // null), `dst` at least `at + n` f32.
             unsafe {
                 launch(
                     device,
@@ -213,43 +245,9 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
                     &mut params,
                 )
             };
-        };
-    let (out, accumulate) = match acc {
-        Some(a) if a.dtype == DType::F32 && a.is_contiguous() && a.can_mut() => (a, true),
-        Some(a) => {
-            let a = into_contiguous(a);
-            let out = empty(&like, vec![len], DType::F32);
-            let ([a_p, o_p], stream) = ptrs([&a, &out]);
-            run(a_p, (o_p, stream), 0, len, a.dtype, false);
-            (out, true)
         }
-        None => (empty(&like, vec![len], DType::F32), false),
-    };
-    let mut parts: Vec<(T, usize)> = parts
-        .into_iter()
-        .map(|(p, o)| (into_contiguous(p), o))
-        .collect();
-    parts.sort_by_key(|p| p.1);
-    // Every operand's memory in one call (see `nvrtc::ptrs_dyn`).
-    let (p, stream) = nvrtc::ptrs_dyn(
-        &std::iter::once(Some(&out))
-            .chain(parts.iter().map(|(t, _)| Some(t)))
-            .collect::<Vec<_>>(),
-    );
-    let dst = (p[0], stream);
-    let mut filled = 0;
-    for ((part, at), &src_p) in parts.iter().zip(&p[1..]) {
-        let n = part.meta.shape().num_elements();
-        if !accumulate && *at > filled {
-            run(0, dst, filled, at - filled, DType::F32, false);
-        }
-        run(src_p, dst, *at, n, part.dtype, accumulate);
-        filled = filled.max(at + n);
-    }
-    if !accumulate && len > filled {
-        run(0, dst, filled, len - filled, DType::F32, false);
-    }
-    drop(parts);
+    });
+    drop(operands);
     out
 }
 
@@ -305,8 +303,23 @@ pub fn adamw(
     }
     let device = p.device.index;
     let f = nvrtc::function(device, "adamw", &adamw_src(), "adamw_step");
-    let (
+    let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
+    let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
+    let (mut eps, mut lr_wd) = (h.eps as f32, h.lr_wd as f32);
+    enqueue_opt(
         [
+            Some(&po),
+            Some(&p),
+            Some(&g),
+            Some(&m),
+            Some(&v),
+            mask.as_ref(),
+            scale.as_ref(),
+            Some(&mo),
+            Some(&vo),
+            lp.as_ref(),
+        ],
+        move |[
             mut po_p,
             mut p_p,
             mut g_p,
@@ -318,56 +331,43 @@ pub fn adamw(
             mut vo_p,
             mut lp_p,
         ],
-        stream,
-    ) = ptrs_opt([
-        Some(&po),
-        Some(&p),
-        Some(&g),
-        Some(&m),
-        Some(&v),
-        mask.as_ref(),
-        scale.as_ref(),
-        Some(&mo),
-        Some(&vo),
-        lp.as_ref(),
-    ]);
-    let mut n64 = n as i64;
-    let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
-    let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
-    let (mut eps, mut lr_wd) = (h.eps as f32, h.lr_wd as f32);
-    let mut params = kernel_args!(
-        p_p,
-        g_p,
-        m_p,
-        v_p,
-        mask_p,
-        scale_p,
-        po_p,
-        mo_p,
-        vo_p,
-        lp_p,
-        n64,
-        b1,
-        b2,
-        lr_bc1,
-        inv_sqrt_bc2,
-        eps,
-        lr_wd
+              stream| {
+            let mut n64 = n as i64;
+            let mut params = kernel_args!(
+                p_p,
+                g_p,
+                m_p,
+                v_p,
+                mask_p,
+                scale_p,
+                po_p,
+                mo_p,
+                vo_p,
+                lp_p,
+                n64,
+                b1,
+                b2,
+                lr_bc1,
+                inv_sqrt_bc2,
+                eps,
+                lr_wd
+            );
+            // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one,
+            // the optional copy `n` bf16),
+            // live until the launch is enqueued (burn reuses memory in stream order).
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    grid_for(n, 256),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        },
     );
-    // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one,
-    // the optional copy `n` bf16),
-    // live until the launch is enqueued (burn reuses memory in stream order).
-    unsafe {
-        launch(
-            device,
-            f,
-            grid_for(n, 256),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
     drop((p, g, m, v, mask, scale));
     ([po, mo, vo], lp)
 }
@@ -556,22 +556,25 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
         &norm_src(),
         &format!("norm_fwd_{}", suffix(dtype)),
     );
-    let ([mut out_p, mut x_p, mut w_p, mut r_p, mut z_p], stream) =
-        ptrs_opt([Some(&out), Some(&x), Some(&w), Some(&rstd), z.as_ref()]);
-    let (mut rows64, mut d32, mut eps32) = (rows as i64, d as i32, eps as f32);
-    let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32);
-    // SAFETY: the kernel's signature; buffers of `rows * d` (`d` for w, `rows` for rstd).
-    unsafe {
-        launch(
-            device,
-            f,
-            norm_grid(rows),
-            (NORM_THREADS, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue_opt(
+        [Some(&out), Some(&x), Some(&w), Some(&rstd), z.as_ref()],
+        move |[mut out_p, mut x_p, mut w_p, mut r_p, mut z_p], stream| {
+            let (mut rows64, mut d32, mut eps32) = (rows as i64, d as i32, eps as f32);
+            let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32);
+            // SAFETY: the kernel's signature; buffers of `rows * d` (`d` for w, `rows` for rstd).
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    norm_grid(rows),
+                    (NORM_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        },
+    );
     drop((x, z, w));
     (out, rstd)
 }
@@ -612,8 +615,19 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
         let f = nvrtc::function(device, "norm", &src, &format!("norm_bwd_{sfx}"));
         let f_dw = nvrtc::function(device, "norm", &src, &format!("norm_dw_{sfx}"));
         let f_sum = nvrtc::function(device, "norm", &src, "colsum");
-        let (
+        enqueue_opt(
             [
+                Some(&dx),
+                Some(&dout),
+                Some(&x),
+                Some(&w),
+                Some(&rstd),
+                z.as_ref(),
+                dz.as_ref(),
+                Some(&dw_part),
+                Some(&dw),
+            ],
+            move |[
                 mut dx_p,
                 mut dy_p,
                 mut x_p,
@@ -624,47 +638,38 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
                 mut part_p,
                 mut dw_p,
             ],
-            stream,
-        ) = ptrs_opt([
-            Some(&dx),
-            Some(&dout),
-            Some(&x),
-            Some(&w),
-            Some(&rstd),
-            z.as_ref(),
-            dz.as_ref(),
-            Some(&dw_part),
-            Some(&dw),
-        ]);
-        let (mut rows64, mut d32) = (rows as i64, d as i32);
-        let (mut per, mut parts) = (NORM_DW_ROWS as i32, chunks as i32);
-        let mut p1 = kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, rows64, d32);
-        let mut p2 = kernel_args!(dy_p, x_p, z_p, r_p, part_p, rows64, d32, per);
-        let mut p3 = kernel_args!(part_p, dw_p, parts, d32);
-        let cols = d.div_ceil(256) as u32;
-        // SAFETY: the kernels' signatures; `[rows, d]` tensors, `dw_part`
-        // `[chunks, d]`, `dw` `[d]`.
-        unsafe {
-            launch(
-                device,
-                f,
-                norm_grid(rows),
-                (NORM_THREADS, 1, 1),
-                0,
-                stream,
-                &mut p1,
-            );
-            launch(
-                device,
-                f_dw,
-                (cols, chunks as u32, 1),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut p2,
-            );
-            launch(device, f_sum, (cols, 1, 1), (256, 1, 1), 0, stream, &mut p3);
-        }
+                  stream| {
+                let (mut rows64, mut d32) = (rows as i64, d as i32);
+                let (mut per, mut parts) = (NORM_DW_ROWS as i32, chunks as i32);
+                let mut p1 = kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, rows64, d32);
+                let mut p2 = kernel_args!(dy_p, x_p, z_p, r_p, part_p, rows64, d32, per);
+                let mut p3 = kernel_args!(part_p, dw_p, parts, d32);
+                let cols = d.div_ceil(256) as u32;
+                // SAFETY: the kernels' signatures; `[rows, d]` tensors, `dw_part`
+                // `[chunks, d]`, `dw` `[d]`.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        norm_grid(rows),
+                        (NORM_THREADS, 1, 1),
+                        0,
+                        stream,
+                        &mut p1,
+                    );
+                    launch(
+                        device,
+                        f_dw,
+                        (cols, chunks as u32, 1),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut p2,
+                    );
+                    launch(device, f_sum, (cols, 1, 1), (256, 1, 1), 0, stream, &mut p3);
+                }
+            },
+        );
     }
     drop((dout, x, z, w, rstd, dw_part));
     (dx, dz, dw)
@@ -832,22 +837,25 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
         &conv_src(),
         &format!("conv_fwd_{}", suffix(dtype)),
     );
-    let ([mut y_p, mut x_p, mut w_p, mut b_p], stream) =
-        ptrs_opt([Some(&y), Some(&x), Some(&w), bias.as_ref()]);
-    let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
-    let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32);
-    // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
-    unsafe {
-        launch(
-            device,
-            f,
-            conv_grid(b * l, c),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue_opt(
+        [Some(&y), Some(&x), Some(&w), bias.as_ref()],
+        move |[mut y_p, mut x_p, mut w_p, mut b_p], stream| {
+            let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+            let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32);
+            // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    conv_grid(b * l, c),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        },
+    );
     drop((x, w, bias));
     y
 }
@@ -882,8 +890,18 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
         let sfx = suffix(dtype);
         let f_dw = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dw_{sfx}"));
         let f_dx = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dx_{sfx}"));
-        let (
+        enqueue_opt(
             [
+                Some(&du),
+                Some(&x),
+                Some(&w),
+                Some(&dy),
+                bias.as_ref(),
+                Some(&dw),
+                Some(&dx),
+                db.as_ref(),
+            ],
+            move |[
                 mut du_p,
                 mut x_p,
                 mut w_p,
@@ -893,39 +911,32 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
                 mut dx_p,
                 mut db_p,
             ],
-            stream,
-        ) = ptrs_opt([
-            Some(&du),
-            Some(&x),
-            Some(&w),
-            Some(&dy),
-            bias.as_ref(),
-            Some(&dw),
-            Some(&dx),
-            db.as_ref(),
-        ]);
-        let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
-        let mut steps = CONV_STEPS as i32;
-        let grid = (
-            c.div_ceil(128) as u32,
-            l.div_ceil(CONV_STEPS) as u32,
-            b as u32,
+                  stream| {
+                let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+                let mut steps = CONV_STEPS as i32;
+                let grid = (
+                    c.div_ceil(128) as u32,
+                    l.div_ceil(CONV_STEPS) as u32,
+                    b as u32,
+                );
+                let mut p1 =
+                    kernel_args!(x_p, w_p, b_p, dy_p, du_p, dw_p, db_p, l32, c32, k32, steps);
+                let mut p2 = kernel_args!(du_p, w_p, dx_p, l32, c32, k32);
+                // SAFETY: the kernels' signatures; sizes as in the forward, `du` `[b, l, c]` f32.
+                unsafe {
+                    launch(device, f_dw, grid, (128, 1, 1), 0, stream, &mut p1);
+                    launch(
+                        device,
+                        f_dx,
+                        conv_grid(b * l, c),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut p2,
+                    );
+                }
+            },
         );
-        let mut p1 = kernel_args!(x_p, w_p, b_p, dy_p, du_p, dw_p, db_p, l32, c32, k32, steps);
-        let mut p2 = kernel_args!(du_p, w_p, dx_p, l32, c32, k32);
-        // SAFETY: the kernels' signatures; sizes as in the forward, `du` `[b, l, c]` f32.
-        unsafe {
-            launch(device, f_dw, grid, (128, 1, 1), 0, stream, &mut p1);
-            launch(
-                device,
-                f_dx,
-                conv_grid(b * l, c),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut p2,
-            );
-        }
     }
     drop((x, w, dy, bias, du));
     (dx, Cb::float_reshape(dw, [c, 1, k].into()), db)
@@ -1085,21 +1096,25 @@ pub fn dt_softplus_fwd(raw: T, bias: T, lo: f64, hi: f64) -> T {
         &heads_src(),
         &format!("dt_fwd_{}", suffix(dtype)),
     );
-    let ([mut dt_p, mut r_p, mut b_p], stream) = ptrs([&dt, &raw, &bias]);
-    let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
-    let mut params = kernel_args!(r_p, b_p, dt_p, n64, h32, lo32, hi32);
-    // SAFETY: the kernel's signature; raw, dt `[n]`, bias `[h]`.
-    unsafe {
-        launch(
-            device,
-            f,
-            grid_for(n, 256),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue(
+        [&dt, &raw, &bias],
+        move |[mut dt_p, mut r_p, mut b_p], stream| {
+            let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
+            let mut params = kernel_args!(r_p, b_p, dt_p, n64, h32, lo32, hi32);
+            // SAFETY: the kernel's signature; raw, dt `[n]`, bias `[h]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    grid_for(n, 256),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        },
+    );
     drop((raw, bias));
     dt
 }
@@ -1120,22 +1135,26 @@ pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
             &heads_src(),
             &format!("dt_bwd_{}", suffix(dtype)),
         );
-        let ([mut d_p, mut g_p, mut r_p, mut b_p, mut db_p], stream) =
-            ptrs([&draw, &g, &raw, &bias, &dbias]);
-        let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
-        let mut params = kernel_args!(g_p, r_p, b_p, d_p, db_p, n64, h32, lo32, hi32);
-        // SAFETY: as in the forward; `h` floats of shared memory.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                (h * 4) as u32,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue(
+            [&draw, &g, &raw, &bias, &dbias],
+            move |[mut d_p, mut g_p, mut r_p, mut b_p, mut db_p], stream| {
+                let (mut n64, mut h32, mut lo32, mut hi32) =
+                    (n as i64, h as i32, lo as f32, hi as f32);
+                let mut params = kernel_args!(g_p, r_p, b_p, d_p, db_p, n64, h32, lo32, hi32);
+                // SAFETY: as in the forward; `h` floats of shared memory.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        grid_for(n, 256),
+                        (256, 1, 1),
+                        (h * 4) as u32,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
     }
     drop((g, raw, bias));
     (draw, dbias)
@@ -1157,21 +1176,22 @@ pub fn scale_heads_fwd(x: T, a: T) -> T {
         &heads_src(),
         &format!("scale_fwd_{}", suffix(dtype)),
     );
-    let ([mut y_p, mut x_p, mut a_p], stream) = ptrs([&y, &x, &a]);
-    let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
-    let mut params = kernel_args!(x_p, a_p, y_p, n64, h32, in32);
-    // SAFETY: the kernel's signature; x, y `[n]`, a `[h]`.
-    unsafe {
-        launch(
-            device,
-            f,
-            grid_for(n, 256),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue([&y, &x, &a], move |[mut y_p, mut x_p, mut a_p], stream| {
+        let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
+        let mut params = kernel_args!(x_p, a_p, y_p, n64, h32, in32);
+        // SAFETY: the kernel's signature; x, y `[n]`, a `[h]`.
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    });
     drop((x, a));
     y
 }
@@ -1195,22 +1215,25 @@ pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
             &heads_src(),
             &format!("scale_bwd_{}", suffix(dtype)),
         );
-        let ([mut dx_p, mut g_p, mut x_p, mut a_p, mut da_p], stream) =
-            ptrs([&dx, &g, &x, &a, &da]);
-        let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
-        let mut params = kernel_args!(g_p, x_p, a_p, dx_p, da_p, n64, h32, in32);
-        // SAFETY: as in the forward; `h` floats of shared memory.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                (h * 4) as u32,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue(
+            [&dx, &g, &x, &a, &da],
+            move |[mut dx_p, mut g_p, mut x_p, mut a_p, mut da_p], stream| {
+                let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
+                let mut params = kernel_args!(g_p, x_p, a_p, dx_p, da_p, n64, h32, in32);
+                // SAFETY: as in the forward; `h` floats of shared memory.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        grid_for(n, 256),
+                        (256, 1, 1),
+                        (h * 4) as u32,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
     }
     drop((g, x, a));
     (dx, da)
@@ -1336,22 +1359,25 @@ pub fn cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
         &xent_src(),
         &format!("xent_fwd_{}", suffix(dtype)),
     );
-    let ([mut loss_p, mut x_p, mut t_p, mut lse_p], stream) =
-        ptrs([&loss, &logits, &targets, &lse]);
-    let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
-    let mut params = kernel_args!(x_p, t_p, loss_p, lse_p, rows64, v32, z32);
-    // SAFETY: the kernel's signature; logits `[rows, v]`, the rest `[rows]`.
-    unsafe {
-        launch(
-            device,
-            f,
-            norm_grid(rows),
-            (512, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue(
+        [&loss, &logits, &targets, &lse],
+        move |[mut loss_p, mut x_p, mut t_p, mut lse_p], stream| {
+            let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
+            let mut params = kernel_args!(x_p, t_p, loss_p, lse_p, rows64, v32, z32);
+            // SAFETY: the kernel's signature; logits `[rows, v]`, the rest `[rows]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    norm_grid(rows),
+                    (512, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        },
+    );
     drop((logits, targets));
     (loss, lse)
 }
@@ -1371,22 +1397,25 @@ pub fn cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
             &xent_src(),
             &format!("xent_bwd_{}", suffix(dtype)),
         );
-        let ([mut dx_p, mut g_p, mut x_p, mut t_p, mut lse_p], stream) =
-            ptrs([&dx, &g, &logits, &targets, &lse]);
-        let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
-        let mut params = kernel_args!(g_p, x_p, t_p, lse_p, dx_p, rows64, v32, z32);
-        // SAFETY: as in the forward; `dx` `[rows, v]`.
-        unsafe {
-            launch(
-                device,
-                f,
-                norm_grid(rows),
-                (512, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue(
+            [&dx, &g, &logits, &targets, &lse],
+            move |[mut dx_p, mut g_p, mut x_p, mut t_p, mut lse_p], stream| {
+                let (mut rows64, mut v32, mut z32) = (rows as i64, v as i32, z as f32);
+                let mut params = kernel_args!(g_p, x_p, t_p, lse_p, dx_p, rows64, v32, z32);
+                // SAFETY: as in the forward; `dx` `[rows, v]`.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        norm_grid(rows),
+                        (512, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
     }
     drop((g, logits, targets, lse));
     dx
@@ -1518,21 +1547,22 @@ pub fn causal_softmax_fwd(scores: T, scale: f64) -> T {
         &softmax_src(),
         &format!("softmax_fwd_{}", suffix(dtype)),
     );
-    let ([mut p_p, mut s_p], stream) = ptrs([&probs, &scores]);
-    let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
-    let mut params = kernel_args!(s_p, p_p, rows64, l32, sc);
-    // SAFETY: the kernel's signature; both `[rows, l]`.
-    unsafe {
-        launch(
-            device,
-            f,
-            norm_grid(rows),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue([&probs, &scores], move |[mut p_p, mut s_p], stream| {
+        let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
+        let mut params = kernel_args!(s_p, p_p, rows64, l32, sc);
+        // SAFETY: the kernel's signature; both `[rows, l]`.
+        unsafe {
+            launch(
+                device,
+                f,
+                norm_grid(rows),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    });
     drop(scores);
     probs
 }
@@ -1551,21 +1581,25 @@ pub fn causal_softmax_bwd(dprobs: T, probs: T, scale: f64) -> T {
             &softmax_src(),
             &format!("softmax_bwd_{}", suffix(dtype)),
         );
-        let ([mut ds_p, mut dp_p, mut p_p], stream) = ptrs([&ds, &dprobs, &probs]);
-        let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
-        let mut params = kernel_args!(dp_p, p_p, ds_p, rows64, l32, sc);
-        // SAFETY: as in the forward.
-        unsafe {
-            launch(
-                device,
-                f,
-                norm_grid(rows),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue(
+            [&ds, &dprobs, &probs],
+            move |[mut ds_p, mut dp_p, mut p_p], stream| {
+                let (mut rows64, mut l32, mut sc) = (rows as i64, l as i32, scale as f32);
+                let mut params = kernel_args!(dp_p, p_p, ds_p, rows64, l32, sc);
+                // SAFETY: as in the forward.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        norm_grid(rows),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
     }
     drop((dprobs, probs));
     ds
@@ -1639,21 +1673,22 @@ pub fn swiglu_fwd(g: T, u: T) -> T {
         &swiglu_src(),
         &format!("swiglu_fwd_{}", suffix(dtype)),
     );
-    let ([mut y_p, mut g_p, mut u_p], stream) = ptrs([&y, &g, &u]);
-    let mut n64 = n as i64;
-    let mut params = kernel_args!(g_p, u_p, y_p, n64);
-    // SAFETY: the kernel's signature; three buffers of `n`.
-    unsafe {
-        launch(
-            device,
-            f,
-            grid_for(n, 256),
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    };
+    enqueue([&y, &g, &u], move |[mut y_p, mut g_p, mut u_p], stream| {
+        let mut n64 = n as i64;
+        let mut params = kernel_args!(g_p, u_p, y_p, n64);
+        // SAFETY: the kernel's signature; three buffers of `n`.
+        unsafe {
+            launch(
+                device,
+                f,
+                grid_for(n, 256),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    });
     drop((g, u));
     y
 }
@@ -1677,22 +1712,25 @@ pub fn swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
             &swiglu_src(),
             &format!("swiglu_bwd_{}", suffix(dtype)),
         );
-        let ([mut dg_p, mut dy_p, mut g_p, mut u_p, mut du_p], stream) =
-            ptrs([&dg, &dy, &g, &u, &du]);
-        let mut n64 = n as i64;
-        let mut params = kernel_args!(dy_p, g_p, u_p, dg_p, du_p, n64);
-        // SAFETY: as in the forward; five buffers of `n`.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue(
+            [&dg, &dy, &g, &u, &du],
+            move |[mut dg_p, mut dy_p, mut g_p, mut u_p, mut du_p], stream| {
+                let mut n64 = n as i64;
+                let mut params = kernel_args!(dy_p, g_p, u_p, dg_p, du_p, n64);
+                // SAFETY: as in the forward; five buffers of `n`.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        grid_for(n, 256),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
     }
     drop((dy, g, u));
     (dg, du)
@@ -2026,12 +2064,16 @@ fn diag_apply(
     let (bcn, q, h, p, g) = dims;
     let device = v.device.index;
     let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, kernel);
-    let ([mut o_p, mut s_p, mut c_p, mut v_p], stream) = ptrs([out, s, cs, v]);
-    let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
-    let mut params = kernel_args!(s_p, c_p, v_p, o_p, q32, h32, g32, p32);
-    let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
-    // SAFETY: the kernel's signature; contiguous f32 operands of the checked shapes.
-    unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+    enqueue(
+        [out, s, cs, v],
+        move |[mut o_p, mut s_p, mut c_p, mut v_p], stream| {
+            let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
+            let mut params = kernel_args!(s_p, c_p, v_p, o_p, q32, h32, g32, p32);
+            let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
+            // SAFETY: the kernel's signature; contiguous f32 operands of the checked shapes.
+            unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+        },
+    );
 }
 
 /// `(dscores, dcs, dx)` of [`ssd_diag_fwd`] for the upstream `dy`.
@@ -2056,17 +2098,20 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
         diag_apply(&s, &cs, &dy, &dx, dx_kernel, (bcn, q, h, p, g));
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, grad_kernel);
-        let ([mut ds_p, mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p], stream) =
-            ptrs([&ds, &s, &cs, &x, &dy, &part]);
-        let (mut q32, mut h32, mut g32, mut p32, mut nt32, mut bcn64, mut hs32) = (
-            q as i32, h as i32, g as i32, p as i32, nt as i32, bcn as i64, hs as i32,
+        enqueue(
+            [&ds, &s, &cs, &x, &dy, &part],
+            move |[mut ds_p, mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p], stream| {
+                let (mut q32, mut h32, mut g32, mut p32, mut nt32, mut bcn64, mut hs32) = (
+                    q as i32, h as i32, g as i32, p as i32, nt as i32, bcn as i64, hs as i32,
+                );
+                let mut params = kernel_args!(
+                    s_p, c_p, x_p, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64, hs32
+                );
+                let grid = ((nt * nt * hs * bcn * g) as u32, 1, 1);
+                // SAFETY: the kernel's signature; `part` holds `2 nt` slots of `cs`'s size.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
         );
-        let mut params = kernel_args!(
-            s_p, c_p, x_p, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64, hs32
-        );
-        let grid = ((nt * nt * hs * bcn * g) as u32, 1, 1);
-        // SAFETY: the kernel's signature; `part` holds `2 nt` slots of `cs`'s size.
-        unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
     }
     let part = Cb::float_reshape(part, [2 * nt, bcn * q * h].into());
     let dcs = Cb::float_sum_dim(part, 0);
@@ -2196,12 +2241,17 @@ pub fn ssd_states_fwd(s: T, a: T) -> T {
     if b * nc * n * h * p > 0 {
         let device = s.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_fwd");
-        let ([mut o_p, mut s_p, mut a_p], stream) = ptrs([&out, &s, &a]);
-        let (mut nc32, mut n32, mut h32, mut p32) = (nc as i32, n as i32, h as i32, p as i32);
-        let mut params = kernel_args!(s_p, a_p, o_p, nc32, n32, h32, p32);
-        let grid = ((b * h) as u32, (n * p).div_ceil(256) as u32, 1);
-        // SAFETY: the kernel's signature; contiguous f32 of the checked shapes.
-        unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+        enqueue(
+            [&out, &s, &a],
+            move |[mut o_p, mut s_p, mut a_p], stream| {
+                let (mut nc32, mut n32, mut h32, mut p32) =
+                    (nc as i32, n as i32, h as i32, p as i32);
+                let mut params = kernel_args!(s_p, a_p, o_p, nc32, n32, h32, p32);
+                let grid = ((b * h) as u32, (n * p).div_ceil(256) as u32, 1);
+                // SAFETY: the kernel's signature; contiguous f32 of the checked shapes.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
+        );
     }
     let shape = s.meta.shape().clone();
     drop((s, a));
@@ -2219,13 +2269,17 @@ pub fn ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
     if b * nc * n * h * p > 0 {
         let device = e.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_bwd");
-        let ([mut ds_p, mut de_p, mut a_p, mut e_p, mut part_p], stream) =
-            ptrs([&ds, &de, &a, &e, &part]);
-        let (mut nc32, mut n32, mut h32, mut p32) = (nc as i32, n as i32, h as i32, p as i32);
-        let mut params = kernel_args!(de_p, a_p, e_p, ds_p, part_p, nc32, n32, h32, p32);
-        let grid = ((b * h) as u32, splits as u32, 1);
-        // SAFETY: the kernel's signature; `part` holds every block's sums.
-        unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+        enqueue(
+            [&ds, &de, &a, &e, &part],
+            move |[mut ds_p, mut de_p, mut a_p, mut e_p, mut part_p], stream| {
+                let (mut nc32, mut n32, mut h32, mut p32) =
+                    (nc as i32, n as i32, h as i32, p as i32);
+                let mut params = kernel_args!(de_p, a_p, e_p, ds_p, part_p, nc32, n32, h32, p32);
+                let grid = ((b * h) as u32, splits as u32, 1);
+                // SAFETY: the kernel's signature; `part` holds every block's sums.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
+        );
     }
     let da = Cb::float_sum_dim(Cb::float_reshape(part, [b, splits, nc * h].into()), 1);
     let da = Cb::float_reshape(da, a.meta.shape().clone());
@@ -2253,21 +2307,22 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
     if n > 0 {
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_fwd");
-        let ([mut y_p, mut x_p, mut s_p], stream) = ptrs([&y, &x, &s]);
-        let (mut n64, mut p32) = (n as i64, p as i32);
-        let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
-        // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue([&y, &x, &s], move |[mut y_p, mut x_p, mut s_p], stream| {
+            let (mut n64, mut p32) = (n as i64, p as i32);
+            let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
+            // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    grid_for(n, 256),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        });
     }
     let shape = x.meta.shape().clone();
     drop((x, s));
@@ -2284,22 +2339,25 @@ pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
     if rows * p > 0 {
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_bwd");
-        let ([mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream) =
-            ptrs([&dx, &g, &x, &s, &ds]);
-        let (mut r64, mut p32) = (rows as i64, p as i32);
-        let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32);
-        // SAFETY: the kernel's signature; one warp per row (8 per block).
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(rows * 32, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        enqueue(
+            [&dx, &g, &x, &s, &ds],
+            move |[mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream| {
+                let (mut r64, mut p32) = (rows as i64, p as i32);
+                let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32);
+                // SAFETY: the kernel's signature; one warp per row (8 per block).
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        grid_for(rows * 32, 256),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
     }
     let (xs, ss) = (x.meta.shape().clone(), s.meta.shape().clone());
     drop((g, x, s));

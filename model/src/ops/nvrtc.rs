@@ -11,7 +11,11 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_cubecl::tensor::CubeTensor;
+use cubecl_common::device::{Device, DeviceId};
+use cubecl_common::device_handle::DeviceHandle;
+use cubecl_common::stream_id::StreamId;
 use cubecl_cuda::CudaRuntime;
+use cubecl_runtime::server::{Binding, ComputeServer};
 use cudarc::driver::{CudaContext, result as drv, sys as cu};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
@@ -58,8 +62,13 @@ fn arch(ctx: &CudaContext) -> &'static str {
     Box::leak(format!("sm_{major}{minor}").into_boxed_str())
 }
 
+/// A loaded kernel. Driver handles are valid on every thread of the process,
+/// and launches run on cubecl's device thread (see [`enqueue`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel(usize);
+
 /// The kernel `name` of `src` (module `module`), compiled on first use.
-pub fn function(device: usize, module: &'static str, src: &str, name: &str) -> cu::CUfunction {
+pub fn function(device: usize, module: &'static str, src: &str, name: &str) -> Kernel {
     let ctx = context(device);
     let mut cache = cache().lock().expect("kernel cache");
     let m = cache.entry((device, module)).or_insert_with(|| {
@@ -84,7 +93,7 @@ pub fn function(device: usize, module: &'static str, src: &str, name: &str) -> c
         }
     });
     if let Some(&f) = m.functions.get(name) {
-        return f as cu::CUfunction;
+        return Kernel(f);
     }
     let module_handle = m.handle as cu::CUmodule;
     let cname = std::ffi::CString::new(name).expect("kernel name");
@@ -92,58 +101,95 @@ pub fn function(device: usize, module: &'static str, src: &str, name: &str) -> c
     let f = unsafe { drv::module::get_function(module_handle, cname) }
         .unwrap_or_else(|e| panic!("kernel `{name}` in `{module}`: {e:?}"));
     m.functions.insert(name.to_string(), f as usize);
-    f
+    Kernel(f as usize)
 }
 
-/// Device pointers of several tensors (0 for `None`) and the stream of the
-/// first, resolved in one call on cubecl's device thread: from any other
-/// thread, each `get_resource` is a blocking round trip to that thread
-/// (cubecl 0.10's channel device handle), so a launch pays one, not one per
-/// operand. The round trip also orders the launch after every burn op
-/// enqueued before it (the device thread runs its queue in order).
-pub fn ptrs_dyn(ts: &[Option<&T>]) -> (Vec<u64>, cu::CUstream) {
-    let client = ts
+/// The CUDA server cubecl runs on a device's thread.
+type Server = <CudaRuntime as cubecl_runtime::runtime::Runtime>::Server;
+
+thread_local! {
+    /// Handles to each device's cubecl thread (looking one up takes a global lock).
+    static DEVICES: RefCell<HashMap<DeviceId, DeviceHandle<Server>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `task` on cubecl's device thread, after every burn op enqueued before
+/// it and before every op enqueued after, with the device pointers of `ts`
+/// (0 for `None`) and the stream that owns them. Nothing blocks: cubecl 0.10
+/// queues work for a device thread that launches it, so resolving pointers
+/// from the caller's thread (`get_resource`) would wait for that queue to
+/// drain, and the host could never run ahead of the GPU.
+///
+/// The queued task holds bindings of the tensors' memory (as cubecl's own
+/// launches do): the memory is not reused before the task has run, and the
+/// tensors can still be updated in place (`can_mut`) by later ops.
+pub fn enqueue_dyn(ts: &[Option<&T>], task: impl FnOnce(Vec<u64>, Stream) + Send + 'static) {
+    let first = ts
         .iter()
         .flatten()
         .next()
-        .expect("ptrs: at least one tensor")
-        .client
-        .clone();
-    let handles: Vec<_> = ts.iter().map(|t| t.map(|t| t.handle.clone())).collect();
-    let on_device = client.clone();
-    let (p, stream) = client
-        .exclusive(move || {
-            let mut stream = 0usize;
-            let p: Vec<u64> = handles
-                .into_iter()
-                .map(|h| {
-                    h.map_or(0, |h| {
-                        let res = on_device
-                            .get_resource(h)
-                            .expect("device memory of a CUDA tensor");
-                        let r = res.resource();
-                        if stream == 0 {
-                            stream = r.stream as usize;
-                        }
-                        r.ptr
-                    })
-                })
-                .collect();
-            (p, stream)
+        .expect("enqueue: at least one tensor");
+    let id = first.device.to_id();
+    let bindings: Vec<_> = ts
+        .iter()
+        .map(|t| t.map(|t| t.handle.clone().binding()))
+        .collect();
+    let device = DEVICES.with(|d| {
+        d.borrow_mut()
+            .entry(id)
+            .or_insert_with(|| DeviceHandle::<Server>::new(id))
+            .clone()
+    });
+    device.submit(move |server| {
+        // cubecl logs and drops a panicking task; a launch that failed
+        // leaves results unwritten, so stop here (the panic is printed).
+        let run = std::panic::AssertUnwindSafe(|| launch_task(server, bindings, task));
+        if std::panic::catch_unwind(run).is_err() {
+            eprintln!("error: a GPU launch failed on cubecl's device thread (see above)");
+            std::process::exit(1);
+        }
+    });
+}
+
+/// Resolves the bindings' pointers on the device thread and runs `task`.
+fn launch_task(
+    server: &mut Server,
+    bindings: Vec<Option<Binding>>,
+    task: impl FnOnce(Vec<u64>, Stream),
+) {
+    // The caller's stream: cubecl runs the task under the caller's id.
+    let stream_id = StreamId::current();
+    let mut stream: Stream = std::ptr::null_mut();
+    let p = bindings
+        .into_iter()
+        .map(|b| {
+            b.map_or(0, |b| {
+                let res = server
+                    .get_resource(b, stream_id)
+                    .expect("device memory of a CUDA tensor");
+                let r = res.resource();
+                if stream.is_null() {
+                    stream = r.stream;
+                }
+                r.ptr
+            })
         })
-        .expect("cubecl's device thread");
-    (p, stream as cu::CUstream)
+        .collect();
+    task(p, stream)
 }
 
-/// [`ptrs_dyn`] for a fixed set of tensors, some optional.
-pub fn ptrs_opt<const N: usize>(ts: [Option<&T>; N]) -> ([u64; N], cu::CUstream) {
-    let (p, stream) = ptrs_dyn(&ts);
-    (p.try_into().expect("one pointer per tensor"), stream)
+/// [`enqueue_dyn`] for a fixed set of tensors, some optional.
+pub fn enqueue_opt<const N: usize>(
+    ts: [Option<&T>; N],
+    task: impl FnOnce([u64; N], Stream) + Send + 'static,
+) {
+    enqueue_dyn(&ts, move |p, stream| {
+        task(p.try_into().expect("one pointer per tensor"), stream)
+    })
 }
 
-/// [`ptrs_dyn`] for a fixed set of tensors: `([pointers], stream of the first)`.
-pub fn ptrs<const N: usize>(ts: [&T; N]) -> ([u64; N], cu::CUstream) {
-    ptrs_opt(ts.map(Some))
+/// [`enqueue_dyn`] for a fixed set of tensors.
+pub fn enqueue<const N: usize>(ts: [&T; N], task: impl FnOnce([u64; N], Stream) + Send + 'static) {
+    enqueue_opt(ts.map(Some), task)
 }
 
 /// Launches `f` on `stream`. `params` point at the kernel's arguments, in
@@ -154,7 +200,7 @@ pub fn ptrs<const N: usize>(ts: [&T; N]) -> ([u64; N], cu::CUstream) {
 /// a live buffer of the sizes the kernel reads and writes.
 pub unsafe fn launch(
     device: usize,
-    f: cu::CUfunction,
+    f: Kernel,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     shared: u32,
@@ -163,7 +209,7 @@ pub unsafe fn launch(
 ) {
     let _ctx = context(device);
     // SAFETY: forwarded to the caller.
-    unsafe { drv::launch_kernel(f, grid, block, shared, stream, params) }
+    unsafe { drv::launch_kernel(f.0 as cu::CUfunction, grid, block, shared, stream, params) }
         .unwrap_or_else(|e| panic!("kernel launch (grid {grid:?}, block {block:?}): {e:?}"));
 }
 
