@@ -356,6 +356,51 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
                 "max_abs": max_abs, "rel": max_abs, "pass": pass})
         );
     }
+    // Slices of one tensor add their gradients into one buffer (in place):
+    // against burn's own `narrow`, with overlapping slices and a use of the
+    // whole tensor, in f32 and bf16.
+    for dtype in [DType::F32, DType::BF16] {
+        let x0 = Tensor::<B, 3>::random([2, 37, 300], Distribution::Normal(0.0, 1.0), device)
+            .cast(dtype);
+        let w = Tensor::<B, 3>::random([2, 37, 300], Distribution::Normal(0.0, 1.0), device)
+            .cast(dtype);
+        let grad = |ours: bool| {
+            let x = x0.clone().detach().require_grad();
+            let cut = |t: Tensor<B, 3>, start, len| {
+                if ours {
+                    ops::narrow(t, 2, start, len)
+                } else {
+                    t.narrow(2, start, len)
+                }
+            };
+            let y = (cut(x.clone(), 0, 100) * 2.0).sum()
+                + cut(x.clone(), 100, 190).exp().sum()
+                + (cut(x.clone(), 290, 10) * cut(x.clone(), 0, 10)).sum()
+                + (x.clone() * w.clone()).sum();
+            let g = y.backward();
+            x.grad(&g)
+                .unwrap()
+                .cast(DType::F32)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
+        let (ours, burns) = (grad(true), grad(false));
+        let max_abs = ours
+            .iter()
+            .zip(&burns)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = burns.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let rel = max_abs / scale.max(1e-30);
+        let pass = rel <= if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        ok &= pass;
+        println!(
+            "{}",
+            json!({"kernel": "add_narrow", "dtype": format!("{dtype:?}"), "value": "grad0",
+                "max_abs": max_abs, "rel": rel, "pass": pass})
+        );
+    }
     // Fused AdamW (in place, with the bf16 copy) against the update on the host.
     {
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;

@@ -294,10 +294,11 @@ type NodeKey<B, C> = FloatTensor<Autodiff<B, C>>;
 struct Narrow<C>(std::marker::PhantomData<C>);
 
 impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 1> for Narrow<C> {
-    type State = (Vec<burn::tensor::Slice>, burn::tensor::Shape);
+    /// `(dim, start, parent shape)`.
+    type State = (usize, usize, burn::tensor::Shape);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (slices, shape) = ops.state;
+        let (dim, start, shape) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let [parent] = ops.parents;
         let Some(parent) = parent else { return };
@@ -307,17 +308,11 @@ impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 1> for Narrow<C> {
             node: parent.clone(),
             rc: std::sync::Arc::new(parent.id),
         };
-        let full = match grads.remove::<B>(&key) {
-            Some(existing) => {
-                let part = B::float_slice(existing.clone(), &slices);
-                B::float_slice_assign(existing, &slices, B::float_add(part, grad))
-            }
-            None => {
-                let zeros = B::float_zeros(shape, &B::float_device(&grad), grad.dtype().into());
-                B::float_slice_assign(zeros, &slices, grad)
-            }
-        };
-        grads.register::<B>(parent.id, full);
+        // Every slice adds into the one buffer (in place where the backend can).
+        let full = grads.remove::<B>(&key).unwrap_or_else(|| {
+            B::float_zeros(shape, &B::float_device(&grad), grad.dtype().into())
+        });
+        grads.register::<B>(parent.id, B::bamba_add_narrow(full, grad, dim, start));
     }
 }
 
@@ -497,7 +492,7 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let out = B::float_slice(t.primitive, &slices);
-                prep.finish((slices, shape), out)
+                prep.finish((dim, start, shape), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::float_slice(t.primitive, &slices)),
         }

@@ -54,6 +54,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         layout(t).is_some_and(|l| !l.row_major)
     }
 
+    fn bamba_add_narrow(full: T, part: T, dim: usize, start: usize) -> T {
+        super::fused::add_narrow(full, part, dim, start)
+    }
+
     fn bamba_pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
         super::fused::pack_f32(parts, len, acc)
     }

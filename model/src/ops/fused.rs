@@ -251,6 +251,83 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
     out
 }
 
+// full[r, offset + i] += part[r, i] for each of `rows` rows (`m` elements
+// of part per row, `row_stride` of full); four elements per thread, strided
+// by the block so that loads coalesce.
+const ADD_NARROW: &str = r#"
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+template <typename T>
+__device__ void add_narrow(T* full, const T* part, long long m, long long row_stride, long long offset) {
+    const long long r = blockIdx.x;
+    T* f = full + r * row_stride + offset;
+    const T* p = part + r * m;
+    long long i = (long long)blockIdx.y * blockDim.x * 4 + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < 4; ++k, i += blockDim.x) {
+        if (i < m) st(f, i, ld(f, i) + ld(p, i));
+    }
+}
+extern "C" __global__ void add_narrow_f32(float* full, const float* part, long long m,
+                                          long long row_stride, long long offset) {
+    add_narrow<float>(full, part, m, row_stride, offset);
+}
+extern "C" __global__ void add_narrow_bf16(bf16_t* full, const bf16_t* part, long long m,
+                                           long long row_stride, long long offset) {
+    add_narrow<bf16_t>(full, part, m, row_stride, offset);
+}
+"#;
+
+/// See [`super::BambaBackend::bamba_add_narrow`]: one pass, in place when
+/// nothing else holds `full` (the usual case: the gradient buffer).
+pub fn add_narrow(full: T, part: T, dim: usize, start: usize) -> T {
+    let shape = full.meta.shape().to_vec();
+    let len = part.meta.shape()[dim];
+    let rows: usize = shape[..dim].iter().product();
+    let inner: usize = shape[dim + 1..].iter().product();
+    let (m, row_stride) = (len * inner, shape[dim] * inner);
+    let dtype = full.dtype;
+    let fused = matches!(dtype, DType::F32 | DType::BF16)
+        && full.can_mut()
+        && full.is_contiguous()
+        && m.div_ceil(1024) <= 65535
+        && rows < 1 << 31;
+    if !fused {
+        let slices = super::narrow_slices(&full.meta.shape().clone(), dim, start, len);
+        let sum = Cb::float_add(Cb::float_slice(full.clone(), &slices), part);
+        return Cb::float_slice_assign(full, &slices, sum);
+    }
+    let part = same_dtype(part, dtype);
+    if rows == 0 || m == 0 {
+        return full;
+    }
+    let device = full.device.index;
+    let src = format!("{}{}", nvrtc::PRELUDE, ADD_NARROW);
+    let f = nvrtc::function(device, "add_narrow", &src, &format!("add_narrow_{}", suffix(dtype)));
+    let (mut m64, mut rs64, mut off64) = (m as i64, row_stride as i64, (start * inner) as i64);
+    enqueue([&full, &part], move |[mut f_p, mut p_p], stream| {
+        let mut params = kernel_args!(f_p, p_p, m64, rs64, off64);
+        // SAFETY: the kernel's signature; `full` holds `rows * row_stride`
+        // elements, `part` `rows * m`, both of `dtype`.
+        unsafe {
+            launch(
+                device,
+                f,
+                (rows as u32, m.div_ceil(1024) as u32, 1),
+                (256, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        };
+    });
+    drop(part);
+    full
+}
+
 fn adamw_src() -> String {
     format!("{}{}", nvrtc::PRELUDE, ADAMW)
 }

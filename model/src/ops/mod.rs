@@ -321,6 +321,20 @@ pub trait BambaBackend: Backend {
         Self::float_slice(t.clone(), &narrow_slices(&t.shape(), dim, start, len))
     }
 
+    /// `full` with `part` added into `full.narrow(dim, start, part.dims[dim])`:
+    /// the gradient of a narrow, accumulated into its parent's gradient
+    /// (several slices of one tensor share one gradient buffer).
+    fn bamba_add_narrow(
+        full: FloatTensor<Self>,
+        part: FloatTensor<Self>,
+        dim: usize,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        let slices = narrow_slices(&full.shape(), dim, start, part.shape()[dim]);
+        let sum = Self::float_add(Self::float_slice(full.clone(), &slices), part);
+        Self::float_slice_assign(full, &slices, sum)
+    }
+
     /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).
     fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
