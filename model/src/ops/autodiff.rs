@@ -309,9 +309,9 @@ impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 1> for Narrow<C> {
             rc: std::sync::Arc::new(parent.id),
         };
         // Every slice adds into the one buffer (in place where the backend can).
-        let full = grads.remove::<B>(&key).unwrap_or_else(|| {
-            B::float_zeros(shape, &B::float_device(&grad), grad.dtype().into())
-        });
+        let full = grads
+            .remove::<B>(&key)
+            .unwrap_or_else(|| B::float_zeros(shape, &B::float_device(&grad), grad.dtype().into()));
         grads.register::<B>(parent.id, B::bamba_add_narrow(full, grad, dim, start));
     }
 }

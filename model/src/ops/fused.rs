@@ -306,7 +306,12 @@ pub fn add_narrow(full: T, part: T, dim: usize, start: usize) -> T {
     }
     let device = full.device.index;
     let src = format!("{}{}", nvrtc::PRELUDE, ADD_NARROW);
-    let f = nvrtc::function(device, "add_narrow", &src, &format!("add_narrow_{}", suffix(dtype)));
+    let f = nvrtc::function(
+        device,
+        "add_narrow",
+        &src,
+        &format!("add_narrow_{}", suffix(dtype)),
+    );
     let (mut m64, mut rs64, mut off64) = (m as i64, row_stride as i64, (start * inner) as i64);
     enqueue([&full, &part], move |[mut f_p, mut p_p], stream| {
         let mut params = kernel_args!(f_p, p_p, m64, rs64, off64);
@@ -755,10 +760,10 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
 /// Mamba2's causal depthwise conv with SiLU, `[b, l, c]`, weight `[c, 1, k]`:
 /// `y[t] = silu(bias + sum_j w[j] x[t - (k-1) + j])`, accumulated in f32 and
 /// rounded to the input dtype before the SiLU (as torch's conv then act).
-/// Backward: one pass per channel over a run of steps computes `du` (the
-/// gradient before SiLU, recomputed from `x`) and the weight and bias
-/// gradients (per-block sums, then one atomic add each); a second,
-/// elementwise pass gives `dx`.
+/// Threads walk one channel over a run of steps with the last `k` inputs in
+/// registers. Backward is one pass too (walking down): `du` (the gradient
+/// before SiLU, recomputed from `x`) stays in registers for `dx`, and each
+/// run's weight and bias gradient sums are added after in a fixed order.
 const CONV: &str = r#"
 template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
 template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
@@ -769,101 +774,135 @@ __device__ __forceinline__ float rnd(float v, float) { return v; }
 __device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 #define KMAX 8
 
-// grid (b * l, ceil(c / blockDim.x)): one row per block row, channels across threads
-// (no 64-bit division per element).
-template <typename T>
-__device__ void conv_fwd(const T* x, const T* w, const T* bias, T* y, int l, int c, int k) {
-    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
-    const long long row = blockIdx.x;
-    const int t = (int)(row % l);
-    const long long i = row * c + ch;
-    float u = bias ? ld(bias, ch) : 0.0f;
-#pragma unroll
-    for (int j = 0; j < KMAX; ++j) {
-        const int tt = t - (k - 1) + j;
-        if (j < k && tt >= 0) u += ld(w, (long long)ch * k + j) * ld(x, i + (long long)(j - (k - 1)) * c);
-    }
-    u = rnd(u, T());
-    st(y, i, u / (1.0f + __expf(-u)));
-}
-
+// Each thread walks one channel over a run of `steps` time steps, keeping
+// the last k inputs in registers: every input is read once (coalesced
+// across the channels of a warp), not k times.
 // grid (ceil(c / blockDim.x), ceil(l / steps), b)
 template <typename T>
-__device__ void conv_bwd_dw(const T* x, const T* w, const T* bias, const T* dy, float* du,
-                            float* dw, float* db, int l, int c, int k, int steps) {
+__device__ void conv_fwd(const T* x, const T* w, const T* bias, T* y, int l, int c, int k, int steps) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
     const long long base = (long long)blockIdx.z * l;
     const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
-    float wv[KMAX], acc[KMAX];
+    float wv[KMAX], xw[KMAX];
 #pragma unroll
-    for (int j = 0; j < KMAX; ++j) { wv[j] = j < k ? ld(w, (long long)ch * k + j) : 0.0f; acc[j] = 0.0f; }
+    for (int j = 0; j < KMAX; ++j) {
+        wv[j] = j < k ? ld(w, (long long)ch * k + j) : 0.0f;
+        // xw[j] = x[t - (k-1) + j] for the first t; the last slot is filled in the loop.
+        const int tt = t0 - (k - 1) + j;
+        xw[j] = (j < k - 1 && tt >= 0) ? ld(x, (base + tt) * c + ch) : 0.0f;
+    }
     const float bv = bias ? ld(bias, ch) : 0.0f;
-    float accb = 0.0f;
     for (int t = t0; t < t1; ++t) {
         const long long i = (base + t) * c + ch;
-        float xs[KMAX];
         float u = bv;
 #pragma unroll
         for (int j = 0; j < KMAX; ++j) {
-            const int tt = t - (k - 1) + j;
-            xs[j] = (j < k && tt >= 0) ? ld(x, i + (long long)(j - (k - 1)) * c) : 0.0f;
-            u += wv[j] * xs[j];
+            if (j == k - 1) xw[j] = ld(x, i);
+            if (j < k) u += wv[j] * xw[j];
         }
+        u = rnd(u, T());
+        st(y, i, u / (1.0f + __expf(-u)));
+#pragma unroll
+        for (int j = 0; j + 1 < KMAX; ++j) xw[j] = xw[j + 1];
+    }
+}
+
+// Backward in one pass, walking a run of steps downwards: du = dy * silu'(u)
+// (u recomputed from x), dx[t] = sum_j w[j] du[t + (k-1) - j] from the last
+// k du in registers (the run first computes the k-1 du above its end), and
+// per-run weight and bias gradient sums written to `dwp [runs, c, k]`,
+// `dbp [runs, c]` (summed after in a fixed order: deterministic).
+// grid (ceil(c / blockDim.x), ceil(l / steps), b)
+template <typename T>
+__device__ void conv_bwd(const T* x, const T* w, const T* bias, const T* dy, T* dx,
+                         float* dwp, float* dbp, int l, int c, int k, int steps) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    const long long base = (long long)blockIdx.z * l;
+    const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
+    const long long run = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+    float wv[KMAX], xw[KMAX], dus[KMAX], acc[KMAX];
+    const int top = min(t1 + k - 1, l) - 1;  // the highest step whose du we need
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) {
+        wv[j] = j < k ? ld(w, (long long)ch * k + j) : 0.0f;
+        acc[j] = 0.0f;
+        dus[j] = 0.0f;  // du[t + j]; zero past the end
+        // xw[j] = x[top - (k-1) + j]; slot 0 is filled in the loop.
+        const int tt = top - (k - 1) + j;
+        xw[j] = (j >= 1 && j < k && tt >= 0) ? ld(x, (base + tt) * c + ch) : 0.0f;
+    }
+    const float bv = bias ? ld(bias, ch) : 0.0f;
+    float accb = 0.0f;
+    for (int t = top; t >= t0; --t) {
+        const long long i = (base + t) * c + ch;
+        const int first = t - (k - 1);
+        xw[0] = first >= 0 ? ld(x, (base + first) * c + ch) : 0.0f;
+        float u = bv;
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) if (j < k) u += wv[j] * xw[j];
         u = rnd(u, T());
         const float sg = 1.0f / (1.0f + __expf(-u));
         const float d = ld(dy, i) * sg * (1.0f + u * (1.0f - sg));
-        du[i] = d;
 #pragma unroll
-        for (int j = 0; j < KMAX; ++j) acc[j] += d * xs[j];
-        accb += d;
+        for (int j = KMAX - 1; j > 0; --j) dus[j] = dus[j - 1];
+        dus[0] = d;
+        if (t < t1) {
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) if (j < k) s += wv[j] * dus[(k - 1) - j];
+            st(dx, i, s);
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) acc[j] += d * xw[j];
+            accb += d;
+        }
+#pragma unroll
+        for (int j = KMAX - 1; j > 0; --j) xw[j] = xw[j - 1];
     }
 #pragma unroll
-    for (int j = 0; j < KMAX; ++j) if (j < k) atomicAdd(dw + (long long)ch * k + j, acc[j]);
-    if (db) atomicAdd(db + ch, accb);
+    for (int j = 0; j < KMAX; ++j) if (j < k) dwp[(run * c + ch) * k + j] = acc[j];
+    if (dbp) dbp[run * c + ch] = accb;
 }
 
-// Same grid as the forward.
-template <typename T>
-__device__ void conv_bwd_dx(const float* du, const T* w, T* dx, int l, int c, int k) {
-    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
-    const long long row = blockIdx.x;
-    const int t = (int)(row % l);
-    const long long i = row * c + ch;
+// out[j] = sum over rows of part[row, j], rows in order.
+__device__ void colsum(const float* part, float* out, int rows, long long d) {
+    const long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (j >= d) return;
     float s = 0.0f;
-#pragma unroll
-    for (int j = 0; j < KMAX; ++j) {
-        const int tt = t + (k - 1) - j;
-        if (j < k && tt < l) s += ld(w, (long long)ch * k + j) * du[i + (long long)((k - 1) - j) * c];
-    }
-    st(dx, i, s);
+    for (int r = 0; r < rows; ++r) s += part[r * d + j];
+    out[j] = s;
+}
+extern "C" __global__ void conv_colsum(const float* part, float* out, int rows, long long d) {
+    colsum(part, out, rows, d);
 }
 
 #define CONV_KERNELS(SUF, T)                                                                   \
 extern "C" __global__ void conv_fwd_##SUF(const T* x, const T* w, const T* bias, T* y,         \
-                                          int l, int c, int k) {                                \
-    conv_fwd<T>(x, w, bias, y, l, c, k);                                                        \
+                                          int l, int c, int k, int steps) {                     \
+    conv_fwd<T>(x, w, bias, y, l, c, k, steps);                                                 \
 }                                                                                               \
-extern "C" __global__ void conv_bwd_dw_##SUF(const T* x, const T* w, const T* bias,            \
-        const T* dy, float* du, float* dw, float* db, int l, int c, int k, int steps) {        \
-    conv_bwd_dw<T>(x, w, bias, dy, du, dw, db, l, c, k, steps);                                 \
-}                                                                                               \
-extern "C" __global__ void conv_bwd_dx_##SUF(const float* du, const T* w, T* dx, int l, int c, \
-                                             int k) {                                           \
-    conv_bwd_dx<T>(du, w, dx, l, c, k);                                                         \
+extern "C" __global__ void conv_bwd_##SUF(const T* x, const T* w, const T* bias, const T* dy,  \
+        T* dx, float* dwp, float* dbp, int l, int c, int k, int steps) {                       \
+    conv_bwd<T>(x, w, bias, dy, dx, dwp, dbp, l, c, k, steps);                                  \
 }
 CONV_KERNELS(f32, float)
 CONV_KERNELS(bf16, bf16_t)
 "#;
 
-/// Steps of the sequence one backward thread walks (and sums weight gradients over).
-const CONV_STEPS: usize = 64;
+/// Steps of the sequence one thread walks: forward, and backward (whose
+/// per-run weight gradient sums are then added in order).
+const CONV_STEPS_FWD: usize = 32;
+const CONV_STEPS_BWD: usize = 64;
+const CONV_THREADS: u32 = 128;
 
-/// Rows across the grid's x (up to 2^31 - 1), channels in blocks of 256 across y.
-fn conv_grid(rows: usize, c: usize) -> (u32, u32, u32) {
-    (rows as u32, c.div_ceil(256) as u32, 1)
+/// Channels across the grid's x, runs of `steps` across y, the batch across z.
+fn conv_grid(b: usize, l: usize, c: usize, steps: usize) -> (u32, u32, u32) {
+    (
+        c.div_ceil(CONV_THREADS as usize) as u32,
+        l.div_ceil(steps) as u32,
+        b as u32,
+    )
 }
 
 fn conv_src() -> String {
@@ -918,14 +957,15 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
         [Some(&y), Some(&x), Some(&w), bias.as_ref()],
         move |[mut y_p, mut x_p, mut w_p, mut b_p], stream| {
             let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
-            let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32);
+            let mut steps = CONV_STEPS_FWD as i32;
+            let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32, steps);
             // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
             unsafe {
                 launch(
                     device,
                     f,
-                    conv_grid(b * l, c),
-                    (256, 1, 1),
+                    conv_grid(b, l, c, CONV_STEPS_FWD),
+                    (CONV_THREADS, 1, 1),
                     0,
                     stream,
                     &mut params,
@@ -947,75 +987,83 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
         same_dtype(dy, dtype),
     );
     let bias = bias.map(|t| same_dtype(t, dtype));
-    let zeros = |shape: Vec<usize>| {
-        burn_cubecl::ops::numeric::zeros_client(
-            x.client.clone(),
-            x.device.clone(),
-            shape.into(),
-            DType::F32,
-        )
-    };
-    // Flat: a [c, 1, k] allocation may pad its rows (k = 3), the kernel writes `ch * k + j`.
-    let dw = zeros(vec![c * k]);
-    let db = bias.as_ref().map(|_| zeros(vec![c]));
-    let dx = empty(&x, vec![b, l, c], dtype);
-    let du = empty(&x, vec![b, l, c], DType::F32);
     let n = b * l * c;
+    let runs = b * l.div_ceil(CONV_STEPS_BWD);
+    // Flat: a [c, 1, k] allocation may pad its rows (k = 3), the kernel writes `ch * k + j`.
+    // Every element is written by the column sums (zeros when there are no runs).
+    let sums = |d: usize| {
+        if n > 0 {
+            empty(&x, vec![d], DType::F32)
+        } else {
+            zeros_f32(&x, vec![d])
+        }
+    };
+    let dw = sums(c * k);
+    let db = bias.as_ref().map(|_| sums(c));
+    let dx = empty(&x, vec![b, l, c], dtype);
     if n > 0 {
+        let dwp = empty(&x, vec![runs, c * k], DType::F32);
+        let dbp = bias.as_ref().map(|_| empty(&x, vec![runs, c], DType::F32));
         let device = x.device.index;
         let src = conv_src();
-        let sfx = suffix(dtype);
-        let f_dw = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dw_{sfx}"));
-        let f_dx = nvrtc::function(device, "conv", &src, &format!("conv_bwd_dx_{sfx}"));
+        let f = nvrtc::function(device, "conv", &src, &format!("conv_bwd_{}", suffix(dtype)));
+        let f_sum = nvrtc::function(device, "conv", &src, "conv_colsum");
+        let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+        let (mut steps, mut runs32) = (CONV_STEPS_BWD as i32, runs as i32);
+        let (mut ck64, mut c64) = ((c * k) as i64, c as i64);
+        let has_bias = bias.is_some();
         enqueue_opt(
             [
-                Some(&du),
                 Some(&x),
                 Some(&w),
-                Some(&dy),
                 bias.as_ref(),
-                Some(&dw),
+                Some(&dy),
                 Some(&dx),
+                Some(&dwp),
+                dbp.as_ref(),
+                Some(&dw),
                 db.as_ref(),
             ],
             move |[
-                mut du_p,
                 mut x_p,
                 mut w_p,
-                mut dy_p,
                 mut b_p,
-                mut dw_p,
+                mut dy_p,
                 mut dx_p,
+                mut dwp_p,
+                mut dbp_p,
+                mut dw_p,
                 mut db_p,
             ],
                   stream| {
-                let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
-                let mut steps = CONV_STEPS as i32;
-                let grid = (
-                    c.div_ceil(128) as u32,
-                    l.div_ceil(CONV_STEPS) as u32,
-                    b as u32,
+                let mut p1 = kernel_args!(
+                    x_p, w_p, b_p, dy_p, dx_p, dwp_p, dbp_p, l32, c32, k32, steps
                 );
-                let mut p1 =
-                    kernel_args!(x_p, w_p, b_p, dy_p, du_p, dw_p, db_p, l32, c32, k32, steps);
-                let mut p2 = kernel_args!(du_p, w_p, dx_p, l32, c32, k32);
-                // SAFETY: the kernels' signatures; sizes as in the forward, `du` `[b, l, c]` f32.
+                let mut p2 = kernel_args!(dwp_p, dw_p, runs32, ck64);
+                let mut p3 = kernel_args!(dbp_p, db_p, runs32, c64);
+                let cols = |d: usize| (d.div_ceil(256) as u32, 1, 1);
+                // SAFETY: the kernels' signatures; x, dy, dx `[b, l, c]`, w
+                // `[c, k]`, bias `[c]`, the run sums `[runs, c * k]` and `[runs, c]`.
                 unsafe {
-                    launch(device, f_dw, grid, (128, 1, 1), 0, stream, &mut p1);
                     launch(
                         device,
-                        f_dx,
-                        conv_grid(b * l, c),
-                        (256, 1, 1),
+                        f,
+                        conv_grid(b, l, c, CONV_STEPS_BWD),
+                        (CONV_THREADS, 1, 1),
                         0,
                         stream,
-                        &mut p2,
+                        &mut p1,
                     );
+                    launch(device, f_sum, cols(c * k), (256, 1, 1), 0, stream, &mut p2);
+                    if has_bias {
+                        launch(device, f_sum, cols(c), (256, 1, 1), 0, stream, &mut p3);
+                    }
                 }
             },
         );
+        drop((dwp, dbp));
     }
-    drop((x, w, dy, bias, du));
+    drop((x, w, dy, bias));
     (dx, Cb::float_reshape(dw, [c, 1, k].into()), db)
 }
 
