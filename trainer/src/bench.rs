@@ -35,8 +35,9 @@ pub struct BenchArgs {
     /// print the largest differences.
     #[arg(long)]
     pub kernels: bool,
-    /// With `--ops`: only these pieces (comma-separated names, as printed).
-    #[arg(long, value_delimiter = ',', requires = "ops")]
+    /// With `--ops`: only these pieces (comma-separated names, as printed);
+    /// with `--kernels`: only the checks whose names start with one of these.
+    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Instead of training steps, measure all-gather and reduce-scatter bus
     /// bandwidth of the shard group (as nccl-tests reports it) on this many MB.
@@ -320,7 +321,11 @@ pub fn collectives<B: burn::tensor::backend::Backend>(
 /// the gradient of each input, as JSON lines (`max_abs`, `rel` = max abs
 /// difference over the reference's max abs). On backends without fused
 /// kernels both sides are the reference. `large` adds the 1B model's shapes.
-pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Result<bool> {
+pub fn kernels<B: BambaAutodiffBackend>(
+    device: &B::Device,
+    large: bool,
+    only: &[String],
+) -> Result<bool> {
     use bamba_model::ops::{self, reference};
     use burn::tensor::{DType, Distribution, Tensor};
 
@@ -328,9 +333,10 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
     // Flattened inputs in, one output out, so one harness serves every piece.
     type Piece<'a, B> = Box<dyn Fn(&Inputs<B>) -> Tensor<B, 1> + 'a>;
     let mut ok = true;
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.starts_with(o.as_str()));
     // First (quick): gradient packing (FSDP's flat buffers): bf16 and f32 parts at offsets,
     // gaps zeroed, then accumulated in place; checked on the host.
-    {
+    if wanted("pack_f32") {
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
         let a = Tensor::<I<B>, 2>::random([3, 5], Distribution::Normal(0.0, 1.0), device)
             .cast(DType::BF16);
@@ -359,7 +365,10 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
     // Slices of one tensor add their gradients into one buffer (in place):
     // against burn's own `narrow`, with overlapping slices and a use of the
     // whole tensor, in f32 and bf16.
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16]
+        .into_iter()
+        .filter(|_| wanted("add_narrow"))
+    {
         let x0 = Tensor::<B, 3>::random([2, 37, 300], Distribution::Normal(0.0, 1.0), device)
             .cast(dtype);
         let w = Tensor::<B, 3>::random([2, 37, 300], Distribution::Normal(0.0, 1.0), device)
@@ -402,7 +411,7 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
         );
     }
     // Fused AdamW (in place, with the bf16 copy) against the update on the host.
-    {
+    if wanted("adamw") {
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
         use bamba_model::ops::{AdamWHyper, AdamWState};
         let n = 1003; // four-wide passes and a tail
@@ -484,6 +493,9 @@ pub fn kernels<B: BambaAutodiffBackend>(device: &B::Device, large: bool) -> Resu
     }
     let mut check =
         |name: &str, dtype: DType, shapes: &[Vec<usize>], fused: Piece<B>, refr: Piece<B>| {
+            if !wanted(name) {
+                return;
+            }
             let inputs: Vec<Tensor<B, 1>> = shapes
                 .iter()
                 .map(|s| {

@@ -170,7 +170,11 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
     }
     if bench.kernels {
         let large = cfg.training.device == crate::config::Device::Cuda;
-        let ok = on_backend!(cfg, |B, _rt, dev| crate::bench::kernels::<B>(&dev, large)?);
+        let ok = on_backend!(cfg, |B, _rt, dev| crate::bench::kernels::<B>(
+            &dev,
+            large,
+            &bench.only
+        )?);
         return Ok(if ok { 0 } else { 1 });
     }
     if bench.ops {
