@@ -203,6 +203,32 @@ pub fn ops<B: BambaAutodiffBackend>(
     fn probe<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 1> {
         t.narrow(1, 0, 1).sum()
     }
+    // What one kernel launch costs the host (enqueue to the device thread,
+    // its launch, the driver): many tiny ops timed to one sync. A step of a
+    // few thousand launches is launch-bound when this times the count nears
+    // the step time.
+    if only.is_empty() || only.iter().any(|o| o == "launch") {
+        let n = 2000;
+        let tiny = Tensor::<B::InnerBackend, 1>::ones([256], device);
+        let per_launch = |f: &dyn Fn(Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1>| {
+            let mut y = f(tiny.clone());
+            let _ = B::sync(device);
+            let t = Instant::now();
+            for _ in 0..n {
+                y = f(y);
+            }
+            let _ = B::sync(device);
+            drop(y);
+            t.elapsed().as_secs_f64() * 1e6 / n as f64
+        };
+        let burn_us = per_launch(&|y| y.add_scalar(1.0));
+        let fused_us = per_launch(&|y| bamba_model::ops::sum_squares(y).repeat_dim(0, 256));
+        println!(
+            "{}",
+            json!({"op": "launch", "burn_op_us": burn_us,
+                "fused_plus_burn_op_us": fused_us, "ops": n})
+        );
+    }
     let h = model_cfg.hidden_size;
     let (b, l) = (batch, seq);
     let lp = vb.pp("model").pp("layers");
