@@ -59,6 +59,7 @@ macro_rules! with_backend {
             #[cfg(feature = "cuda")]
             (DeviceKind::Cuda, _) => {
                 type $B = $crate::backend::CudaTrain<f32>;
+                $crate::cuda_memory::install()?;
                 let $dev = Default::default();
                 $body
             }

@@ -77,7 +77,8 @@ pub fn run<B: BambaAutodiffBackend>(
         json!({"bench": "start", "device": device_name, "world": world, "params": params,
         "tokens_per_step": tokens, "seq_len": t.cfg.data.seq_len,
         "precision": format!("{:?}", t.cfg.training.precision).to_lowercase(),
-        "strategy": format!("{:?}", t.cfg.parallelism.strategy).to_lowercase()}),
+        "strategy": format!("{:?}", t.cfg.parallelism.strategy).to_lowercase(),
+        "cuda_memory": crate::cuda_memory::Preset::from_env().map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default()}),
     );
     let mut peak_mem = 0u64;
     for i in 0..args.warmup {
@@ -229,6 +230,10 @@ pub fn ops<B: BambaAutodiffBackend>(
                 "fused_plus_burn_op_us": fused_us, "ops": n})
         );
     }
+    #[cfg(feature = "cuda")]
+    if only.iter().any(|o| o == "allocator") {
+        allocator_presets();
+    }
     let h = model_cfg.hidden_size;
     let (b, l) = (batch, seq);
     let lp = vb.pp("model").pp("layers");
@@ -298,6 +303,84 @@ pub fn ops<B: BambaAutodiffBackend>(
         causal_lm_loss(head.forward(x.clone()), targets.clone(), 0.0)
     });
     Ok(())
+}
+
+/// `--ops --only allocator`: what one reservation costs in each of
+/// `cuda_memory`'s pool presets, on host memory (cubecl's pool logic is the
+/// same for every storage), with a live set like a training step's: small
+/// buffers (metadata, per-head vectors), mid-size and large tensors. Per
+/// launch, burn's CUDA backend reserves two or three times.
+#[cfg(feature = "cuda")]
+fn allocator_presets() {
+    use crate::cuda_memory::{Preset, configuration};
+    use burn_cubecl::cubecl::ir::MemoryDeviceProperties;
+    use cubecl_runtime::logging::ServerLogger;
+    use cubecl_runtime::memory_management::{MemoryManagement, MemoryManagementOptions};
+    use cubecl_runtime::storage::BytesStorage;
+    let (max_page, align) = (20u64 << 30, 512u64); // an 80 GB GPU's
+    for live_small in [100usize, 1000, 3000, 6000] {
+        let mut row = serde_json::Map::new();
+        for preset in [Preset::SubSlices, Preset::Exclusive, Preset::Mixed] {
+            let props = MemoryDeviceProperties {
+                max_page_size: max_page,
+                alignment: align,
+            };
+            let mut mm = MemoryManagement::from_configuration(
+                BytesStorage::default(),
+                &props,
+                configuration(preset, max_page, align),
+                std::sync::Arc::new(ServerLogger::default()),
+                MemoryManagementOptions::new("bench"),
+            );
+            // A fixed pseudo-random live set: small (64 B - 64 KiB), and a
+            // tenth as many 0.5-4.5 MiB and 8-72 MiB tensors.
+            let mut x = 0x9e3779b97f4a7c15u64;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut live = Vec::new();
+            for _ in 0..live_small {
+                live.push(mm.reserve(64 + rnd() % 65536).expect("host memory"));
+            }
+            for _ in 0..live_small / 10 {
+                live.push(
+                    mm.reserve((512 << 10) + rnd() % (4 << 20))
+                        .expect("host memory"),
+                );
+                live.push(
+                    mm.reserve((8 << 20) + rnd() % (64 << 20))
+                        .expect("host memory"),
+                );
+            }
+            // Steady state: per op a metadata buffer and an output, freed a little later.
+            let n = 20_000;
+            let mut recent = std::collections::VecDeque::new();
+            let t = Instant::now();
+            for i in 0..n {
+                let meta = mm.reserve(256).expect("host memory");
+                let size = if i % 3 == 0 {
+                    (16 << 20) + (i % 5) as u64 * 4096
+                } else {
+                    4096 + (i % 7) as u64 * 1024
+                };
+                recent.push_back((meta, mm.reserve(size).expect("host memory")));
+                if recent.len() > 64 {
+                    recent.pop_front();
+                }
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / (2 * n) as f64;
+            row.insert(format!("{preset:?}").to_lowercase() + "_us", json!(us));
+        }
+        row.insert("op".into(), json!("allocator"));
+        row.insert(
+            "live_allocations".into(),
+            json!(live_small + live_small / 5),
+        );
+        println!("{}", serde_json::Value::Object(row));
+    }
 }
 
 /// Bus bandwidth of FSDP's two collectives on `mb` MB of f32 (nccl-tests'

@@ -130,6 +130,7 @@ macro_rules! on_backend {
             #[cfg(feature = "cuda")]
             (Device::Cuda, _) => {
                 type $B = crate::backend::CudaTrain<f32>;
+                crate::cuda_memory::install()?;
                 let $rt = crate::runtime::from_env::<crate::backend::Cuda<f32>>(&$cfg)?;
                 let $dev = crate::backend::cuda_device($rt.local_rank);
                 $body

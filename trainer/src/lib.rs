@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod cuda_memory;
 pub mod dist;
 pub mod forward;
 pub mod fsdp;

@@ -44,9 +44,23 @@ pub struct RuntimeOptions {
 #[derive(Debug, Clone)]
 pub struct CudaRuntime;
 
+/// bamba-train patch: builds the memory configuration (GPU pools, and the
+/// pinned host pools, which upstream configures the same way) from the
+/// device's memory properties, when a device server starts.
+pub type MemoryConfigurationFn = fn(&MemoryDeviceProperties) -> MemoryConfiguration;
+
+static MEMORY_CONFIGURATION: std::sync::OnceLock<MemoryConfigurationFn> =
+    std::sync::OnceLock::new();
+
+/// bamba-train patch: sets how device servers started from now on configure
+/// their memory (upstream: `MemoryConfiguration::default()`). Once per
+/// process; returns false if it was already set.
+pub fn set_memory_configuration(f: MemoryConfigurationFn) -> bool {
+    MEMORY_CONFIGURATION.set(f).is_ok()
+}
+
 impl DeviceService for CudaServer {
     fn init(device_id: cubecl_common::device::DeviceId) -> Self {
-        let options = RuntimeOptions::default();
         let device = CudaDevice::from_id(device_id);
 
         // To get the supported WMMA features, and memory properties, we have to initialize the server immediately.
@@ -102,6 +116,11 @@ impl DeviceService for CudaServer {
         let mem_properties = MemoryDeviceProperties {
             max_page_size: max_memory / 4,
             alignment: mem_alignment as u64,
+        };
+        let options = RuntimeOptions {
+            memory_config: MEMORY_CONFIGURATION
+                .get()
+                .map_or_else(MemoryConfiguration::default, |f| f(&mem_properties)),
         };
 
         let mut comp_opts = CompilationOptions {
