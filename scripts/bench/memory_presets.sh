@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU, one device call: the host cost of a kernel launch and the 1B
+# bench under each of BAMBA_CUDA_MEMORY's pool presets, then the PyTorch
+# peer on the same shape (same-call ratio). JSON lines on stdout.
+#   bash scripts/bench/memory_presets.sh .carry/bamba-train .carry/peer [presets]
+set -uo pipefail
+bin=${1:-target/release/bamba-train}
+peer=${2:-../shared/peers/torch-bamba}
+presets=${3:-subslices mixed exclusive}
+config=configs/bench/bamba-1b.yaml
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for preset in $presets; do
+  echo "== BAMBA_CUDA_MEMORY=$preset"
+  BAMBA_CUDA_MEMORY=$preset timeout 60 "$bin" bench --config $config --ops --only launch 2>&1 | tail -1
+  BAMBA_CUDA_MEMORY=$preset timeout 150 "$bin" bench --config $config --warmup 2 --steps 4 --profile-steps 1 \
+    2>&1 | grep -v '"warmup_step"' | tail -1
+done
+echo "== peer bamba_1b 1x4096"
+PYTHONPATH="$peer/pylib" BAMBA_PEER_SHAPES=1x4096 timeout 200 python3 "$peer/bench_peer.py" 2>&1 | tail -2
