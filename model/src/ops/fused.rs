@@ -7,7 +7,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::AdamWHyper;
-use super::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch};
+use super::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch, launch_flat};
 use crate::kernel_args;
 
 /// The CUDA backend type, for burn's own ops on the kernels' tensors (the
@@ -115,17 +115,7 @@ pub fn sum_squares(x: T) -> T {
         let mut n64 = n as i64;
         let mut params = kernel_args!(x_p, o_p, n64);
         // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        unsafe { launch_flat(device, f, n, stream, &mut params) };
     });
     drop(x);
     out
@@ -234,17 +224,7 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
             let mut params = kernel_args!(s_p, d_p, n64, acc32);
             // SAFETY: the kernel's signature; `src` holds `n` elements (or is
             // null), `dst` at least `at + n` f32.
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    grid_for(n, 256),
-                    (256, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
+            unsafe { launch_flat(device, f, n, stream, &mut params) };
         }
     });
     drop(operands);
@@ -255,11 +235,6 @@ pub fn pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
 // of part per row, `row_stride` of full); four elements per thread, strided
 // by the block so that loads coalesce.
 const ADD_NARROW: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
 template <typename T>
 __device__ void add_narrow(T* full, const T* part, long long m, long long row_stride, long long offset) {
     const long long r = blockIdx.x;
@@ -437,17 +412,7 @@ pub fn adamw(
             // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one,
             // the optional copy `n` bf16),
             // live until the launch is enqueued (burn reuses memory in stream order).
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    grid_for(n, 256),
-                    (256, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
+            unsafe { launch_flat(device, f, n, stream, &mut params) };
         },
     );
     drop((p, g, m, v, mask, scale));
@@ -460,13 +425,6 @@ pub fn adamw(
 /// for backward. Backward recomputes the row from `x`, `z` and `rstd`,
 /// and writes per-block partial weight gradients (summed after).
 const NORM: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
-__device__ __forceinline__ float rnd(float v, float) { return v; }
-__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 
 __device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
 
@@ -765,13 +723,6 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
 /// before SiLU, recomputed from `x`) stays in registers for `dx`, and each
 /// run's weight and bias gradient sums are added after in a fixed order.
 const CONV: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
-__device__ __forceinline__ float rnd(float v, float) { return v; }
-__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 #define KMAX 8
 
 // Each thread walks one channel over a run of `steps` time steps, keeping
@@ -1073,13 +1024,6 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
 /// skip). The backward kernels sum the per-head gradients in shared memory
 /// and add each block's sums atomically.
 const HEADS: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
-__device__ __forceinline__ float rnd(float v, float) { return v; }
-__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 #define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
 __device__ __forceinline__ float softplus(float s) { return s > 20.0f ? s : log1pf(__expf(s)); }
@@ -1227,17 +1171,7 @@ pub fn dt_softplus_fwd(raw: T, bias: T, lo: f64, hi: f64) -> T {
             let (mut n64, mut h32, mut lo32, mut hi32) = (n as i64, h as i32, lo as f32, hi as f32);
             let mut params = kernel_args!(r_p, b_p, dt_p, n64, h32, lo32, hi32);
             // SAFETY: the kernel's signature; raw, dt `[n]`, bias `[h]`.
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    grid_for(n, 256),
-                    (256, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
+            unsafe { launch_flat(device, f, n, stream, &mut params) };
         },
     );
     drop((raw, bias));
@@ -1305,17 +1239,7 @@ pub fn scale_heads_fwd(x: T, a: T) -> T {
         let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
         let mut params = kernel_args!(x_p, a_p, y_p, n64, h32, in32);
         // SAFETY: the kernel's signature; x, y `[n]`, a `[h]`.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        unsafe { launch_flat(device, f, n, stream, &mut params) };
     });
     drop((x, a));
     y
@@ -1369,11 +1293,6 @@ pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
 /// with an online max/sum. Backward writes `g * (softmax * (1 + 2 z lse) -
 /// onehot(target))` in the logits' dtype.
 const XENT: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -1552,13 +1471,6 @@ pub fn cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
 /// attention scales in bf16), zeros above the diagonal, probabilities
 /// rounded to the scores' dtype. Backward: `scale * p * (dp - sum(dp * p))`.
 const SOFTMAX: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
-__device__ __forceinline__ float rnd(float v, float) { return v; }
-__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
@@ -1733,13 +1645,6 @@ pub fn causal_softmax_bwd(dprobs: T, probs: T, scale: f64) -> T {
 /// SwiGLU's gate, `silu(g) * u`, rounded as torch's `act(gate) * up`;
 /// backward in f32 from `g` and `u`.
 const SWIGLU: &str = r#"
-template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
-__device__ __forceinline__ float rnd(float v, float) { return v; }
-__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 #define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
 template <typename T>
@@ -1802,17 +1707,7 @@ pub fn swiglu_fwd(g: T, u: T) -> T {
         let mut n64 = n as i64;
         let mut params = kernel_args!(g_p, u_p, y_p, n64);
         // SAFETY: the kernel's signature; three buffers of `n`.
-        unsafe {
-            launch(
-                device,
-                f,
-                grid_for(n, 256),
-                (256, 1, 1),
-                0,
-                stream,
-                &mut params,
-            )
-        };
+        unsafe { launch_flat(device, f, n, stream, &mut params) };
     });
     drop((g, u));
     y
@@ -1843,17 +1738,7 @@ pub fn swiglu_bwd(dy: T, g: T, u: T) -> (T, T) {
                 let mut n64 = n as i64;
                 let mut params = kernel_args!(dy_p, g_p, u_p, dg_p, du_p, n64);
                 // SAFETY: as in the forward; five buffers of `n`.
-                unsafe {
-                    launch(
-                        device,
-                        f,
-                        grid_for(n, 256),
-                        (256, 1, 1),
-                        0,
-                        stream,
-                        &mut params,
-                    )
-                };
+                unsafe { launch_flat(device, f, n, stream, &mut params) };
             },
         );
     }
@@ -2436,17 +2321,7 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
             let (mut n64, mut p32) = (n as i64, p as i32);
             let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
             // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    grid_for(n, 256),
-                    (256, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
+            unsafe { launch_flat(device, f, n, stream, &mut params) };
         });
     }
     let shape = x.meta.shape().clone();

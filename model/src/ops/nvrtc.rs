@@ -213,6 +213,22 @@ pub unsafe fn launch(
         .unwrap_or_else(|e| panic!("kernel launch (grid {grid:?}, block {block:?}): {e:?}"));
 }
 
+/// [`launch`] over `n` elements: blocks of 256 threads, a grid-stride loop
+/// in the kernel covering what the grid does not (see [`grid_for`]).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_flat(
+    device: usize,
+    f: Kernel,
+    n: usize,
+    stream: cu::CUstream,
+    params: &mut [*mut c_void],
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe { launch(device, f, grid_for(n, 256), (256, 1, 1), 0, stream, params) }
+}
+
 /// `[*mut c_void]` pointing at each argument (locals that outlive the launch).
 #[macro_export]
 macro_rules! kernel_args {
@@ -240,4 +256,12 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
     return (bf16_t)(u >> 16);
 }
+// Loads and stores in f32 arithmetic, and rounding to the storage type.
+template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
+template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<bf16_t>(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float rnd(float v, float) { return v; }
+__device__ __forceinline__ float rnd(float v, bf16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 "#;
