@@ -98,6 +98,34 @@ fn bench_host_profile_writes_folded_stacks() {
 }
 
 #[test]
+fn bench_ops_host_profile_samples_the_pieces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ops.folded");
+    let rows = bench(
+        tmp.path(),
+        &[
+            "--ops",
+            "--only",
+            "launch,mamba_layer",
+            "--host-profile",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert!(rows.iter().any(|r| r["op"] == "launch"), "{rows:?}");
+    assert!(rows.iter().any(|r| r["op"] == "mamba_layer"), "{rows:?}");
+    let line = rows
+        .iter()
+        .find(|r| r["bench"] == "host_profile")
+        .expect("a host_profile line");
+    assert!(line["samples"].as_u64().unwrap() > 0, "{line}");
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("bench::ops")
+    );
+}
+
+#[test]
 fn bench_ops_times_each_piece() {
     let tmp = tempfile::tempdir().unwrap();
     let rows = bench(tmp.path(), &["--ops"]);

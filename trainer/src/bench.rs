@@ -43,8 +43,9 @@ pub struct BenchArgs {
     /// bandwidth of the shard group (as nccl-tests reports it) on this many MB.
     #[arg(long, value_name = "MB")]
     pub collectives: Option<usize>,
-    /// Sample the host threads' stacks during the timed steps and write them
-    /// to FILE as folded stacks (flamegraph input). Needs an unstripped binary.
+    /// Sample the host threads' stacks during the timed steps (with `--ops`:
+    /// the whole run) and write them to FILE as folded stacks (flamegraph
+    /// input). Needs an unstripped binary.
     #[arg(long, value_name = "FILE")]
     pub host_profile: Option<std::path::PathBuf>,
 }

@@ -185,6 +185,12 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
             crate::config::Precision::Bf16 => burn::tensor::DType::BF16,
         };
         let (b, l) = (cfg.training.micro_batch, cfg.data.seq_len);
+        // With --host-profile, the pieces' host time is sampled as a whole.
+        let profiler = bench
+            .host_profile
+            .as_deref()
+            .map(crate::host_profile::HostProfile::start)
+            .transpose()?;
         on_backend!(cfg, |B, _rt, dev| crate::bench::ops::<B>(
             &model_cfg,
             b,
@@ -193,6 +199,13 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
             &bench.only,
             &dev
         )?);
+        if let (Some(p), Some(path)) = (profiler, &bench.host_profile) {
+            let samples = p.finish()?;
+            println!(
+                "{}",
+                serde_json::json!({"bench": "host_profile", "path": path, "samples": samples})
+            );
+        }
         return Ok(0);
     }
     on_backend!(cfg, |B, rt, dev| crate::bench::run(
