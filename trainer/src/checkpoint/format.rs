@@ -54,9 +54,33 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
 }
 
-/// One shard's slice of every unit: master weights and both moments.
+/// One shard's slice of every unit: master weights and both moments, each
+/// state one flat vector with the units back to back (as they come off the
+/// device), so staging a checkpoint copies each value once.
 pub struct RankShard {
-    pub units: Vec<(String, [Vec<f32>; 3])>,
+    /// Unit names and their shard lengths, in order.
+    pub units: Vec<(String, usize)>,
+    /// [`STATE_NAMES`], each the concatenation of every unit's slice.
+    pub states: [Vec<f32>; 3],
+}
+
+impl RankShard {
+    /// From per-unit slices (tests and tools; training stages flat vectors).
+    pub fn from_units(units: Vec<(String, [Vec<f32>; 3])>) -> Self {
+        let mut states: [Vec<f32>; 3] = Default::default();
+        let units = units
+            .into_iter()
+            .map(|(name, values)| {
+                let len = values[0].len();
+                for (state, v) in states.iter_mut().zip(values) {
+                    assert_eq!(v.len(), len, "unit {name}: states of different lengths");
+                    state.extend(v);
+                }
+                (name, len)
+            })
+            .collect();
+        Self { units, states }
+    }
 }
 
 pub const STATE_NAMES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
@@ -95,18 +119,27 @@ pub fn loader_file(rank: usize) -> String {
 /// Serializes a shard's slices as safetensors (little-endian f32, copied
 /// once, into the file image).
 pub fn encode_shard(shard: &RankShard) -> Result<Vec<u8>> {
+    let total: usize = shard.units.iter().map(|u| u.1).sum();
+    if let Some(state) = shard.states.iter().find(|s| s.len() != total) {
+        bail!(
+            "checkpoint shard: a state holds {} values, its units {total}",
+            state.len()
+        );
+    }
     let mut views = vec![];
-    for (unit, states) in &shard.units {
-        for (kind, values) in STATE_NAMES.iter().zip(states) {
+    let mut at = 0;
+    for (unit, len) in &shard.units {
+        for (kind, values) in STATE_NAMES.iter().zip(&shard.states) {
             views.push((
                 format!("{unit}.{kind}"),
                 safetensors::tensor::TensorView::new(
                     safetensors::Dtype::F32,
-                    vec![values.len()],
-                    le_bytes(values),
+                    vec![*len],
+                    le_bytes(&values[at..at + len]),
                 )?,
             ));
         }
+        at += len;
     }
     Ok(safetensors::serialize(views, None)?)
 }

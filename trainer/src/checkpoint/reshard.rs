@@ -136,7 +136,7 @@ mod tests {
                     (u.name.clone(), states)
                 })
                 .collect();
-            let bytes = encode_shard(&RankShard { units }).unwrap();
+            let bytes = encode_shard(&RankShard::from_units(units)).unwrap();
             std::fs::write(dir.join(shard_file(s)), bytes).unwrap();
         }
     }
