@@ -4,7 +4,7 @@
 // `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
 #![allow(non_snake_case)]
 
-use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, narrow, scale_heads};
+use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, narrow};
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
@@ -105,8 +105,7 @@ impl<B: BambaBackend> BambaMixer<B> {
         let dt = dt_softplus(dt, self.dt_bias.val(), self.dt_min, self.dt_max);
         let a = self.A_log.val().exp().neg();
 
-        let y = ssd_chunked(xs.clone(), dt, a, bm, cm, self.chunk_size);
-        let y = y + scale_heads(xs, self.D.val());
+        let y = ssd_chunked(xs, dt, a, bm, cm, self.D.val(), self.chunk_size);
         let y = self.norm.forward(y.reshape([b, l, di]), z);
         self.out_proj.forward(y)
     }

@@ -7,16 +7,18 @@
 //! product; chunk-final states carry across chunks by the same decay.
 
 use crate::ops::{
-    BambaBackend, matmul, matmul_tf32, scale_heads, scale_rows, ssd_diag, ssd_states,
+    BambaBackend, matmul, matmul_tf32, scale_heads, scale_rows, ssd_diag, ssd_out, ssd_states,
 };
 use burn::tensor::{DType, Tensor};
 
-/// `y` of the SSM (without the `D x` skip), computed in f32.
+/// `y` of the SSM with its `D x` skip, computed in f32, returned in `x`'s
+/// dtype.
 ///
 /// * `x`: `[b, l, h, p]` inputs per head
 /// * `dt`: `[b, l, h]` time steps (after softplus and clamp)
 /// * `a`: `[h]` negative decay rates (`-exp(A_log)`)
 /// * `bm`, `cm`: `[b, l, g, n]`; group `g` serves heads `g*h/G .. (g+1)*h/G`
+/// * `d`: `[h]` skip weights
 ///
 /// Any `l` works: the sequence is zero-padded to a multiple of `chunk` and
 /// cropped after (padding adds nothing to earlier positions: causal).
@@ -32,6 +34,7 @@ pub fn ssd_chunked<B: BambaBackend>(
     a: Tensor<B, 1>,
     bm: Tensor<B, 4>,
     cm: Tensor<B, 4>,
+    d: Tensor<B, 1>,
     chunk: usize,
 ) -> Tensor<B, 4> {
     let [b, l, h, p] = x.dims();
@@ -42,6 +45,7 @@ pub fn ssd_chunked<B: BambaBackend>(
     // f32 keeps full precision for HF parity.
     let fast = dtype != DType::F32;
     let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
+    let skip = x.clone();
     let (x, bm, cm) = (f32(x), f32(bm), f32(cm));
     let (dt, a) = (dt.cast(DType::F32), a.cast(DType::F32));
 
@@ -83,16 +87,11 @@ pub fn ssd_chunked<B: BambaBackend>(
     )
     .reshape([b, nc, n, h * p]);
 
-    // 4. What the entering state contributes: exp(cs_i) C_i . state.
-    let y_off = scale_rows(
-        per_group(g, 3, |gi| mm(group(&cm, gi), heads(&entering, gi), fast))
-            .reshape([b, nc, q, h, p]),
-        cs.exp(),
-    );
-
-    let y = (y_diag + y_off).reshape([b, nc * q, h, p]);
-    let y = if pad > 0 { y.narrow(1, 0, l) } else { y };
-    y.cast(dtype)
+    // 4. What the entering state contributes: exp(cs_i) C_i . state, added
+    //    to the intra-chunk part together with the skip D x.
+    let y_off = per_group(g, 3, |gi| mm(group(&cm, gi), heads(&entering, gi), fast))
+        .reshape([b, nc, q, h, p]);
+    ssd_out(y_diag, y_off, cs, skip, d)
 }
 
 /// Columns `start .. start + len` of the last dim; the whole tensor as is
@@ -156,6 +155,7 @@ mod tests {
         a: &[f32],
         bm: &[f32],
         cm: &[f32],
+        skip: &[f32],
         dims: [usize; 6],
     ) -> Vec<f64> {
         let [b, l, h, p, g, n] = dims;
@@ -177,7 +177,7 @@ mod tests {
                             *s = decay * *s + d * bv * xv;
                             acc += cv * *s;
                         }
-                        y[((bi * l + t) * h + hi) * p + pi] = acc;
+                        y[((bi * l + t) * h + hi) * p + pi] = acc + skip[hi] as f64 * xv;
                     }
                 }
             }
@@ -195,6 +195,7 @@ mod tests {
             let a = Tensor::<B, 1>::random([h], Distribution::Uniform(-4.0, -0.5), &dev);
             let bm = Tensor::<B, 4>::random([b, l, g, n], Distribution::Normal(0.0, 1.0), &dev);
             let cm = Tensor::<B, 4>::random([b, l, g, n], Distribution::Normal(0.0, 1.0), &dev);
+            let d = Tensor::<B, 1>::random([h], Distribution::Normal(0.0, 1.0), &dev);
             let v = |t: TensorData| t.to_vec::<f32>().unwrap();
             let want = sequential(
                 &v(x.to_data()),
@@ -202,9 +203,10 @@ mod tests {
                 &v(a.to_data()),
                 &v(bm.to_data()),
                 &v(cm.to_data()),
+                &v(d.to_data()),
                 [b, l, h, p, g, n],
             );
-            let got = v(ssd_chunked(x, dt, a, bm, cm, chunk).into_data());
+            let got = v(ssd_chunked(x, dt, a, bm, cm, d, chunk).into_data());
             let err = got
                 .iter()
                 .zip(&want)

@@ -280,6 +280,7 @@ pub fn ops<B: BambaAutodiffBackend>(
     let dt = Tensor::<B, 3>::random([b, l, nh], Distribution::Uniform(0.001, 0.1), device)
         .require_grad();
     let a = Tensor::<B, 1>::random([nh], Distribution::Uniform(-8.0, -1.0), device);
+    let d = Tensor::<B, 1>::random([nh], Distribution::Normal(0.0, 1.0), device).cast(compute);
     time("ssd_chunked", &mut || {
         probe(ssd_chunked(
             xs.clone(),
@@ -287,6 +288,7 @@ pub fn ops<B: BambaAutodiffBackend>(
             a.clone(),
             bm.clone(),
             cm.clone(),
+            d.clone(),
             model_cfg.mamba_chunk_size,
         ))
     });
@@ -725,6 +727,43 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 &[vec![b, nc, n, h, p], vec![b, nc, h]],
                 Box::new(move |x| ops::ssd_states(st(x), a(x)).reshape([len])),
                 Box::new(move |x| reference::ssd_states(st(x), a(x)).reshape([len])),
+            );
+        }
+        // The SSD output: odd row widths (p not a multiple of 32), padded
+        // chunks cropped, and the 1B config's shape.
+        for (b, nc, q, l, h, p) in [
+            (2, 3, 5, 13, 4, 7),
+            (1, 2, 8, 16, 3, 40),
+            (1, 16, 256, 4096, 64, 64),
+        ]
+        .into_iter()
+        .filter(|s| large || s.4 < 64)
+        {
+            let (dims5, dims4) = ([b, nc, q, h, p], [b, nc, q, h]);
+            let n5 = b * nc * q * h * p;
+            let n = b * l * h * p;
+            let inputs = move |x: &Inputs<B>| {
+                (
+                    x[0].clone().reshape(dims5),
+                    x[1].clone().reshape(dims5),
+                    // Log-decays are negative.
+                    -x[2].clone().reshape(dims4).abs(),
+                    x[3].clone().reshape([b, l, h, p]),
+                    x[4].clone(),
+                )
+            };
+            check(
+                &format!("ssd_out_{b}x{nc}x{q}x{h}x{p}_l{l}"),
+                dtype,
+                &[vec![n5], vec![n5], vec![b * nc * q * h], vec![n], vec![h]],
+                Box::new(move |x| {
+                    let (yd, yo, cs, xs, d) = inputs(x);
+                    ops::ssd_out(yd, yo, cs, xs, d).reshape([n])
+                }),
+                Box::new(move |x| {
+                    let (yd, yo, cs, xs, d) = inputs(x);
+                    reference::ssd_out(yd, yo, cs, xs, d).reshape([n])
+                }),
             );
         }
         for (r, p) in [(37, 5), (262144, 64)]

@@ -284,6 +284,37 @@ impl<B: BambaBackend> Backward<B, 2> for ScaleRows {
     }
 }
 
+/// Fused SSD output; parents: y_diag, y_off, cs, x, d.
+#[derive(Debug)]
+struct SsdOut;
+
+impl<B: BambaBackend> Backward<B, 5> for SsdOut {
+    /// `(y_off, cs, x, d)`.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (yo, cs, x, d) = ops.state;
+        let h = d.shape().num_elements();
+        let g = grads.consume::<B>(&ops.node);
+        let (dyd, dyo, dcs, dx, dd_rows) = B::bamba_ssd_out_bwd(g, yo, cs.clone(), x, d);
+        // Each head's D gradient: its rows' sums, added in a fixed order.
+        let rows = dd_rows.shape().num_elements();
+        let dd = B::float_sum_dim(B::float_reshape(dd_rows, [rows / h, h].into()), 0);
+        let dd = B::float_reshape(dd, [h].into());
+        let dcs = B::float_reshape(dcs, cs.shape());
+        for (parent, grad) in ops.parents.into_iter().zip([dyd, dyo, dcs, dx, dd]) {
+            if let Some(n) = parent {
+                grads.register::<B>(n.id, grad);
+            }
+        }
+    }
+}
+
 /// A slice whose gradient is added into the parent's gradient in place:
 /// the parent's first slice allocates it zero-filled, later ones (other
 /// slices of the same tensor) write their part into it.
@@ -311,7 +342,7 @@ impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 1> for Narrow<C> {
         // Every slice adds into the one buffer (in place where the backend can).
         let full = grads
             .remove::<B>(&key)
-            .unwrap_or_else(|| B::float_zeros(shape, &B::float_device(&grad), grad.dtype().into()));
+            .unwrap_or_else(|| B::bamba_zeros(shape, &B::float_device(&grad), grad.dtype()));
         grads.register::<B>(parent.id, B::bamba_add_narrow(full, grad, dim, start));
     }
 }
@@ -459,6 +490,40 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((ap, out.clone()), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_states(sp, ap)),
+        }
+    }
+
+    fn bamba_ssd_out(
+        y_diag: FloatTensor<Self>,
+        y_off: FloatTensor<Self>,
+        cs: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let prep = SsdOut
+            .prepare::<C>([
+                y_diag.node.clone(),
+                y_off.node.clone(),
+                cs.node.clone(),
+                x.node.clone(),
+                d.node.clone(),
+            ])
+            .compute_bound()
+            .stateful();
+        let (ydp, yop, csp, xp, dp) = (
+            y_diag.primitive,
+            y_off.primitive,
+            cs.primitive,
+            x.primitive,
+            d.primitive,
+        );
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out =
+                    B::bamba_ssd_out_fwd(ydp, yop.clone(), csp.clone(), xp.clone(), dp.clone());
+                prep.finish((yop, csp, xp, dp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_out(ydp, yop, csp, xp, dp)),
         }
     }
 

@@ -54,6 +54,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         layout(t).is_some_and(|l| !l.row_major)
     }
 
+    fn bamba_zeros(
+        shape: burn::tensor::Shape,
+        device: &burn::tensor::Device<Self>,
+        dtype: DType,
+    ) -> T {
+        super::fused::zeros(shape, device, dtype)
+    }
+
     fn bamba_add_narrow(full: T, part: T, dim: usize, start: usize) -> T {
         super::fused::add_narrow(full, part, dim, start)
     }
@@ -136,6 +144,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
 
     fn bamba_ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
         super::fused::ssd_states_bwd(de, a, e)
+    }
+
+    fn bamba_ssd_out_fwd(yd: T, yo: T, cs: T, x: T, d: T) -> T {
+        super::fused::ssd_out_fwd(yd, yo, cs, x, d)
+    }
+
+    fn bamba_ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
+        super::fused::ssd_out_bwd(g, yo, cs, x, d)
     }
 
     fn bamba_scale_rows_fwd(x: T, s: T) -> T {

@@ -563,6 +563,22 @@ fn norm_grid(rows: usize) -> (u32, u32, u32) {
     (rows.clamp(1, 132 * 8) as u32, 1, 1)
 }
 
+/// Zeros in contiguous storage, cleared by a memset in stream order.
+pub fn zeros(shape: burn::tensor::Shape, device: &cubecl_cuda::CudaDevice, dtype: DType) -> T {
+    use cubecl_runtime::runtime::Runtime;
+    let client = cubecl_cuda::CudaRuntime::client(device);
+    let out = empty_device_contiguous_dtype(client, device.clone(), shape, dtype);
+    let bytes = out.meta.num_elements() * dtype.size();
+    if bytes > 0 {
+        enqueue([&out], move |[p], stream| {
+            // SAFETY: `p` holds `bytes` bytes of `out`, bound for this task.
+            unsafe { cudarc::driver::result::memset_d8_async(p, 0, bytes, stream) }
+                .expect("cuMemsetD8Async");
+        });
+    }
+    out
+}
+
 fn empty(like: &T, shape: Vec<usize>, dtype: DType) -> T {
     empty_device_contiguous_dtype(
         like.client.clone(),
@@ -2362,4 +2378,183 @@ pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
     let (xs, ss) = (x.meta.shape().clone(), s.meta.shape().clone());
     drop((g, x, s));
     (Cb::float_reshape(dx, xs), Cb::float_reshape(ds, ss))
+}
+
+/// The SSD scan's output, fused: `y = y_diag + exp(cs) * y_off + D[head] x`
+/// per row `r` of `p` values (rows ordered `(b, l, h)`), rounded once to
+/// `x`'s dtype. Backward: one warp per row, so the row sums of the `cs` and
+/// `D` gradients need no atomics (deterministic).
+const SSD_OUT: &str = r#"
+template <typename T>
+__device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, const T* x,
+                            const T* d, T* y, long long rows, int h, int p) {
+    const long long n = rows * p;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / p;
+        st(y, i, yd[i] + yo[i] * expf(cs[r]) + ld(x, i) * ld(d, (int)(r % h)));
+    }
+}
+
+template <typename T>
+__device__ void ssd_out_bwd(const T* g, const float* yo, const float* cs, const T* x, const T* d,
+                            float* dyd, float* dyo, float* dcs, T* dx, float* dd_rows,
+                            long long rows, int h, int p) {
+    const int lane = threadIdx.x & 31;
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+         r += warps) {
+        const float e = expf(cs[r]);
+        const float dh = ld(d, (int)(r % h));
+        float s_cs = 0.0f, s_d = 0.0f;
+        for (int j = lane; j < p; j += 32) {
+            const long long i = r * p + j;
+            const float gv = ld(g, i);
+            dyd[i] = gv;
+            dyo[i] = gv * e;
+            st(dx, i, gv * dh);
+            s_cs += gv * yo[i];
+            s_d += gv * ld(x, i);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            s_cs += __shfl_xor_sync(0xffffffffu, s_cs, o);
+            s_d += __shfl_xor_sync(0xffffffffu, s_d, o);
+        }
+        if (lane == 0) {
+            dcs[r] = s_cs * e;
+            dd_rows[r] = s_d;
+        }
+    }
+}
+
+#define SSD_OUT_KERNELS(SUF, T)                                                                   \
+extern "C" __global__ void ssd_out_fwd_##SUF(const float* yd, const float* yo, const float* cs,  \
+                                             const T* x, const T* d, T* y, long long rows, int h, \
+                                             int p) {                                             \
+    ssd_out_fwd<T>(yd, yo, cs, x, d, y, rows, h, p);                                              \
+}                                                                                                 \
+extern "C" __global__ void ssd_out_bwd_##SUF(const T* g, const float* yo, const float* cs,       \
+                                             const T* x, const T* d, float* dyd, float* dyo,      \
+                                             float* dcs, T* dx, float* dd_rows, long long rows,   \
+                                             int h, int p) {                                      \
+    ssd_out_bwd<T>(g, yo, cs, x, d, dyd, dyo, dcs, dx, dd_rows, rows, h, p);                      \
+}
+SSD_OUT_KERNELS(f32, float)
+SSD_OUT_KERNELS(bf16, bf16_t)
+"#;
+
+fn ssd_out_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, SSD_OUT)
+}
+
+/// `(rows, h, p)` of the SSD output: `x [.., h, p]`, `d [h]`, `cs` one value
+/// per row, `y_diag`/`y_off` as `x`.
+fn ssd_out_dims(yd: &T, yo: &T, cs: &T, x: &T, d: &T) -> (usize, usize, usize) {
+    let s = x.meta.shape();
+    assert!(s.len() >= 2, "ssd_out: x must be [.., h, p]");
+    let (h, p) = (s[s.len() - 2], s[s.len() - 1]);
+    let n = s.num_elements();
+    let rows = n / p.max(1);
+    assert_eq!(d.meta.shape().num_elements(), h, "ssd_out: one D per head");
+    assert_eq!(yd.meta.shape().num_elements(), n, "ssd_out: y_diag");
+    assert_eq!(yo.meta.shape().num_elements(), n, "ssd_out: y_off");
+    assert_eq!(cs.meta.shape().num_elements(), rows, "ssd_out: cs");
+    (rows, h, p)
+}
+
+fn f32_dense(t: T) -> T {
+    same_dtype(t, DType::F32)
+}
+
+/// `y_diag + exp(cs) * y_off + D x` in `x`'s dtype and shape.
+pub fn ssd_out_fwd(yd: T, yo: T, cs: T, x: T, d: T) -> T {
+    let dtype = x.dtype;
+    let (yd, yo, cs) = (f32_dense(yd), f32_dense(yo), f32_dense(cs));
+    let (x, d) = (into_contiguous(x), same_dtype(d, dtype));
+    let (rows, h, p) = ssd_out_dims(&yd, &yo, &cs, &x, &d);
+    let y = empty(&x, x.meta.shape().to_vec(), dtype);
+    if rows * p == 0 {
+        return y;
+    }
+    let device = x.device.index;
+    let f = nvrtc::function(
+        device,
+        "ssd_out",
+        &ssd_out_src(),
+        &format!("ssd_out_fwd_{}", suffix(dtype)),
+    );
+    enqueue(
+        [&y, &yd, &yo, &cs, &x, &d],
+        move |[mut y_p, mut yd_p, mut yo_p, mut cs_p, mut x_p, mut d_p], stream| {
+            let (mut r64, mut h32, mut p32) = (rows as i64, h as i32, p as i32);
+            let mut params = kernel_args!(yd_p, yo_p, cs_p, x_p, d_p, y_p, r64, h32, p32);
+            // SAFETY: the kernel's signature; y, yd, yo, x `[rows * p]`, cs `[rows]`, d `[h]`.
+            unsafe { launch_flat(device, f, rows * p, stream, &mut params) };
+        },
+    );
+    drop((yd, yo, cs, x, d));
+    y
+}
+
+/// `(dy_diag, dy_off, dcs, dx, dd_rows)`: f32 except `dx` (`x`'s dtype);
+/// `dd_rows [rows]` holds each row's `sum_p g x`, for the caller to sum per head.
+pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
+    let dtype = x.dtype;
+    let (yo, cs) = (f32_dense(yo), f32_dense(cs));
+    let (x, d, g) = (
+        into_contiguous(x),
+        same_dtype(d, dtype),
+        same_dtype(g, dtype),
+    );
+    let (rows, h, p) = ssd_out_dims(&yo, &yo, &cs, &x, &d);
+    let shape = x.meta.shape().to_vec();
+    let dyd = empty(&x, shape.clone(), DType::F32);
+    let dyo = empty(&x, shape.clone(), DType::F32);
+    let dx = empty(&x, shape, dtype);
+    let dcs = empty(&x, cs.meta.shape().to_vec(), DType::F32);
+    let dd_rows = empty(&x, vec![rows], DType::F32);
+    if rows * p > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(
+            device,
+            "ssd_out",
+            &ssd_out_src(),
+            &format!("ssd_out_bwd_{}", suffix(dtype)),
+        );
+        enqueue(
+            [&g, &yo, &cs, &x, &d, &dyd, &dyo, &dcs, &dx, &dd_rows],
+            move |[
+                mut g_p,
+                mut yo_p,
+                mut cs_p,
+                mut x_p,
+                mut d_p,
+                mut dyd_p,
+                mut dyo_p,
+                mut dcs_p,
+                mut dx_p,
+                mut dd_p,
+            ],
+                  stream| {
+                let (mut r64, mut h32, mut p32) = (rows as i64, h as i32, p as i32);
+                let mut params = kernel_args!(
+                    g_p, yo_p, cs_p, x_p, d_p, dyd_p, dyo_p, dcs_p, dx_p, dd_p, r64, h32, p32
+                );
+                // SAFETY: the kernel's signature; a warp per row, 8 rows per block.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        (rows.div_ceil(8).clamp(1, 132 * 64) as u32, 1, 1),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
+    }
+    drop((g, yo, cs, x, d));
+    (dyd, dyo, dcs, dx, dd_rows)
 }

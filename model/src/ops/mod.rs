@@ -24,7 +24,7 @@ use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive}
 
 pub use pieces::{
     causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
-    scale_rows, ssd_diag, ssd_states, swiglu,
+    scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -308,6 +308,47 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
     }
 
+    /// The SSD scan's output `y_diag + exp(cs) * y_off + D[head] x`, in
+    /// `x`'s dtype (`x [.., h, p]`, `cs` one value per row of `p`).
+    /// Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_ssd_out(
+        y_diag: FloatTensor<Self>,
+        y_off: FloatTensor<Self>,
+        cs: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::bamba_ssd_out_fwd(y_diag, y_off, cs, x, d)
+    }
+
+    fn bamba_ssd_out_fwd(
+        _y_diag: FloatTensor<Self>,
+        _y_off: FloatTensor<Self>,
+        _cs: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+        _d: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused SSD output (bamba_fused() is false)")
+    }
+
+    /// `(dy_diag, dy_off, dcs, dx, dd_rows)`, `dd_rows` one `sum_p g x` per row.
+    #[allow(clippy::type_complexity)]
+    fn bamba_ssd_out_bwd(
+        _g: FloatTensor<Self>,
+        _y_off: FloatTensor<Self>,
+        _cs: FloatTensor<Self>,
+        _x: FloatTensor<Self>,
+        _d: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        unimplemented!("this backend has no fused SSD output (bamba_fused() is false)")
+    }
+
     /// `t[.., start .. start + len, ..]` along `dim`. Under autodiff its
     /// gradient is added into that slice of the parent's gradient, so the
     /// splits of one tensor (the Mamba mixer's `in_proj` output) cost one
@@ -319,6 +360,18 @@ pub trait BambaBackend: Backend {
         len: usize,
     ) -> FloatTensor<Self> {
         Self::float_slice(t.clone(), &narrow_slices(&t.shape(), dim, start, len))
+    }
+
+    /// Zeros in row-major (unpitched) storage: the gradient buffer that
+    /// [`Self::bamba_add_narrow`] fills in place. (cubecl pads the rows of
+    /// `float_zeros` to 256 bytes, so a bf16 `[.., 8512]` buffer would not
+    /// be contiguous, and every slice would copy it.)
+    fn bamba_zeros(
+        shape: burn::tensor::Shape,
+        device: &burn::tensor::Device<Self>,
+        dtype: DType,
+    ) -> FloatTensor<Self> {
+        Self::float_zeros(shape, device, dtype.into())
     }
 
     /// `full` with `part` added into `full.narrow(dim, start, part.dims[dim])`:

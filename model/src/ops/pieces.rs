@@ -161,6 +161,39 @@ pub fn ssd_states<B: BambaBackend>(s: Tensor<B, 5>, a: Tensor<B, 3>) -> Tensor<B
     ))
 }
 
+/// The SSD's output `y [b, l, h, p]` in `x`'s dtype: the intra-chunk part
+/// `y_diag` plus the entering states' part `exp(cs) y_off` (f32
+/// `[b, nc, q, h, p]`, `cs [b, nc, q, h]`; chunks padded past `l` are
+/// cropped), plus the skip `D[h] x` (`x [b, l, h, p]`). One pass on fused
+/// backends, instead of five.
+pub fn ssd_out<B: BambaBackend>(
+    y_diag: Tensor<B, 5>,
+    y_off: Tensor<B, 5>,
+    cs: Tensor<B, 4>,
+    x: Tensor<B, 4>,
+    d: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    if !B::bamba_fused() {
+        return reference::ssd_out(y_diag, y_off, cs, x, d);
+    }
+    let [b, l, h, p] = x.dims();
+    let [_, nc, q, _, _] = y_diag.dims();
+    let f32 = burn::tensor::DType::F32;
+    let crop = |t: Tensor<B, 5>| {
+        let t = t.cast(f32).reshape([b, nc * q, h, p]);
+        if nc * q > l { t.narrow(1, 0, l) } else { t }
+    };
+    let cs = cs.cast(f32).reshape([b, nc * q, h]);
+    let cs = if nc * q > l { cs.narrow(1, 0, l) } else { cs };
+    float(B::bamba_ssd_out(
+        crop(y_diag).into_primitive().tensor(),
+        crop(y_off).into_primitive().tensor(),
+        cs.into_primitive().tensor(),
+        x.into_primitive().tensor(),
+        d.into_primitive().tensor(),
+    ))
+}
+
 /// `x * s[.., None]` in f32, `s` shaped as `x` without its last dim (a
 /// per-row scale with its reduction fused into the backward).
 pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(

@@ -211,3 +211,18 @@ pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
 ) -> Tensor<B, D> {
     x.cast(DType::F32) * s.cast(DType::F32).unsqueeze_dim::<D>(D1)
 }
+
+/// See [`super::ssd_out`].
+pub fn ssd_out<B: BambaBackend>(
+    y_diag: Tensor<B, 5>,
+    y_off: Tensor<B, 5>,
+    cs: Tensor<B, 4>,
+    x: Tensor<B, 4>,
+    d: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    let [b, l, h, p] = x.dims();
+    let [_, nc, q, _, _] = y_diag.dims();
+    let y = (y_diag.cast(DType::F32) + scale_rows(y_off, cs.exp())).reshape([b, nc * q, h, p]);
+    let y = if nc * q > l { y.narrow(1, 0, l) } else { y };
+    y.cast(x.dtype()) + scale_heads(x, d)
+}
