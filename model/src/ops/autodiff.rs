@@ -299,13 +299,8 @@ impl<B: BambaBackend> Backward<B, 5> for SsdOut {
 
     fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (yo, cs, x, d) = ops.state;
-        let h = d.shape().num_elements();
         let g = grads.consume::<B>(&ops.node);
-        let (dyd, dyo, dcs, dx, dd_rows) = B::bamba_ssd_out_bwd(g, yo, cs.clone(), x, d);
-        // Each head's D gradient: its rows' sums, added in a fixed order.
-        let rows = dd_rows.shape().num_elements();
-        let dd = B::float_sum_dim(B::float_reshape(dd_rows, [rows / h, h].into()), 0);
-        let dd = B::float_reshape(dd, [h].into());
+        let (dyd, dyo, dcs, dx, dd) = B::bamba_ssd_out_bwd(g, yo, cs.clone(), x, d);
         let dcs = B::float_reshape(dcs, cs.shape());
         for (parent, grad) in ops.parents.into_iter().zip([dyd, dyo, dcs, dx, dd]) {
             if let Some(n) = parent {

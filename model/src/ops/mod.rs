@@ -309,7 +309,7 @@ pub trait BambaBackend: Backend {
     }
 
     /// The SSD scan's output `y_diag + exp(cs) * y_off + D[head] x`, in
-    /// `x`'s dtype (`x [.., h, p]`, `cs` one value per row of `p`).
+    /// `x`'s dtype (`x [.., h, p]`, `p` even, `cs` one value per row of `p`).
     /// Only called when [`BambaBackend::bamba_fused`].
     fn bamba_ssd_out(
         y_diag: FloatTensor<Self>,
@@ -331,7 +331,7 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused SSD output (bamba_fused() is false)")
     }
 
-    /// `(dy_diag, dy_off, dcs, dx, dd_rows)`, `dd_rows` one `sum_p g x` per row.
+    /// `(dy_diag, dy_off, dcs, dx, dd)`.
     #[allow(clippy::type_complexity)]
     fn bamba_ssd_out_bwd(
         _g: FloatTensor<Self>,

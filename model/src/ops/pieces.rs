@@ -173,10 +173,11 @@ pub fn ssd_out<B: BambaBackend>(
     x: Tensor<B, 4>,
     d: Tensor<B, 1>,
 ) -> Tensor<B, 4> {
-    if !B::bamba_fused() {
+    let [b, l, h, p] = x.dims();
+    // (The kernels read pairs: an odd head size takes the reference path.)
+    if !B::bamba_fused() || p % 2 != 0 {
         return reference::ssd_out(y_diag, y_off, cs, x, d);
     }
-    let [b, l, h, p] = x.dims();
     let [_, nc, q, _, _] = y_diag.dims();
     let f32 = burn::tensor::DType::F32;
     let crop = |t: Tensor<B, 5>| {
