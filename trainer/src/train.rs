@@ -488,10 +488,10 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 &loader_state,
             )?];
             if let Some(shard) = shard {
-                files.push(format::write_file(
+                files.push(format::write_shard(
                     &tmp_w,
                     &format::shard_file(shard_rank),
-                    &format::encode_shard(&shard)?,
+                    &shard,
                 )?);
             }
             Ok((files, t.elapsed().as_secs_f64()))

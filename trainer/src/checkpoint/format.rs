@@ -88,13 +88,24 @@ pub const STATE_NAMES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 /// Writes `bytes` to `dir/name`, fsynced; returns its manifest entry. The
 /// sha256 is computed on another thread while the file is written.
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
+    write_parts(dir, name, &[bytes])
+}
+
+/// [`write_file`] of the concatenation of `parts`, without building it.
+pub fn write_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<FileEntry> {
     let path = dir.join(name);
     let (written, sha256) = std::thread::scope(|s| {
-        let hash = s.spawn(|| hex(&Sha256::digest(bytes)));
+        let hash = s.spawn(|| {
+            let mut h = Sha256::new();
+            parts.iter().for_each(|p| h.update(p));
+            hex(&h.finalize())
+        });
         let written = File::create(&path)
             .with_context(|| format!("creating {}", path.display()))
             .and_then(|mut f| {
-                f.write_all(bytes)
+                parts
+                    .iter()
+                    .try_for_each(|p| f.write_all(p))
                     .and_then(|_| f.sync_all())
                     .with_context(|| format!("writing {}", path.display()))
             });
@@ -103,7 +114,7 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
     written?;
     Ok(FileEntry {
         name: name.to_string(),
-        bytes: bytes.len() as u64,
+        bytes: parts.iter().map(|p| p.len() as u64).sum(),
         sha256,
     })
 }
@@ -116,9 +127,12 @@ pub fn loader_file(rank: usize) -> String {
     format!("loader_{rank}.json")
 }
 
-/// Serializes a shard's slices as safetensors (little-endian f32, copied
-/// once, into the file image).
-pub fn encode_shard(shard: &RankShard) -> Result<Vec<u8>> {
+/// A shard as the pieces of its safetensors file, in order: the length and
+/// header that `safetensors::serialize` writes (tensors by name, data
+/// offsets in that order), then each slice's little-endian f32 bytes,
+/// borrowed from the shard.
+fn shard_parts(shard: &RankShard) -> Result<(Vec<u8>, Vec<&[u8]>)> {
+    use safetensors::tensor::{Metadata, TensorInfo};
     let total: usize = shard.units.iter().map(|u| u.1).sum();
     if let Some(state) = shard.states.iter().find(|s| s.len() != total) {
         bail!(
@@ -126,22 +140,54 @@ pub fn encode_shard(shard: &RankShard) -> Result<Vec<u8>> {
             state.len()
         );
     }
-    let mut views = vec![];
+    let mut slices = vec![];
     let mut at = 0;
     for (unit, len) in &shard.units {
         for (kind, values) in STATE_NAMES.iter().zip(&shard.states) {
-            views.push((
-                format!("{unit}.{kind}"),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    vec![*len],
-                    le_bytes(&values[at..at + len]),
-                )?,
-            ));
+            slices.push((format!("{unit}.{kind}"), &values[at..at + len]));
         }
         at += len;
     }
-    Ok(safetensors::serialize(views, None)?)
+    slices.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut offset = 0;
+    let infos = slices
+        .iter()
+        .map(|(name, v)| {
+            let n = std::mem::size_of_val(*v);
+            offset += n;
+            let info = TensorInfo {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![v.len()],
+                data_offsets: (offset - n, offset),
+            };
+            (name.clone(), info)
+        })
+        .collect();
+    let mut header = serde_json::to_string(&Metadata::new(None, infos)?)?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut head = (header.len() as u64).to_le_bytes().to_vec();
+    head.extend(header);
+    Ok((head, slices.into_iter().map(|(_, v)| le_bytes(v)).collect()))
+}
+
+/// The shard's safetensors file image (tests and tools; training streams
+/// it with [`write_shard`]).
+pub fn encode_shard(shard: &RankShard) -> Result<Vec<u8>> {
+    let (head, data) = shard_parts(shard)?;
+    Ok([&head[..]]
+        .into_iter()
+        .chain(data)
+        .collect::<Vec<_>>()
+        .concat())
+}
+
+/// Writes the shard to `dir/name` as safetensors straight from its states
+/// (a file-sized image in memory would double a rank's host memory during
+/// a checkpoint: 58 GB per rank for Bamba-9B on two GPUs).
+pub fn write_shard(dir: &Path, name: &str, shard: &RankShard) -> Result<FileEntry> {
+    let (head, data) = shard_parts(shard)?;
+    let parts: Vec<&[u8]> = [&head[..]].into_iter().chain(data).collect();
+    write_parts(dir, name, &parts)
 }
 
 #[cfg(not(target_endian = "little"))]
@@ -274,4 +320,61 @@ fn hex(bytes: &[u8]) -> String {
 pub fn manifest_map(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
     let m: Manifest = read_json(&dir.join("manifest.json"))?;
     Ok(m.files.into_iter().map(|f| (f.name.clone(), f)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard() -> RankShard {
+        let v = |k: usize, n: usize| (0..n).map(|i| (k * 100 + i) as f32 * 0.5).collect();
+        // Names out of order, a unit sorting between another's states.
+        RankShard::from_units(vec![
+            ("layers.1".into(), [v(1, 3), v(2, 3), v(3, 3)]),
+            ("embed".into(), [v(4, 5), v(5, 5), v(6, 5)]),
+            ("layers.10".into(), [v(7, 1), v(8, 1), v(9, 1)]),
+        ])
+    }
+
+    /// The streamed file is byte for byte what `safetensors::serialize`
+    /// writes, and its manifest entry hashes those bytes.
+    #[test]
+    fn streamed_shard_equals_safetensors_serialize() {
+        let sh = shard();
+        let mut views = vec![];
+        let mut at = 0;
+        for (unit, len) in &sh.units {
+            for (kind, values) in STATE_NAMES.iter().zip(&sh.states) {
+                views.push((
+                    format!("{unit}.{kind}"),
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        vec![*len],
+                        le_bytes(&values[at..at + len]),
+                    )
+                    .unwrap(),
+                ));
+            }
+            at += len;
+        }
+        let want = safetensors::serialize(views, None).unwrap();
+        assert_eq!(encode_shard(&sh).unwrap(), want);
+
+        let dir = tempfile::tempdir().unwrap();
+        let entry = write_shard(dir.path(), "shard_0.safetensors", &sh).unwrap();
+        let got = std::fs::read(dir.path().join("shard_0.safetensors")).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(entry.bytes, want.len() as u64);
+        assert_eq!(entry.sha256, hex(&Sha256::digest(&want)));
+        let read = safetensors::SafeTensors::deserialize(&got).unwrap();
+        assert_eq!(read.tensor("embed.exp_avg").unwrap().shape(), &[5]);
+    }
+
+    #[test]
+    fn shard_with_short_state_is_refused() {
+        let mut sh = shard();
+        sh.states[1].pop();
+        let err = encode_shard(&sh).unwrap_err().to_string();
+        assert!(err.contains("a state holds 8 values, its units 9"), "{err}");
+    }
 }
