@@ -2533,26 +2533,28 @@ pub fn ssd_out_fwd(yd: T, yo: T, cs: T, x: T, d: T) -> T {
             let (mut r64, mut h32, mut p32) = (rows as i64, h as i32, p as i32);
             let mut params = kernel_args!(yd_p, yo_p, cs_p, x_p, d_p, y_p, r64, h32, p32);
             // SAFETY: the kernel's signature; y, yd, yo, x `[rows * p]`, cs `[rows]`, d `[h]`.
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    warp_rows_grid(rows),
-                    (256, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
+            unsafe { launch_warp_rows(device, f, rows, stream, &mut params) };
         },
     );
     drop((yd, yo, cs, x, d));
     y
 }
 
-/// Blocks of 8 warps, a warp per row (grid-stride past a few waves).
-fn warp_rows_grid(rows: usize) -> (u32, u32, u32) {
-    (rows.div_ceil(8).clamp(1, 132 * 64) as u32, 1, 1)
+/// Launches `f` with a warp per row: blocks of 8 warps, grid-stride past
+/// a few waves.
+///
+/// # Safety
+/// As [`launch`]: `params` match `f`'s signature.
+unsafe fn launch_warp_rows(
+    device: usize,
+    f: nvrtc::Kernel,
+    rows: usize,
+    stream: nvrtc::Stream,
+    params: &mut [*mut std::ffi::c_void],
+) {
+    let grid = (rows.div_ceil(8).clamp(1, 132 * 64) as u32, 1, 1);
+    // SAFETY: forwarded from the caller.
+    unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, params) }
 }
 
 /// `(dy_diag, dy_off, dcs, dx, dd)`: f32 except `dx` (`x`'s dtype).
@@ -2600,17 +2602,7 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
                     g_p, yo_p, cs_p, x_p, d_p, dyd_p, dyo_p, dcs_p, dx_p, dd_p, r64, h32, p32
                 );
                 // SAFETY: the kernel's signature; a warp per row, 8 rows per block.
-                unsafe {
-                    launch(
-                        device,
-                        f,
-                        warp_rows_grid(rows),
-                        (256, 1, 1),
-                        0,
-                        stream,
-                        &mut params,
-                    )
-                };
+                unsafe { launch_warp_rows(device, f, rows, stream, &mut params) };
             },
         );
         let sum = nvrtc::function(device, "ssd_out", &ssd_out_src(), "head_sum");

@@ -173,23 +173,19 @@ pub fn ssd_out<B: BambaBackend>(
     x: Tensor<B, 4>,
     d: Tensor<B, 1>,
 ) -> Tensor<B, 4> {
-    let [b, l, h, p] = x.dims();
+    let [_, l, _, p] = x.dims();
     // (The kernels read pairs: an odd head size takes the reference path.)
     if !B::bamba_fused() || p % 2 != 0 {
         return reference::ssd_out(y_diag, y_off, cs, x, d);
     }
-    let [_, nc, q, _, _] = y_diag.dims();
     let f32 = burn::tensor::DType::F32;
-    let crop = |t: Tensor<B, 5>| {
-        let t = t.cast(f32).reshape([b, nc * q, h, p]);
-        if nc * q > l { t.narrow(1, 0, l) } else { t }
-    };
-    let cs = cs.cast(f32).reshape([b, nc * q, h]);
-    let cs = if nc * q > l { cs.narrow(1, 0, l) } else { cs };
+    let rows = |t: Tensor<B, 5>| reference::unchunk::<B, 5, 4>(t.cast(f32), l);
     float(B::bamba_ssd_out(
-        crop(y_diag).into_primitive().tensor(),
-        crop(y_off).into_primitive().tensor(),
-        cs.into_primitive().tensor(),
+        rows(y_diag).into_primitive().tensor(),
+        rows(y_off).into_primitive().tensor(),
+        reference::unchunk::<B, 4, 3>(cs.cast(f32), l)
+            .into_primitive()
+            .tensor(),
         x.into_primitive().tensor(),
         d.into_primitive().tensor(),
     ))

@@ -220,9 +220,21 @@ pub fn ssd_out<B: BambaBackend>(
     x: Tensor<B, 4>,
     d: Tensor<B, 1>,
 ) -> Tensor<B, 4> {
-    let [b, l, h, p] = x.dims();
-    let [_, nc, q, _, _] = y_diag.dims();
-    let y = (y_diag.cast(DType::F32) + scale_rows(y_off, cs.exp())).reshape([b, nc * q, h, p]);
-    let y = if nc * q > l { y.narrow(1, 0, l) } else { y };
-    y.cast(x.dtype()) + scale_heads(x, d)
+    let y = y_diag.cast(DType::F32) + scale_rows(y_off, cs.exp());
+    unchunk(y, x.dims()[1]).cast(x.dtype()) + scale_heads(x, d)
+}
+
+/// `[b, nc, q, ..]` chunks as `[b, nc * q, ..]`, cropped to the first `l`
+/// steps (the scan pads the sequence to whole chunks).
+pub fn unchunk<B: BambaBackend, const D: usize, const D1: usize>(
+    t: Tensor<B, D>,
+    l: usize,
+) -> Tensor<B, D1> {
+    let s = t.dims();
+    let mut shape = [0; D1];
+    shape[0] = s[0];
+    shape[1] = s[1] * s[2];
+    shape[2..].copy_from_slice(&s[3..]);
+    let t = t.reshape(shape);
+    if shape[1] > l { t.narrow(1, 0, l) } else { t }
 }
