@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Summarise an ncu CSV of kernel times (`gpu__time_duration.sum`), e.g. of
+one decoder layer's forward and backward repeated by `bench --ops`:
+
+    ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+        --csv --page raw BIN bench --config C --ops --only mamba_layer > layer.csv
+    python3 scripts/dev/ncu_top.py layer.csv [--repeats 3] [--top 30] [--seq] [--base old.csv]
+
+Per kernel name: total us per repeat, launches per repeat. `--seq` lists one
+repeat's kernels in order (grid sizes tell the tensors apart); `--base`
+prints the change against an earlier CSV.
+"""
+import argparse
+import collections
+import csv
+import io
+
+
+def load(path):
+    text = open(path).read()
+    rows = list(csv.reader(io.StringIO(text[text.index('"ID"'):])))
+    head = rows[0]
+    name, time, grid = (head.index(c) for c in ("Kernel Name", "gpu__time_duration.sum", "Grid Size"))
+    out = []
+    for r in rows[1:]:
+        if len(r) <= time or not r[time]:
+            continue
+        try:  # the units row after the header has no number
+            ns = float(r[time].replace(",", ""))
+        except ValueError:
+            continue
+        out.append((r[name].split("(")[0].strip()[:70], ns / 1e3, r[grid]))
+    return out
+
+
+def by_name(kernels, repeats):
+    agg = collections.defaultdict(lambda: [0.0, 0])
+    for k, us, _ in kernels:
+        agg[k][0] += us / repeats
+        agg[k][1] += 1
+    return agg
+
+
+ap = argparse.ArgumentParser()
+ap.add_argument("path")
+ap.add_argument("--repeats", type=int, default=3, help="how many times the CSV repeats the work (bench --ops: 3)")
+ap.add_argument("--top", type=int, default=30)
+ap.add_argument("--seq", action="store_true", help="one repeat's kernels in launch order")
+ap.add_argument("--base", help="an earlier CSV of the same work, to compare against")
+a = ap.parse_args()
+
+ks = load(a.path)
+agg = by_name(ks, a.repeats)
+total = sum(us for us, _ in agg.values())
+print(f"{len(ks) // a.repeats} kernels, {total:.0f} us per repeat")
+if a.base:
+    base = by_name(load(a.base), a.repeats)
+    print(f"base: {sum(us for us, _ in base.values()):.0f} us per repeat")
+for k, (us, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[: a.top]:
+    line = f"{us:9.1f} us {n // a.repeats:4d}x  {k}"
+    if a.base:
+        line += f"   (base {base.get(k, [0.0])[0]:.1f})"
+    print(line)
+if a.base:
+    for k in sorted(set(base) - set(agg)):
+        print(f"gone: {base[k][0]:9.1f} us  {k}")
+if a.seq:
+    print()
+    for j, (k, us, grid) in enumerate(ks[: len(ks) // a.repeats]):
+        print(f"{j:4d} {us:8.1f} us  {k} {grid}")
