@@ -133,10 +133,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         compute: DType,
         device: &burn::tensor::Device<Inner<B>>,
     ) -> Self {
-        let decay = decay_masks(&layout, shard_rank, decays)
-            .into_iter()
-            .map(|m| flat(m, device))
-            .collect();
+        let decay = decay_masks(&layout, shard_rank, decays, device);
         let none = vec![None; layout.units.len()];
         Self {
             compute_copy: none.clone(),
@@ -342,19 +339,44 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     }
 }
 
-/// Per unit, this rank's 0/1 weight-decay mask (padding 0).
-fn decay_masks(layout: &Layout, shard_rank: usize, decays: &dyn Fn(&str) -> bool) -> Vec<Vec<f32>> {
+/// Per unit, this rank's 0/1 weight-decay mask (padding 0). Units laid out
+/// alike (every Mamba layer, every attention layer) share one tensor: the
+/// masks are only read, and one per unit would hold a full f32 copy of the
+/// shard (19.6 GB per rank for Bamba-9B on two GPUs).
+fn decay_masks<B: Backend>(
+    layout: &Layout,
+    shard_rank: usize,
+    decays: &dyn Fn(&str) -> bool,
+    device: &B::Device,
+) -> Vec<Tensor<B, 1>> {
+    let mut distinct: HashMap<MaskRuns, Tensor<B, 1>> = HashMap::new();
     layout
         .units
         .iter()
         .map(|unit| {
-            let mut mask = vec![0f32; unit.shard_len];
-            for (slot, _, to, n) in overlaps(unit, shard_rank * unit.shard_len, unit.shard_len) {
-                mask[to..to + n].fill(if decays(&slot.name) { 1.0 } else { 0.0 });
-            }
-            mask
+            distinct
+                .entry(mask_runs(unit, shard_rank, decays))
+                .or_insert_with_key(|(len, runs)| {
+                    let mut mask = vec![0f32; *len];
+                    for &(to, n, d) in runs {
+                        mask[to..to + n].fill(if d { 1.0 } else { 0.0 });
+                    }
+                    flat(mask, device)
+                })
+                .clone()
         })
         .collect()
+}
+
+/// A unit's decay mask on one rank: its length and the `(start, len,
+/// decays)` of each parameter slot in it (zeros elsewhere).
+type MaskRuns = (usize, Vec<(usize, usize, bool)>);
+
+fn mask_runs(unit: &Unit, shard_rank: usize, decays: &dyn Fn(&str) -> bool) -> MaskRuns {
+    let runs = overlaps(unit, shard_rank * unit.shard_len, unit.shard_len)
+        .map(|(slot, _, to, n)| (to, n, decays(&slot.name)))
+        .collect();
+    (unit.shard_len, runs)
 }
 
 fn flat<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -469,5 +491,43 @@ impl<B: BambaAutodiffBackend> ModuleVisitor<B> for CollectGrads<'_, B> {
             let n = g.shape().num_elements();
             self.out.insert(self.path.join("."), g.reshape([n]));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::adamw::AdamWConfig;
+    use bamba_model::BambaConfig;
+    use burn::backend::Flex;
+
+    /// Shared masks hold what each unit's own mask would, and the layers
+    /// share them: Bamba-9B on 2 ranks keeps a handful of masks, not 35.
+    #[test]
+    fn decay_masks_are_per_unit_exact_and_shared() {
+        let dev = Default::default();
+        let decays = |n: &str| AdamWConfig::default().decays(n);
+        let tiny = Layout::new(&BambaConfig::tiny(), 3);
+        for rank in 0..3 {
+            let masks = decay_masks::<Flex>(&tiny, rank, &decays, &dev);
+            for (unit, got) in tiny.units.iter().zip(masks) {
+                let mut want = vec![0f32; unit.shard_len];
+                for (slot, _, to, n) in overlaps(unit, rank * unit.shard_len, unit.shard_len) {
+                    want[to..to + n].fill(if decays(&slot.name) { 1.0 } else { 0.0 });
+                }
+                assert_eq!(
+                    got.into_data().to_vec::<f32>().unwrap(),
+                    want,
+                    "{}",
+                    unit.name
+                );
+            }
+        }
+        // Distinct patterns without building any mask: Bamba-9B's shard sizes.
+        let big = Layout::new(&BambaConfig::bamba_9b(), 2);
+        let distinct: std::collections::HashSet<_> =
+            big.units.iter().map(|u| mask_runs(u, 1, &decays)).collect();
+        assert!(big.units.len() >= 34, "{} units", big.units.len());
+        assert!(distinct.len() <= 6, "{} distinct masks", distinct.len());
     }
 }
