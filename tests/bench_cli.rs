@@ -157,6 +157,7 @@ fn bench_kernels_compares_every_piece() {
         "scale_rows",
         "ssd_diag",
         "ssd_states",
+        "ssd_out",
         "causal_softmax",
         "cross_entropy",
         "swiglu",
