@@ -79,7 +79,8 @@ pub fn run<B: BambaAutodiffBackend>(
         "tokens_per_step": tokens, "seq_len": t.cfg.data.seq_len,
         "precision": format!("{:?}", t.cfg.training.precision).to_lowercase(),
         "strategy": format!("{:?}", t.cfg.parallelism.strategy).to_lowercase(),
-        "cuda_memory": crate::cuda_memory::Preset::from_env().map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default()}),
+        "cuda_memory": crate::cuda_memory::Preset::from_env().map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default(),
+        "state_bytes_per_rank": t.state_bytes()}),
     );
     let mut peak_mem = 0u64;
     for i in 0..args.warmup {

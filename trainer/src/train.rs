@@ -278,6 +278,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         self.rt.world
     }
 
+    /// Bytes of training state this rank keeps between steps, by kind.
+    pub fn state_bytes(&self) -> crate::fsdp::StateBytes {
+        self.sharded.state_bytes(&|n: &str| self.opt.cfg.decays(n))
+    }
+
     pub fn is_rank0(&self) -> bool {
         self.rt.rank == 0
     }

@@ -332,11 +332,31 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         self.reduced.iter_mut().for_each(|g| *g = None);
     }
 
-    /// Bytes of parameters, gradients slices and optimizer state this rank keeps between steps.
-    pub fn resident_bytes(&self) -> usize {
-        // master + two moments, f32
-        3 * 4 * self.layout.shard_numel()
+    /// Bytes of state this rank keeps between steps, by kind: f32 master
+    /// weights, the two f32 AdamW moments, and the distinct weight-decay
+    /// masks (shared by units laid out alike).
+    pub fn state_bytes(&self, decays: &dyn Fn(&str) -> bool) -> StateBytes {
+        let shard = 4 * self.layout.shard_numel();
+        let distinct: std::collections::HashSet<MaskRuns> = self
+            .layout
+            .units
+            .iter()
+            .map(|u| mask_runs(u, self.shard_rank, decays))
+            .collect();
+        StateBytes {
+            master: shard,
+            moments: 2 * shard,
+            decay_masks: distinct.iter().map(|(len, _)| 4 * len).sum(),
+        }
     }
+}
+
+/// See [`Sharded::state_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StateBytes {
+    pub master: usize,
+    pub moments: usize,
+    pub decay_masks: usize,
 }
 
 /// Per unit, this rank's 0/1 weight-decay mask (padding 0). Units laid out
