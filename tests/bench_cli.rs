@@ -179,6 +179,7 @@ fn bench_kernels_compares_every_piece() {
         "cross_entropy",
         "swiglu",
         "pack_f32",
+        "sum_squares",
     ] {
         assert!(
             kernels.iter().any(|k| k.starts_with(want)),

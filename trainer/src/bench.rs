@@ -475,6 +475,26 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 "max_abs": max_abs, "rel": max_abs, "pass": pass})
         );
     }
+    // The gradient norm's sum of squares: against burn's own reduction, and
+    // the same bits on a second run (no float atomics).
+    for n in [1usize, 1000, 3_000_001]
+        .into_iter()
+        .filter(|_| wanted("sum_squares"))
+    {
+        let x = Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device).inner();
+        let run = || -> f32 { ops::sum_squares(x.clone()).into_scalar().elem() };
+        let (a, b) = (run(), run());
+        let want: f32 = x.clone().powf_scalar(2.0).sum().into_scalar().elem();
+        let rel = (a - want).abs() / want.abs().max(1e-30);
+        let pass = rel <= 1e-5 && a.to_bits() == b.to_bits();
+        ok &= pass;
+        println!(
+            "{}",
+            json!({"kernel": "sum_squares", "dtype": "F32", "value": format!("n={n}"),
+                "max_abs": (a - want).abs(), "rel": rel, "repeatable": a.to_bits() == b.to_bits(),
+                "pass": pass})
+        );
+    }
     // Slices of one tensor add their gradients into one buffer (in place):
     // against burn's own `narrow`, with overlapping slices and a use of the
     // whole tensor, in f32 and bf16.

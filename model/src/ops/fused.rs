@@ -77,22 +77,37 @@ extern "C" __global__ void adamw_step(
     }
 }
 
-// out[0] += sum(x^2) (out zeroed by the caller); blockDim.x == 256.
-extern "C" __global__ void sum_squares(const float* __restrict__ x, float* out, long long n) {
+// The sum of 256 threads' values, in a fixed order; thread 0 gets it.
+__device__ __forceinline__ float block_sum_256(float s) {
     __shared__ float warp_sums[8];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = s;
+    __syncthreads();
+    float t = 0.0f;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < 8; ++w) t += warp_sums[w];
+    return t;
+}
+
+// part[block] = this block's sum of x^2; blockDim.x == 256. With the grid
+// fixed by n, every partial sum is computed in the same order each run.
+extern "C" __global__ void sum_squares(const float* __restrict__ x, float* part, long long n) {
     float s = 0.0f;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         s += x[i] * x[i];
     }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.0f;
-        for (int w = 0; w < 8; ++w) t += warp_sums[w];
-        atomicAdd(out, t);
-    }
+    const float t = block_sum_256(s);
+    if (threadIdx.x == 0) part[blockIdx.x] = t;
+}
+
+// out[0] = sum of part[0..parts], in a fixed order (one block of 256): the
+// gradient norm, and so clipping, is the same bit for bit on every run.
+extern "C" __global__ void sum_parts(const float* __restrict__ part, float* out, int parts) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) s += part[i];
+    const float t = block_sum_256(s);
+    if (threadIdx.x == 0) out[0] = t;
 }
 "#;
 
@@ -100,24 +115,30 @@ extern "C" __global__ void sum_squares(const float* __restrict__ x, float* out, 
 pub fn sum_squares(x: T) -> T {
     let x = f32_contiguous(x, "sum_squares input");
     let n = x.meta.shape().num_elements();
-    let out = burn_cubecl::ops::numeric::zeros_client(
-        x.client.clone(),
-        x.device.clone(),
-        [1].into(),
-        DType::F32,
-    );
     if n == 0 {
-        return out;
+        return zeros_f32(&x, vec![1]);
     }
+    // Block partial sums, then their sum in order: no float atomics, so
+    // the result does not depend on which block finishes first.
+    let grid = grid_for(n, 256);
+    let part = empty(&x, vec![grid.0 as usize], DType::F32);
+    let out = empty(&x, vec![1], DType::F32);
     let device = x.device.index;
     let f = nvrtc::function(device, "adamw", &adamw_src(), "sum_squares");
-    enqueue([&out, &x], move |[mut o_p, mut x_p], stream| {
-        let mut n64 = n as i64;
-        let mut params = kernel_args!(x_p, o_p, n64);
-        // SAFETY: the kernel's signature; `x` holds `n` f32, `out` one.
-        unsafe { launch_flat(device, f, n, stream, &mut params) };
-    });
-    drop(x);
+    let g = nvrtc::function(device, "adamw", &adamw_src(), "sum_parts");
+    enqueue(
+        [&out, &part, &x],
+        move |[mut o_p, mut part_p, mut x_p], stream| {
+            let (mut n64, mut parts) = (n as i64, grid.0 as i32);
+            let mut params = kernel_args!(x_p, part_p, n64);
+            // SAFETY: the kernel's signature; `x` holds `n` f32, `part` one per block.
+            unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            let mut params = kernel_args!(part_p, o_p, parts);
+            // SAFETY: the kernel's signature; one block; `out` holds one f32.
+            unsafe { launch(device, g, (1, 1, 1), (256, 1, 1), 0, stream, &mut params) };
+        },
+    );
+    drop((x, part));
     out
 }
 
