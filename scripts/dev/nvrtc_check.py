@@ -7,7 +7,7 @@ import ctypes, re, sys, pathlib
 lib = ctypes.CDLL(sys.argv[1] if len(sys.argv) > 1 else "libnvrtc.so.13")
 root = pathlib.Path(__file__).resolve().parents[2]
 srcs = {}
-for f in (root / "model/src/ops").glob("*.rs"):
+for f in (root / "model/src/ops").rglob("*.rs"):
     text = f.read_text()
     for name, body in re.findall(r'const (\w+): &str = r#"(.*?)"#;', text, re.S):
         srcs[name] = body

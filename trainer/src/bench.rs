@@ -848,6 +848,9 @@ pub fn kernels<B: BambaAutodiffBackend>(
             (2, 37, 4, 8, true),
             (1, 4096, 64, 64, true),
             (2, 50, 3, 5, false),
+            // The vectorised norm's other widths: 2048 and 8192 (Bamba-9B's gated norm).
+            (2, 256, 32, 64, false),
+            (1, 1024, 128, 64, true),
         ]
         .into_iter()
         .filter(|s| large || s.1 < 1000)
@@ -882,6 +885,51 @@ pub fn kernels<B: BambaAutodiffBackend>(
                     }),
                     Box::new(move |x| {
                         reference::conv1d_silu(x[0].clone().reshape([b, l, c]), w(x), bs(x))
+                            .reshape([b * l * c])
+                    }),
+                );
+            }
+            // Column slices of a wider tensor, as the Mamba mixer's `in_proj`
+            // splits arrive: read in place with a row stride (the start is
+            // aligned, the width is not), gradients through the shared buffer.
+            if gated && large {
+                let (pad, wide) = (128, d + 3 + 128 + 5);
+                let cut = move |x: &Inputs<B>, ours: bool, n: usize| {
+                    let t = x[0].clone().reshape([b, l, wide]);
+                    if ours {
+                        ops::narrow(t, 2, pad, n)
+                    } else {
+                        t.narrow(2, pad, n)
+                    }
+                };
+                check(
+                    &format!("rms_norm_gated_z_slice_{b}x{l}x{d}"),
+                    dtype,
+                    &[vec![b, l, wide], vec![b, l, d], vec![d]],
+                    Box::new(move |x| {
+                        let y = x[1].clone().reshape([b, l, d]);
+                        ops::rms_norm(y, Some(cut(x, true, d)), x[2].clone(), 1e-5)
+                            .reshape([b * l * d])
+                    }),
+                    Box::new(move |x| {
+                        let y = x[1].clone().reshape([b, l, d]);
+                        reference::rms_norm(y, Some(cut(x, false, d)), x[2].clone(), 1e-5)
+                            .reshape([b * l * d])
+                    }),
+                );
+                let (c, k) = (d + 3, 4);
+                check(
+                    &format!("conv1d_silu_x_slice_{b}x{l}x{c}"),
+                    dtype,
+                    &[vec![b, l, wide], vec![c * k], vec![c]],
+                    Box::new(move |x| {
+                        let w = x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
+                        ops::conv1d_silu(cut(x, true, c), w, Some(x[2].clone()))
+                            .reshape([b * l * c])
+                    }),
+                    Box::new(move |x| {
+                        let w = x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
+                        reference::conv1d_silu(cut(x, false, c), w, Some(x[2].clone()))
                             .reshape([b * l * c])
                     }),
                 );

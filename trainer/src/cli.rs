@@ -148,7 +148,6 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
     if let Some(n) = args.nproc_per_node {
         return launch_local(n);
     }
-    let path = args.config.as_ref().context("bench needs --config")?;
     let mut sets = args.set.clone();
     // Benchmarks never read or write checkpoints.
     sets.extend([
@@ -156,7 +155,14 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         "checkpoint.every_steps=0".into(),
         "checkpoint.save_final=false".into(),
     ]);
-    let cfg = load_config(path, &sets)?;
+    let cfg = match &args.config {
+        Some(path) => load_config(path, &sets)?,
+        None => parse_config(TINY_YAML, &sets).context("the embedded configs/tiny.yaml")?,
+    };
+    if args.print_config {
+        print!("{}", serde_norway::to_string(&cfg)?);
+        return Ok(0);
+    }
     let local_rank = crate::dist::DistEnv::from_env()
         .map(|e| e.local_rank)
         .unwrap_or(0);

@@ -122,6 +122,23 @@ impl<B: BambaBackend> Backward<B, 3> for Conv1dSilu {
     }
 }
 
+/// `grad_seed(y, dy)`: the parent's gradient is `dy` itself.
+#[derive(Debug)]
+struct GradSeed;
+
+impl<B: BambaBackend> Backward<B, 1> for GradSeed {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        // The upstream gradient is the seed's own (ones): dy replaces it.
+        let _ = grads.consume::<B>(&ops.node);
+        let [py] = ops.parents;
+        if let Some(n) = py {
+            grads.register::<B>(n.id, ops.state);
+        }
+    }
+}
+
 /// Fused `dt`; parents `raw`, `bias`.
 #[derive(Debug)]
 struct DtSoftplus;
@@ -544,17 +561,29 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         len: usize,
     ) -> FloatTensor<Self> {
         let shape = t.shape();
-        let slices = super::narrow_slices(&shape, dim, start, len);
         match Narrow::<C>(std::marker::PhantomData)
             .prepare::<C>([t.node.clone()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let out = B::float_slice(t.primitive, &slices);
+                let out = B::bamba_narrow(t.primitive, dim, start, len);
                 prep.finish((dim, start, shape), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::float_slice(t.primitive, &slices)),
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_narrow(t.primitive, dim, start, len)),
+        }
+    }
+
+    fn bamba_grad_seed(y: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        assert_eq!(y.shape(), dy.shape(), "grad_seed: dy must have y's shape");
+        let zero = B::float_zeros([1].into(), &B::float_device(&y.primitive), y.dtype().into());
+        match GradSeed
+            .prepare::<C>([y.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(dy.primitive, zero),
+            OpsKind::UnTracked(prep) => prep.finish(zero),
         }
     }
 
@@ -714,5 +743,32 @@ mod tests {
             wa.into_data().to_vec().unwrap(),
             wb.into_data().to_vec().unwrap(),
         );
+    }
+
+    /// `grad_seed(y, dy).backward()` gives the gradients of
+    /// `sum(y * dy).backward()`, through a graph with a shared input.
+    #[test]
+    fn grad_seed_backpropagates_dy() {
+        let dev = Default::default();
+        let x0 = Tensor::<Flex, 2>::random([4, 6], Distribution::Normal(0.0, 1.0), &dev);
+        let w0 = Tensor::<Flex, 2>::random([6, 3], Distribution::Normal(0.0, 1.0), &dev);
+        let g0 = Tensor::<Flex, 2>::random([4, 3], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |seed: bool| {
+            let x = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
+            let w = Tensor::<B, 2>::from_inner(w0.clone()).require_grad();
+            let y = crate::ops::matmul(x.clone().tanh(), w.clone()) + x.clone().narrow(1, 0, 3);
+            let dy = Tensor::from_inner(g0.clone());
+            let grads = if seed {
+                crate::ops::grad_seed(y, dy).backward()
+            } else {
+                (y * dy).sum().backward()
+            };
+            let v = |t: Tensor<Flex, 2>| t.into_data().to_vec::<f32>().unwrap();
+            (v(x.grad(&grads).unwrap()), v(w.grad(&grads).unwrap()))
+        };
+        let ((xa, wa), (xb, wb)) = (run(true), run(false));
+        for (a, b) in xa.iter().chain(&wa).zip(xb.iter().chain(&wb)) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
     }
 }

@@ -62,6 +62,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::zeros(shape, device, dtype)
     }
 
+    fn bamba_narrow(t: T, dim: usize, start: usize, len: usize) -> T {
+        super::fused::narrow_view(t, dim, start, len)
+    }
+
     fn bamba_add_narrow(full: T, part: T, dim: usize, start: usize) -> T {
         super::fused::add_narrow(full, part, dim, start)
     }

@@ -10,6 +10,9 @@ use super::AdamWHyper;
 use super::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch, launch_flat};
 use crate::kernel_args;
 
+mod norm;
+pub use norm::{rms_norm_bwd, rms_norm_fwd};
+
 /// The CUDA backend type, for burn's own ops on the kernels' tensors (the
 /// tensor type does not depend on its element parameters).
 type Cb = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
@@ -440,147 +443,91 @@ pub fn adamw(
     ([po, mo, vo], lp)
 }
 
-/// RMSNorm, optionally gated (Mamba2's `w * rmsnorm(x * silu(z))`), one
-/// block per row: statistics in f32, the normalised row rounded to the
-/// input dtype before the weight multiplies it (HF's order), `rstd` kept
-/// for backward. Backward recomputes the row from `x`, `z` and `rstd`,
-/// and writes per-block partial weight gradients (summed after).
-const NORM: &str = r#"
-
-__device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    float s = 0.0f;
-    const int warps = blockDim.x >> 5;
-    for (int w = 0; w < warps; ++w) s += shared[w];
-    return s;
-}
-
-template <typename T, typename W>
-__device__ void norm_fwd(const T* x, const T* z, const W* w, T* out, float* rstd,
-                         long long rows, int d, float eps) {
-    __shared__ float shared[32];
-    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* xr = x + r * d;
-        const T* zr = z ? z + r * d : nullptr;
-        float ss = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            float g = ld(xr, c);
-            if (zr) { float zv = ld(zr, c); g *= zv * sigmoidf(zv); }
-            ss += g * g;
-        }
-        const float rs = rsqrtf(block_sum(ss, shared) / d + eps);
-        if (threadIdx.x == 0) rstd[r] = rs;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            float g = ld(xr, c);
-            if (zr) { float zv = ld(zr, c); g *= zv * sigmoidf(zv); }
-            const float n = rnd(g * rs, T());
-            st(out + r * d, c, n * ld(w, c));
-        }
-    }
-}
-
-// dx (and dz) of a row: one block per row, as the forward.
-template <typename T, typename W>
-__device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, const float* rstd,
-                         T* dx, T* dz, long long rows, int d) {
-    __shared__ float shared[32];
-    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-        const long long o = r * d;
-        const float rs = rstd[r];
-        float dot = 0.0f;  // sum(dn * g)
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            float g = ld(x + o, c);
-            if (z) { float zv = ld(z + o, c); g *= zv * sigmoidf(zv); }
-            dot += ld(dout + o, c) * ld(w, c) * g;
-        }
-        const float m = block_sum(dot, shared) * rs * rs / d;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            const float xv = ld(x + o, c);
-            float g = xv, s = 1.0f, zv = 0.0f, sg = 0.0f;
-            if (z) { zv = ld(z + o, c); sg = sigmoidf(zv); s = zv * sg; g = xv * s; }
-            const float dn = ld(dout + o, c) * ld(w, c);
-            const float dg = rs * (dn - g * m);
-            if (z) {
-                st(dx + o, c, dg * s);
-                st(dz + o, c, dg * xv * sg * (1.0f + zv * (1.0f - sg)));
-            } else {
-                st(dx + o, c, dg);
-            }
-        }
-    }
-}
-
-// Weight-gradient partials: grid (ceil(d / blockDim.x), chunks); block y sums
-// rows [y * per, (y + 1) * per) of dout * n for its columns into dw_part[y, c].
-template <typename T>
-__device__ void norm_dw(const T* dout, const T* x, const T* z, const float* rstd,
-                        float* dw_part, long long rows, int d, int per) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= d) return;
-    const long long r0 = (long long)blockIdx.y * per;
-    const long long r1 = min(r0 + per, rows);
-    float acc = 0.0f;
-    for (long long r = r0; r < r1; ++r) {
-        const long long o = r * d;
-        float g = ld(x + o, c);
-        if (z) { float zv = ld(z + o, c); g *= zv * sigmoidf(zv); }
-        acc += ld(dout + o, c) * rnd(g * rstd[r], T());
-    }
-    dw_part[(long long)blockIdx.y * d + c] = acc;
-}
-
-// out[c] = sum over rows of part[r, c] (part [rows, d] f32), one thread per column.
-extern "C" __global__ void colsum(const float* part, float* out, int rows, int d) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= d) return;
-    float s = 0.0f;
-    for (int r = 0; r < rows; ++r) s += part[(long long)r * d + c];
-    out[c] = s;
-}
-
-#define NORM_KERNELS(SUF, T, W)                                                              \
-extern "C" __global__ void norm_fwd_##SUF(const T* x, const T* z, const W* w, T* out,        \
-                                          float* rstd, long long rows, int d, float eps) {    \
-    norm_fwd<T, W>(x, z, w, out, rstd, rows, d, eps);                                         \
-}                                                                                             \
-extern "C" __global__ void norm_bwd_##SUF(const T* dout, const T* x, const T* z, const W* w,  \
-                                          const float* rstd, T* dx, T* dz, long long rows,    \
-                                          int d) {                                            \
-    norm_bwd<T, W>(dout, x, z, w, rstd, dx, dz, rows, d);                                     \
-}                                                                                             \
-extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z,               \
-                                         const float* rstd, float* dw_part, long long rows,   \
-                                         int d, int per) {                                    \
-    norm_dw<T>(dout, x, z, rstd, dw_part, rows, d, per);                                      \
-}
-NORM_KERNELS(f32, float, float)
-NORM_KERNELS(bf16, bf16_t, bf16_t)
-"#;
-
-const NORM_THREADS: u32 = 256;
-/// Rows summed per weight-gradient partial.
-const NORM_DW_ROWS: usize = 64;
-
-fn norm_src() -> String {
-    format!("{}{}", nvrtc::PRELUDE, NORM)
-}
-
-fn suffix(dtype: DType) -> &'static str {
+pub(super) fn suffix(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
-        other => panic!("fused RMSNorm: unsupported dtype {other:?}"),
+        other => panic!("fused kernels: unsupported dtype {other:?}"),
     }
 }
 
-fn norm_grid(rows: usize) -> (u32, u32, u32) {
+/// `t.narrow(dim, start, len)` of the last dim as a view where it can be
+/// one: the same buffer and strides from a later start (which cubecl needs
+/// aligned). burn's own slice copies unless the buffer's end moves by an
+/// aligned amount too, which for the Mamba `in_proj` splits it never does;
+/// the kernels that read them take a row stride instead (see [`rows_of`]).
+pub fn narrow_view(t: T, dim: usize, start: usize, len: usize) -> T {
+    let shape = t.meta.shape().to_vec();
+    let rank = shape.len();
+    let leading: usize = shape[..rank - 1].iter().product();
+    let offset = (start * t.meta.strides()[dim] * t.dtype.size()) as u64;
+    let align = t.client.properties().memory.alignment;
+    // A single row would look contiguous to burn over a longer buffer: keep
+    // those (and every other case) to burn's slice.
+    if dim + 1 == rank && t.meta.strides()[dim] == 1 && leading > 1 && offset % align == 0 {
+        if len == shape[dim] {
+            return t;
+        }
+        let mut meta = (*t.meta).clone();
+        meta.shape_mut()[dim] = len;
+        return burn_cubecl::tensor::CubeTensor::new(
+            t.client.clone(),
+            t.handle.clone().offset_start(offset),
+            meta,
+            t.device.clone(),
+            t.dtype,
+        );
+    }
+    let ranges: Vec<_> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| if i == dim { start..start + len } else { 0..n })
+        .collect();
+    burn_cubecl::kernel::slice(t, &ranges)
+}
+
+/// The row stride of `t` read as `[rows, d]` (unit column stride, leading
+/// dims collapsing to evenly spaced rows), or `None` if it is not such a
+/// view. Padded allocations and [`narrow_view`]s are.
+pub(super) fn rows_of(t: &T) -> Option<usize> {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    let rank = shape.len();
+    if rank < 2 {
+        return (rank == 1 && (strides[0] == 1 || shape[0] <= 1))
+            .then_some(shape.first().copied().unwrap_or(0));
+    }
+    if strides[rank - 1] != 1 && shape[rank - 1] > 1 {
+        return None;
+    }
+    let ld = strides[rank - 2];
+    if ld < shape[rank - 1] {
+        return None;
+    }
+    let even = (0..rank - 2).all(|i| shape[i] <= 1 || strides[i] == strides[i + 1] * shape[i + 1]);
+    even.then_some(ld)
+}
+
+/// `t` with rows `ld` apart (its own stride where it has one, else a
+/// contiguous copy), and `ld`.
+pub(super) fn with_rows(t: T) -> (T, usize) {
+    match rows_of(&t) {
+        Some(ld) => (t, ld),
+        None => {
+            let t = into_contiguous(t);
+            let d = t.meta.shape().last().copied().unwrap_or(1);
+            (t, d)
+        }
+    }
+}
+
+/// Whether `t`'s first element is 16-byte aligned (cubecl's buffers are;
+/// a view may start inside one).
+pub(super) fn aligned16(t: &T) -> bool {
+    t.handle.offset_start.unwrap_or(0) % 16 == 0
+}
+
+/// One block per row, at most 8 per SM of a 132-SM GPU (grid-stride beyond).
+pub(super) fn norm_grid(rows: usize) -> (u32, u32, u32) {
     (rows.clamp(1, 132 * 8) as u32, 1, 1)
 }
 
@@ -600,156 +547,13 @@ pub fn zeros(shape: burn::tensor::Shape, device: &cubecl_cuda::CudaDevice, dtype
     out
 }
 
-fn empty(like: &T, shape: Vec<usize>, dtype: DType) -> T {
+pub(super) fn empty(like: &T, shape: Vec<usize>, dtype: DType) -> T {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         shape.into(),
         dtype,
     )
-}
-
-/// Forward: `(out, rstd)`; `x`, `z` `[.., d]` of one dtype, `w` `[d]` of the same.
-pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
-    let shape = x.meta.shape().to_vec();
-    let d = *shape.last().expect("a norm over the last dim");
-    let rows = shape.iter().product::<usize>() / d.max(1);
-    let dtype = x.dtype;
-    assert!(
-        z.as_ref().is_none_or(|z| z.dtype == dtype) && w.dtype == dtype,
-        "fused RMSNorm: mixed dtypes"
-    );
-    let (x, w) = (into_contiguous(x), into_contiguous(w));
-    let z = z.map(into_contiguous);
-    let out = empty(&x, shape, dtype);
-    let rstd = empty(&x, vec![rows], DType::F32);
-    if rows == 0 || d == 0 {
-        return (out, rstd);
-    }
-    let device = x.device.index;
-    let f = nvrtc::function(
-        device,
-        "norm",
-        &norm_src(),
-        &format!("norm_fwd_{}", suffix(dtype)),
-    );
-    enqueue_opt(
-        [Some(&out), Some(&x), Some(&w), Some(&rstd), z.as_ref()],
-        move |[mut out_p, mut x_p, mut w_p, mut r_p, mut z_p], stream| {
-            let (mut rows64, mut d32, mut eps32) = (rows as i64, d as i32, eps as f32);
-            let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32);
-            // SAFETY: the kernel's signature; buffers of `rows * d` (`d` for w, `rows` for rstd).
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    norm_grid(rows),
-                    (NORM_THREADS, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
-        },
-    );
-    drop((x, z, w));
-    (out, rstd)
-}
-
-/// Backward: `(dx, dz, dw)` (dz when gated; dw in f32, `[d]`, before the
-/// cast to `w`'s dtype the caller does).
-pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>, T) {
-    let shape = x.meta.shape().to_vec();
-    let d = *shape.last().expect("a norm over the last dim");
-    let rows = shape.iter().product::<usize>() / d.max(1);
-    let dtype = x.dtype;
-    let dout = into_contiguous(if dout.dtype == dtype {
-        dout
-    } else {
-        burn_cubecl::kernel::cast(dout, dtype)
-    });
-    let (x, w, rstd) = (
-        into_contiguous(x),
-        into_contiguous(w),
-        into_contiguous(rstd),
-    );
-    let z = z.map(into_contiguous);
-    let dx = empty(&x, shape.clone(), dtype);
-    let dz = z.as_ref().map(|_| empty(&x, shape, dtype));
-    // Weight gradient: row chunks of `NORM_DW_ROWS`, one partial row each, then summed.
-    let chunks = rows.div_ceil(NORM_DW_ROWS).max(1);
-    let dw_part = empty(&x, vec![chunks, d], DType::F32);
-    // Every column is written by `colsum` (zeros when there are no rows).
-    let dw = if rows > 0 {
-        empty(&x, vec![d], DType::F32)
-    } else {
-        zeros_f32(&x, vec![d])
-    };
-    if rows > 0 && d > 0 {
-        let device = x.device.index;
-        let src = norm_src();
-        let sfx = suffix(dtype);
-        let f = nvrtc::function(device, "norm", &src, &format!("norm_bwd_{sfx}"));
-        let f_dw = nvrtc::function(device, "norm", &src, &format!("norm_dw_{sfx}"));
-        let f_sum = nvrtc::function(device, "norm", &src, "colsum");
-        enqueue_opt(
-            [
-                Some(&dx),
-                Some(&dout),
-                Some(&x),
-                Some(&w),
-                Some(&rstd),
-                z.as_ref(),
-                dz.as_ref(),
-                Some(&dw_part),
-                Some(&dw),
-            ],
-            move |[
-                mut dx_p,
-                mut dy_p,
-                mut x_p,
-                mut w_p,
-                mut r_p,
-                mut z_p,
-                mut dz_p,
-                mut part_p,
-                mut dw_p,
-            ],
-                  stream| {
-                let (mut rows64, mut d32) = (rows as i64, d as i32);
-                let (mut per, mut parts) = (NORM_DW_ROWS as i32, chunks as i32);
-                let mut p1 = kernel_args!(dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, rows64, d32);
-                let mut p2 = kernel_args!(dy_p, x_p, z_p, r_p, part_p, rows64, d32, per);
-                let mut p3 = kernel_args!(part_p, dw_p, parts, d32);
-                let cols = d.div_ceil(256) as u32;
-                // SAFETY: the kernels' signatures; `[rows, d]` tensors, `dw_part`
-                // `[chunks, d]`, `dw` `[d]`.
-                unsafe {
-                    launch(
-                        device,
-                        f,
-                        norm_grid(rows),
-                        (NORM_THREADS, 1, 1),
-                        0,
-                        stream,
-                        &mut p1,
-                    );
-                    launch(
-                        device,
-                        f_dw,
-                        (cols, chunks as u32, 1),
-                        (256, 1, 1),
-                        0,
-                        stream,
-                        &mut p2,
-                    );
-                    launch(device, f_sum, (cols, 1, 1), (256, 1, 1), 0, stream, &mut p3);
-                }
-            },
-        );
-    }
-    drop((dout, x, z, w, rstd, dw_part));
-    (dx, dz, dw)
 }
 
 /// Mamba2's causal depthwise conv with SiLU, `[b, l, c]`, weight `[c, 1, k]`:
@@ -760,96 +564,122 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
 /// before SiLU, recomputed from `x`) stays in registers for `dx`, and each
 /// run's weight and bias gradient sums are added after in a fixed order.
 const CONV: &str = r#"
-#define KMAX 8
 
 // Each thread walks one channel over a run of `steps` time steps, keeping
 // the last k inputs in registers: every input is read once (coalesced
-// across the channels of a warp), not k times.
+// across the channels of a warp), not k times. The loads of PF steps are
+// issued together before their outputs are computed, so a thread keeps PF
+// loads in flight rather than one.
+// x's rows are `ldx` apart (a column slice of a wider tensor reads in place).
 // grid (ceil(c / blockDim.x), ceil(l / steps), b)
-template <typename T>
-__device__ void conv_fwd(const T* x, const T* w, const T* bias, T* y, int l, int c, int k, int steps) {
+#define PF 8
+template <typename T, int K>
+__device__ void conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ bias, T* __restrict__ y, int l, int c,
+                         long long ldx, int steps) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
     const long long base = (long long)blockIdx.z * l;
     const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
-    float wv[KMAX], xw[KMAX];
+    float wv[K], xw[K];
 #pragma unroll
-    for (int j = 0; j < KMAX; ++j) {
-        wv[j] = j < k ? ld(w, (long long)ch * k + j) : 0.0f;
-        // xw[j] = x[t - (k-1) + j] for the first t; the last slot is filled in the loop.
-        const int tt = t0 - (k - 1) + j;
-        xw[j] = (j < k - 1 && tt >= 0) ? ld(x, (base + tt) * c + ch) : 0.0f;
+    for (int j = 0; j < K; ++j) {
+        wv[j] = ld(w, (long long)ch * K + j);
+        // xw[j] = x[t - (K-1) + j] for the first t; the last slot is filled in the loop.
+        const int tt = t0 - (K - 1) + j;
+        xw[j] = (j < K - 1 && tt >= 0) ? ld(x, (base + tt) * ldx + ch) : 0.0f;
     }
     const float bv = bias ? ld(bias, ch) : 0.0f;
-    for (int t = t0; t < t1; ++t) {
-        const long long i = (base + t) * c + ch;
-        float u = bv;
+    for (int tb = t0; tb < t1; tb += PF) {
+        float xs[PF];
 #pragma unroll
-        for (int j = 0; j < KMAX; ++j) {
-            if (j == k - 1) xw[j] = ld(x, i);
-            if (j < k) u += wv[j] * xw[j];
+        for (int s = 0; s < PF; ++s) xs[s] = tb + s < t1 ? ld(x, (base + tb + s) * ldx + ch) : 0.0f;
+#pragma unroll
+        for (int s = 0; s < PF; ++s) {
+            if (tb + s < t1) {
+                float u = bv;
+#pragma unroll
+                for (int j = 0; j < K; ++j) {
+                    if (j == K - 1) xw[j] = xs[s];
+                    u += wv[j] * xw[j];
+                }
+                u = rnd(u, T());
+                st(y, (base + tb + s) * c + ch, u / (1.0f + __expf(-u)));
+#pragma unroll
+                for (int j = 0; j + 1 < K; ++j) xw[j] = xw[j + 1];
+            }
         }
-        u = rnd(u, T());
-        st(y, i, u / (1.0f + __expf(-u)));
-#pragma unroll
-        for (int j = 0; j + 1 < KMAX; ++j) xw[j] = xw[j + 1];
     }
 }
 
 // Backward in one pass, walking a run of steps downwards: du = dy * silu'(u)
-// (u recomputed from x), dx[t] = sum_j w[j] du[t + (k-1) - j] from the last
-// k du in registers (the run first computes the k-1 du above its end), and
-// per-run weight and bias gradient sums written to `dwp [runs, c, k]`,
-// `dbp [runs, c]` (summed after in a fixed order: deterministic).
+// (u recomputed from x), dx[t] = sum_j w[j] du[t + (K-1) - j] from the last
+// K du in registers (the run first computes the K-1 du above its end), and
+// per-run weight and bias gradient sums written to `dwp [runs, c, K]`,
+// `dbp [runs, c]` (summed after in a fixed order: deterministic). Loads
+// are issued PF steps at a time, as in the forward.
 // grid (ceil(c / blockDim.x), ceil(l / steps), b)
-template <typename T>
-__device__ void conv_bwd(const T* x, const T* w, const T* bias, const T* dy, T* dx,
-                         float* dwp, float* dbp, int l, int c, int k, int steps) {
+template <typename T, int K>
+__device__ void conv_bwd(const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ bias, const T* __restrict__ dy,
+                         T* __restrict__ dx, float* __restrict__ dwp, float* __restrict__ dbp,
+                         int l, int c, long long ldx, int steps) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
     const long long base = (long long)blockIdx.z * l;
     const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
     const long long run = (long long)blockIdx.z * gridDim.y + blockIdx.y;
-    float wv[KMAX], xw[KMAX], dus[KMAX], acc[KMAX];
-    const int top = min(t1 + k - 1, l) - 1;  // the highest step whose du we need
+    float wv[K], xw[K], dus[K], acc[K];
+    const int top = min(t1 + K - 1, l) - 1;  // the highest step whose du we need
 #pragma unroll
-    for (int j = 0; j < KMAX; ++j) {
-        wv[j] = j < k ? ld(w, (long long)ch * k + j) : 0.0f;
+    for (int j = 0; j < K; ++j) {
+        wv[j] = ld(w, (long long)ch * K + j);
         acc[j] = 0.0f;
         dus[j] = 0.0f;  // du[t + j]; zero past the end
-        // xw[j] = x[top - (k-1) + j]; slot 0 is filled in the loop.
-        const int tt = top - (k - 1) + j;
-        xw[j] = (j >= 1 && j < k && tt >= 0) ? ld(x, (base + tt) * c + ch) : 0.0f;
+        // xw[j] = x[top - (K-1) + j]; slot 0 is filled in the loop.
+        const int tt = top - (K - 1) + j;
+        xw[j] = (j >= 1 && j < K && tt >= 0) ? ld(x, (base + tt) * ldx + ch) : 0.0f;
     }
     const float bv = bias ? ld(bias, ch) : 0.0f;
     float accb = 0.0f;
-    for (int t = top; t >= t0; --t) {
-        const long long i = (base + t) * c + ch;
-        const int first = t - (k - 1);
-        xw[0] = first >= 0 ? ld(x, (base + first) * c + ch) : 0.0f;
-        float u = bv;
+    for (int tb = top; tb >= t0; tb -= PF) {
+        float xs[PF], dys[PF];
 #pragma unroll
-        for (int j = 0; j < KMAX; ++j) if (j < k) u += wv[j] * xw[j];
-        u = rnd(u, T());
-        const float sg = 1.0f / (1.0f + __expf(-u));
-        const float d = ld(dy, i) * sg * (1.0f + u * (1.0f - sg));
-#pragma unroll
-        for (int j = KMAX - 1; j > 0; --j) dus[j] = dus[j - 1];
-        dus[0] = d;
-        if (t < t1) {
-            float s = 0.0f;
-#pragma unroll
-            for (int j = 0; j < KMAX; ++j) if (j < k) s += wv[j] * dus[(k - 1) - j];
-            st(dx, i, s);
-#pragma unroll
-            for (int j = 0; j < KMAX; ++j) acc[j] += d * xw[j];
-            accb += d;
+        for (int s = 0; s < PF; ++s) {
+            const int t = tb - s, first = t - (K - 1);
+            xs[s] = (t >= t0 && first >= 0) ? ld(x, (base + first) * ldx + ch) : 0.0f;
+            dys[s] = t >= t0 ? ld(dy, (base + t) * c + ch) : 0.0f;
         }
 #pragma unroll
-        for (int j = KMAX - 1; j > 0; --j) xw[j] = xw[j - 1];
+        for (int s = 0; s < PF; ++s) {
+            const int t = tb - s;
+            if (t >= t0) {
+                xw[0] = xs[s];
+                float u = bv;
+#pragma unroll
+                for (int j = 0; j < K; ++j) u += wv[j] * xw[j];
+                u = rnd(u, T());
+                const float sg = 1.0f / (1.0f + __expf(-u));
+                const float d = dys[s] * sg * (1.0f + u * (1.0f - sg));
+#pragma unroll
+                for (int j = K - 1; j > 0; --j) dus[j] = dus[j - 1];
+                dus[0] = d;
+                if (t < t1) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < K; ++j) sum += wv[j] * dus[(K - 1) - j];
+                    st(dx, (base + t) * c + ch, sum);
+#pragma unroll
+                    for (int j = 0; j < K; ++j) acc[j] += d * xw[j];
+                    accb += d;
+                }
+#pragma unroll
+                for (int j = K - 1; j > 0; --j) xw[j] = xw[j - 1];
+            }
+        }
     }
 #pragma unroll
-    for (int j = 0; j < KMAX; ++j) if (j < k) dwp[(run * c + ch) * k + j] = acc[j];
+    for (int j = 0; j < K; ++j) dwp[(run * c + ch) * K + j] = acc[j];
     if (dbp) dbp[run * c + ch] = accb;
 }
 
@@ -865,17 +695,22 @@ extern "C" __global__ void conv_colsum(const float* part, float* out, int rows, 
     colsum(part, out, rows, d);
 }
 
-#define CONV_KERNELS(SUF, T)                                                                   \
-extern "C" __global__ void conv_fwd_##SUF(const T* x, const T* w, const T* bias, T* y,         \
-                                          int l, int c, int k, int steps) {                     \
-    conv_fwd<T>(x, w, bias, y, l, c, k, steps);                                                 \
+// One entry per kernel width K (compile-time: the register windows are
+// indexed statically).
+#define CONV_KERNELS(SUF, T, K)                                                                \
+extern "C" __global__ void conv_fwd##K##_##SUF(const T* x, const T* w, const T* bias, T* y,    \
+                                               int l, int c, long long ldx, int steps) {        \
+    conv_fwd<T, K>(x, w, bias, y, l, c, ldx, steps);                                                 \
 }                                                                                               \
-extern "C" __global__ void conv_bwd_##SUF(const T* x, const T* w, const T* bias, const T* dy,  \
-        T* dx, float* dwp, float* dbp, int l, int c, int k, int steps) {                       \
-    conv_bwd<T>(x, w, bias, dy, dx, dwp, dbp, l, c, k, steps);                                  \
+extern "C" __global__ void conv_bwd##K##_##SUF(const T* x, const T* w, const T* bias,          \
+        const T* dy, T* dx, float* dwp, float* dbp, int l, int c, long long ldx, int steps) {  \
+    conv_bwd<T, K>(x, w, bias, dy, dx, dwp, dbp, l, c, ldx, steps);                                  \
 }
-CONV_KERNELS(f32, float)
-CONV_KERNELS(bf16, bf16_t)
+#define CONV_WIDTHS(SUF, T) \
+    CONV_KERNELS(SUF, T, 1) CONV_KERNELS(SUF, T, 2) CONV_KERNELS(SUF, T, 3) CONV_KERNELS(SUF, T, 4) \
+    CONV_KERNELS(SUF, T, 5) CONV_KERNELS(SUF, T, 6) CONV_KERNELS(SUF, T, 7) CONV_KERNELS(SUF, T, 8)
+CONV_WIDTHS(f32, float)
+CONV_WIDTHS(bf16, bf16_t)
 "#;
 
 /// Steps of the sequence one thread walks: forward, and backward (whose
@@ -927,7 +762,7 @@ fn same_dtype(t: T, dtype: DType) -> T {
 pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
     let (b, l, c, k) = conv_dims(&x, &w);
     let dtype = x.dtype;
-    let (x, w) = (into_contiguous(x), same_dtype(w, dtype));
+    let ((x, ldx), w) = (with_rows(x), same_dtype(w, dtype));
     let bias = bias.map(|t| same_dtype(t, dtype));
     let y = empty(&x, vec![b, l, c], dtype);
     let n = b * l * c;
@@ -939,15 +774,15 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
         device,
         "conv",
         &conv_src(),
-        &format!("conv_fwd_{}", suffix(dtype)),
+        &format!("conv_fwd{k}_{}", suffix(dtype)),
     );
     enqueue_opt(
         [Some(&y), Some(&x), Some(&w), bias.as_ref()],
         move |[mut y_p, mut x_p, mut w_p, mut b_p], stream| {
-            let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+            let (mut l32, mut c32, mut ld64) = (l as i32, c as i32, ldx as i64);
             let mut steps = CONV_STEPS_FWD as i32;
-            let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, k32, steps);
-            // SAFETY: the kernel's signature; x, y `[b, l, c]`, w `[c, k]`, bias `[c]`.
+            let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, ld64, steps);
+            // SAFETY: the kernel's signature; y `[b, l, c]`, x the same with rows `ldx` apart, w `[c, k]`, bias `[c]`.
             unsafe {
                 launch(
                     device,
@@ -969,11 +804,7 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
 pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) {
     let (b, l, c, k) = conv_dims(&x, &w);
     let dtype = x.dtype;
-    let (x, w, dy) = (
-        into_contiguous(x),
-        same_dtype(w, dtype),
-        same_dtype(dy, dtype),
-    );
+    let ((x, ldx), w, dy) = (with_rows(x), same_dtype(w, dtype), same_dtype(dy, dtype));
     let bias = bias.map(|t| same_dtype(t, dtype));
     let n = b * l * c;
     let runs = b * l.div_ceil(CONV_STEPS_BWD);
@@ -994,9 +825,14 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
         let dbp = bias.as_ref().map(|_| empty(&x, vec![runs, c], DType::F32));
         let device = x.device.index;
         let src = conv_src();
-        let f = nvrtc::function(device, "conv", &src, &format!("conv_bwd_{}", suffix(dtype)));
+        let f = nvrtc::function(
+            device,
+            "conv",
+            &src,
+            &format!("conv_bwd{k}_{}", suffix(dtype)),
+        );
         let f_sum = nvrtc::function(device, "conv", &src, "conv_colsum");
-        let (mut l32, mut c32, mut k32) = (l as i32, c as i32, k as i32);
+        let (mut l32, mut c32, mut ld64) = (l as i32, c as i32, ldx as i64);
         let (mut steps, mut runs32) = (CONV_STEPS_BWD as i32, runs as i32);
         let (mut ck64, mut c64) = ((c * k) as i64, c as i64);
         let has_bias = bias.is_some();
@@ -1025,7 +861,7 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
             ],
                   stream| {
                 let mut p1 = kernel_args!(
-                    x_p, w_p, b_p, dy_p, dx_p, dwp_p, dbp_p, l32, c32, k32, steps
+                    x_p, w_p, b_p, dy_p, dx_p, dwp_p, dbp_p, l32, c32, ld64, steps
                 );
                 let mut p2 = kernel_args!(dwp_p, dw_p, runs32, ck64);
                 let mut p3 = kernel_args!(dbp_p, db_p, runs32, c64);
@@ -1085,7 +921,8 @@ template <typename T>
 __device__ void dt_fwd(const T* raw, const T* bias, float* dt, long long n, int h, float lo, float hi) {
     GRID_STRIDE(i, n) {
         const float s = rnd(ld(raw, i) + ld(bias, head_of(i, 1, h, n)), T());
-        dt[i] = fminf(fmaxf(rnd(softplus(s), T()), lo), hi);
+        // torch clamps a bf16 tensor against limits in its own dtype.
+        dt[i] = fminf(fmaxf(rnd(softplus(s), T()), rnd(lo, T())), rnd(hi, T()));
     }
 }
 
@@ -1103,7 +940,8 @@ __device__ void dt_bwd(const float* g, const T* raw, const T* bias, T* draw, flo
             const int hh = head_of(i, 1, h, n);
             const float s = rnd(ld(raw, i) + ld(bias, hh), T());
             const float sp = rnd(softplus(s), T());
-            const float d = (sp >= lo && sp <= hi) ? g[i] / (1.0f + __expf(-s)) : 0.0f;
+            const bool inside = sp >= rnd(lo, T()) && sp <= rnd(hi, T());
+            const float d = inside ? g[i] / (1.0f + __expf(-s)) : 0.0f;
             st(draw, i, d);
             atomicAdd(acc + hh, d);
         }
@@ -1163,7 +1001,7 @@ fn heads_src() -> String {
     format!("{}{}", nvrtc::PRELUDE, HEADS)
 }
 
-fn zeros_f32(like: &T, shape: Vec<usize>) -> T {
+pub(super) fn zeros_f32(like: &T, shape: Vec<usize>) -> T {
     burn_cubecl::ops::numeric::zeros_client(
         like.client.clone(),
         like.device.clone(),

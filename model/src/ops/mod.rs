@@ -388,6 +388,23 @@ pub trait BambaBackend: Backend {
         Self::float_slice_assign(full, &slices, sum)
     }
 
+    /// A `[1]` tensor whose gradient with respect to `y` is `dy` (a given
+    /// upstream gradient): `grad_seed(y, dy).backward()` backpropagates `dy`
+    /// through `y`'s graph, as torch's `y.backward(dy)`. Its value is
+    /// `sum(y * dy)`, which autodiff backends skip (nothing reads it), so
+    /// the layer-by-layer backward pays no product and no reduction.
+    fn bamba_grad_seed(y: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        let flat = |t: FloatTensor<Self>| {
+            let n = t.shape().num_elements();
+            Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(Self::float_reshape(
+                t,
+                [n].into(),
+            )))
+        };
+        let (y, dy) = (flat(y), flat(dy));
+        (y * dy).sum().into_primitive().tensor()
+    }
+
     /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).
     fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
@@ -560,6 +577,18 @@ pub(crate) fn narrow_slices(shape: &Shape, dim: usize, start: usize, len: usize)
             }
         })
         .collect()
+}
+
+/// A `[1]` tensor whose backward sends `dy` into `y`'s graph (see
+/// [`BambaBackend::bamba_grad_seed`]): `grad_seed(y, dy).backward()`.
+pub fn grad_seed<B: BambaBackend, const D: usize>(
+    y: Tensor<B, D>,
+    dy: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_grad_seed(
+        y.into_primitive().tensor(),
+        dy.into_primitive().tensor(),
+    )))
 }
 
 /// [`Tensor::narrow`] through [`BambaBackend::bamba_narrow`] (one gradient

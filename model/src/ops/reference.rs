@@ -64,7 +64,10 @@ pub fn dt_softplus<B: BambaBackend>(
     hi: f64,
 ) -> Tensor<B, 3> {
     let h = bias.dims()[0];
-    let dt = softplus(raw + bias.reshape([1, 1, h]), 1.0);
+    let s = raw + bias.reshape([1, 1, h]);
+    // torch's bf16 softplus computes in f32 and rounds once.
+    let dtype = s.dtype();
+    let dt = softplus(s.cast(DType::F32), 1.0).cast(dtype);
     // (0, inf) is HF's "no limit"; softplus is already > 0.
     let dt = if lo > 0.0 || hi.is_finite() {
         dt.clamp(lo, hi)

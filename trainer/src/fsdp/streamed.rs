@@ -5,7 +5,7 @@
 //! parameters, run it, keep only its input, free the gathered copy. Backward
 //! walks the units in reverse: gather again, recompute the unit's forward
 //! from its saved input with the graph on, backpropagate the incoming
-//! gradient through it (`sum(y * dy)`), add the parameter gradients to the
+//! gradient through it (`grad_seed(y, dy)`, torch's `y.backward(dy)`), add the parameter gradients to the
 //! unit's buffer, reduce-scatter them on the last micro-batch, free. Peak
 //! memory is one unit's parameters, gradients and activations plus the saved
 //! layer inputs (as torchtitan's per-block FSDP with full AC).
@@ -21,7 +21,7 @@
 
 use anyhow::{Result, ensure};
 use bamba_model::model::causal_lm_loss;
-use bamba_model::ops::matmul;
+use bamba_model::ops::{grad_seed, matmul};
 use bamba_model::rope::rope_tables;
 use bamba_model::{BambaAutodiffBackend, BambaForCausalLM};
 use burn::module::{AutodiffModule, Module};
@@ -232,7 +232,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                     (layer, x, y)
                 }
             };
-            let grads = (y * Tensor::from_inner(dy)).sum().backward();
+            let grads = grad_seed(y, Tensor::from_inner(dy)).backward();
             dy = x.grad(&grads).expect("the layer's input is tracked");
             self.add_module_grads(u, &layer, &name, &grads);
             drop((layer, grads));
@@ -254,7 +254,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             m.embed_tokens = set.apply(m.embed_tokens.clone(), "model.embed_tokens");
         }
         let e = m.embed_tokens.forward(inputs);
-        let grads = (e * Tensor::from_inner(dy)).sum().backward();
+        let grads = grad_seed(e, Tensor::from_inner(dy)).backward();
         self.add_module_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
         m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
         if last {
