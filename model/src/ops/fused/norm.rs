@@ -343,7 +343,7 @@ fn gate_rows(z: Option<T>, d: usize) -> (Option<T>, usize) {
 /// whose rows are `ldz` apart (None: the scalar kernels).
 fn packs(d: usize, dtype: DType, z: Option<&T>, ldz: usize) -> Option<usize> {
     let v = 16 / dtype.size();
-    if d == 0 || d % v != 0 || ldz % v != 0 || !z.is_none_or(aligned16) {
+    if d == 0 || !d.is_multiple_of(v) || !ldz.is_multiple_of(v) || !z.is_none_or(aligned16) {
         return None;
     }
     match d.div_ceil(NORM_THREADS as usize * v) {

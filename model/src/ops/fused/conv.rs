@@ -1,0 +1,335 @@
+//! Mamba2's causal depthwise conv with SiLU.
+
+use burn::tensor::DType;
+use burn::tensor::ops::FloatTensorOps;
+
+use super::{Cb, empty, same_dtype, suffix, with_rows, zeros_f32};
+use crate::kernel_args;
+use crate::ops::nvrtc::{self, T, enqueue_opt, launch};
+
+/// Mamba2's causal depthwise conv with SiLU, `[b, l, c]`, weight `[c, 1, k]`:
+/// `y[t] = silu(bias + sum_j w[j] x[t - (k-1) + j])`, accumulated in f32 and
+/// rounded to the input dtype before the SiLU (as torch's conv then act).
+/// Threads walk one channel over a run of steps with the last `k` inputs in
+/// registers. Backward is one pass too (walking down): `du` (the gradient
+/// before SiLU, recomputed from `x`) stays in registers for `dx`, and each
+/// run's weight and bias gradient sums are added after in a fixed order.
+const CONV: &str = r#"
+
+// Each thread walks one channel over a run of `steps` time steps, keeping
+// the last k inputs in registers: every input is read once (coalesced
+// across the channels of a warp), not k times. The loads of PF steps are
+// issued together before their outputs are computed, so a thread keeps PF
+// loads in flight rather than one.
+// x's rows are `ldx` apart (a column slice of a wider tensor reads in place).
+// grid (ceil(c / blockDim.x), ceil(l / steps), b)
+#define PF 8
+template <typename T, int K>
+__device__ void conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ bias, T* __restrict__ y, int l, int c,
+                         long long ldx, int steps) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    const long long base = (long long)blockIdx.z * l;
+    const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
+    float wv[K], xw[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        wv[j] = ld(w, (long long)ch * K + j);
+        // xw[j] = x[t - (K-1) + j] for the first t; the last slot is filled in the loop.
+        const int tt = t0 - (K - 1) + j;
+        xw[j] = (j < K - 1 && tt >= 0) ? ld(x, (base + tt) * ldx + ch) : 0.0f;
+    }
+    const float bv = bias ? ld(bias, ch) : 0.0f;
+    for (int tb = t0; tb < t1; tb += PF) {
+        float xs[PF];
+#pragma unroll
+        for (int s = 0; s < PF; ++s) xs[s] = tb + s < t1 ? ld(x, (base + tb + s) * ldx + ch) : 0.0f;
+#pragma unroll
+        for (int s = 0; s < PF; ++s) {
+            if (tb + s < t1) {
+                float u = bv;
+#pragma unroll
+                for (int j = 0; j < K; ++j) {
+                    if (j == K - 1) xw[j] = xs[s];
+                    u += wv[j] * xw[j];
+                }
+                u = rnd(u, T());
+                st(y, (base + tb + s) * c + ch, u / (1.0f + __expf(-u)));
+#pragma unroll
+                for (int j = 0; j + 1 < K; ++j) xw[j] = xw[j + 1];
+            }
+        }
+    }
+}
+
+// Backward in one pass, walking a run of steps downwards: du = dy * silu'(u)
+// (u recomputed from x), dx[t] = sum_j w[j] du[t + (K-1) - j] from the last
+// K du in registers (the run first computes the K-1 du above its end), and
+// per-run weight and bias gradient sums written to `dwp [runs, c, K]`,
+// `dbp [runs, c]` (summed after in a fixed order: deterministic). Loads
+// are issued PF steps at a time, as in the forward.
+// grid (ceil(c / blockDim.x), ceil(l / steps), b)
+template <typename T, int K>
+__device__ void conv_bwd(const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ bias, const T* __restrict__ dy,
+                         T* __restrict__ dx, float* __restrict__ dwp, float* __restrict__ dbp,
+                         int l, int c, long long ldx, int steps) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    const long long base = (long long)blockIdx.z * l;
+    const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
+    const long long run = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+    float wv[K], xw[K], dus[K], acc[K];
+    const int top = min(t1 + K - 1, l) - 1;  // the highest step whose du we need
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        wv[j] = ld(w, (long long)ch * K + j);
+        acc[j] = 0.0f;
+        dus[j] = 0.0f;  // du[t + j]; zero past the end
+        // xw[j] = x[top - (K-1) + j]; slot 0 is filled in the loop.
+        const int tt = top - (K - 1) + j;
+        xw[j] = (j >= 1 && j < K && tt >= 0) ? ld(x, (base + tt) * ldx + ch) : 0.0f;
+    }
+    const float bv = bias ? ld(bias, ch) : 0.0f;
+    float accb = 0.0f;
+    for (int tb = top; tb >= t0; tb -= PF) {
+        float xs[PF], dys[PF];
+#pragma unroll
+        for (int s = 0; s < PF; ++s) {
+            const int t = tb - s, first = t - (K - 1);
+            xs[s] = (t >= t0 && first >= 0) ? ld(x, (base + first) * ldx + ch) : 0.0f;
+            dys[s] = t >= t0 ? ld(dy, (base + t) * c + ch) : 0.0f;
+        }
+#pragma unroll
+        for (int s = 0; s < PF; ++s) {
+            const int t = tb - s;
+            if (t >= t0) {
+                xw[0] = xs[s];
+                float u = bv;
+#pragma unroll
+                for (int j = 0; j < K; ++j) u += wv[j] * xw[j];
+                u = rnd(u, T());
+                const float sg = 1.0f / (1.0f + __expf(-u));
+                const float d = dys[s] * sg * (1.0f + u * (1.0f - sg));
+#pragma unroll
+                for (int j = K - 1; j > 0; --j) dus[j] = dus[j - 1];
+                dus[0] = d;
+                if (t < t1) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < K; ++j) sum += wv[j] * dus[(K - 1) - j];
+                    st(dx, (base + t) * c + ch, sum);
+#pragma unroll
+                    for (int j = 0; j < K; ++j) acc[j] += d * xw[j];
+                    accb += d;
+                }
+#pragma unroll
+                for (int j = K - 1; j > 0; --j) xw[j] = xw[j - 1];
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < K; ++j) dwp[(run * c + ch) * K + j] = acc[j];
+    if (dbp) dbp[run * c + ch] = accb;
+}
+
+// out[j] = sum over rows of part[row, j], rows in order.
+__device__ void colsum(const float* part, float* out, int rows, long long d) {
+    const long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float s = 0.0f;
+    for (int r = 0; r < rows; ++r) s += part[r * d + j];
+    out[j] = s;
+}
+extern "C" __global__ void conv_colsum(const float* part, float* out, int rows, long long d) {
+    colsum(part, out, rows, d);
+}
+
+// One entry per kernel width K (compile-time: the register windows are
+// indexed statically).
+#define CONV_KERNELS(SUF, T, K)                                                                \
+extern "C" __global__ void conv_fwd##K##_##SUF(const T* x, const T* w, const T* bias, T* y,    \
+                                               int l, int c, long long ldx, int steps) {        \
+    conv_fwd<T, K>(x, w, bias, y, l, c, ldx, steps);                                                 \
+}                                                                                               \
+extern "C" __global__ void conv_bwd##K##_##SUF(const T* x, const T* w, const T* bias,          \
+        const T* dy, T* dx, float* dwp, float* dbp, int l, int c, long long ldx, int steps) {  \
+    conv_bwd<T, K>(x, w, bias, dy, dx, dwp, dbp, l, c, ldx, steps);                                  \
+}
+#define CONV_WIDTHS(SUF, T) \
+    CONV_KERNELS(SUF, T, 1) CONV_KERNELS(SUF, T, 2) CONV_KERNELS(SUF, T, 3) CONV_KERNELS(SUF, T, 4) \
+    CONV_KERNELS(SUF, T, 5) CONV_KERNELS(SUF, T, 6) CONV_KERNELS(SUF, T, 7) CONV_KERNELS(SUF, T, 8)
+CONV_WIDTHS(f32, float)
+CONV_WIDTHS(bf16, bf16_t)
+"#;
+
+/// Steps of the sequence one thread walks: forward, and backward (whose
+/// per-run weight gradient sums are then added in order).
+const CONV_STEPS_FWD: usize = 32;
+const CONV_STEPS_BWD: usize = 64;
+const CONV_THREADS: u32 = 128;
+
+/// Channels across the grid's x, runs of `steps` across y, the batch across z.
+fn conv_grid(b: usize, l: usize, c: usize, steps: usize) -> (u32, u32, u32) {
+    (
+        c.div_ceil(CONV_THREADS as usize) as u32,
+        l.div_ceil(steps) as u32,
+        b as u32,
+    )
+}
+
+fn conv_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, CONV)
+}
+
+fn conv_dims(x: &T, w: &T) -> (usize, usize, usize, usize) {
+    let s = x.meta.shape();
+    assert_eq!(s.len(), 3, "fused conv: x must be [b, l, c]");
+    let (b, l, c) = (s[0], s[1], s[2]);
+    let ws = w.meta.shape();
+    let k = ws[ws.len() - 1];
+    assert_eq!(
+        ws.num_elements(),
+        c * k,
+        "fused conv: weight must be [c, 1, k]"
+    );
+    assert!(
+        (1..=8).contains(&k),
+        "fused conv: kernel width {k} not in 1..=8"
+    );
+    (b, l, c, k)
+}
+
+/// `silu(causal_conv(x))`.
+pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
+    let (b, l, c, k) = conv_dims(&x, &w);
+    let dtype = x.dtype;
+    let ((x, ldx), w) = (with_rows(x), same_dtype(w, dtype));
+    let bias = bias.map(|t| same_dtype(t, dtype));
+    let y = empty(&x, vec![b, l, c], dtype);
+    let n = b * l * c;
+    if n == 0 {
+        return y;
+    }
+    let device = x.device.index;
+    let f = nvrtc::function(
+        device,
+        "conv",
+        &conv_src(),
+        &format!("conv_fwd{k}_{}", suffix(dtype)),
+    );
+    enqueue_opt(
+        [Some(&y), Some(&x), Some(&w), bias.as_ref()],
+        move |[mut y_p, mut x_p, mut w_p, mut b_p], stream| {
+            let (mut l32, mut c32, mut ld64) = (l as i32, c as i32, ldx as i64);
+            let mut steps = CONV_STEPS_FWD as i32;
+            let mut params = kernel_args!(x_p, w_p, b_p, y_p, l32, c32, ld64, steps);
+            // SAFETY: the kernel's signature; y `[b, l, c]`, x the same with rows `ldx` apart, w `[c, k]`, bias `[c]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    conv_grid(b, l, c, CONV_STEPS_FWD),
+                    (CONV_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+        },
+    );
+    drop((x, w, bias));
+    y
+}
+
+/// `(dx, dw, db)` of [`conv1d_silu_fwd`]; `dw` `[c, 1, k]` and `db` in f32.
+pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) {
+    let (b, l, c, k) = conv_dims(&x, &w);
+    let dtype = x.dtype;
+    let ((x, ldx), w, dy) = (with_rows(x), same_dtype(w, dtype), same_dtype(dy, dtype));
+    let bias = bias.map(|t| same_dtype(t, dtype));
+    let n = b * l * c;
+    let runs = b * l.div_ceil(CONV_STEPS_BWD);
+    // Flat: a [c, 1, k] allocation may pad its rows (k = 3), the kernel writes `ch * k + j`.
+    // Every element is written by the column sums (zeros when there are no runs).
+    let sums = |d: usize| {
+        if n > 0 {
+            empty(&x, vec![d], DType::F32)
+        } else {
+            zeros_f32(&x, vec![d])
+        }
+    };
+    let dw = sums(c * k);
+    let db = bias.as_ref().map(|_| sums(c));
+    let dx = empty(&x, vec![b, l, c], dtype);
+    if n > 0 {
+        let dwp = empty(&x, vec![runs, c * k], DType::F32);
+        let dbp = bias.as_ref().map(|_| empty(&x, vec![runs, c], DType::F32));
+        let device = x.device.index;
+        let src = conv_src();
+        let f = nvrtc::function(
+            device,
+            "conv",
+            &src,
+            &format!("conv_bwd{k}_{}", suffix(dtype)),
+        );
+        let f_sum = nvrtc::function(device, "conv", &src, "conv_colsum");
+        let (mut l32, mut c32, mut ld64) = (l as i32, c as i32, ldx as i64);
+        let (mut steps, mut runs32) = (CONV_STEPS_BWD as i32, runs as i32);
+        let (mut ck64, mut c64) = ((c * k) as i64, c as i64);
+        let has_bias = bias.is_some();
+        enqueue_opt(
+            [
+                Some(&x),
+                Some(&w),
+                bias.as_ref(),
+                Some(&dy),
+                Some(&dx),
+                Some(&dwp),
+                dbp.as_ref(),
+                Some(&dw),
+                db.as_ref(),
+            ],
+            move |[
+                mut x_p,
+                mut w_p,
+                mut b_p,
+                mut dy_p,
+                mut dx_p,
+                mut dwp_p,
+                mut dbp_p,
+                mut dw_p,
+                mut db_p,
+            ],
+                  stream| {
+                let mut p1 = kernel_args!(
+                    x_p, w_p, b_p, dy_p, dx_p, dwp_p, dbp_p, l32, c32, ld64, steps
+                );
+                let mut p2 = kernel_args!(dwp_p, dw_p, runs32, ck64);
+                let mut p3 = kernel_args!(dbp_p, db_p, runs32, c64);
+                let cols = |d: usize| (d.div_ceil(256) as u32, 1, 1);
+                // SAFETY: the kernels' signatures; x, dy, dx `[b, l, c]`, w
+                // `[c, k]`, bias `[c]`, the run sums `[runs, c * k]` and `[runs, c]`.
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        conv_grid(b, l, c, CONV_STEPS_BWD),
+                        (CONV_THREADS, 1, 1),
+                        0,
+                        stream,
+                        &mut p1,
+                    );
+                    launch(device, f_sum, cols(c * k), (256, 1, 1), 0, stream, &mut p2);
+                    if has_bias {
+                        launch(device, f_sum, cols(c), (256, 1, 1), 0, stream, &mut p3);
+                    }
+                }
+            },
+        );
+        drop((dwp, dbp));
+    }
+    drop((x, w, dy, bias));
+    (dx, Cb::float_reshape(dw, [c, 1, k].into()), db)
+}

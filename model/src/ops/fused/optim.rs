@@ -1,0 +1,249 @@
+//! AdamW in one pass over the f32 master weights and moments, and the
+//! gradient norm's sum of squares (no float atomics: reproducible).
+
+use burn::tensor::DType;
+use burn_cubecl::kernel::into_contiguous;
+
+use super::{empty, zeros_f32};
+use crate::kernel_args;
+use crate::ops::AdamWHyper;
+use crate::ops::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch, launch_flat};
+
+// p_lp (optional): the new parameter rounded to bf16, the copy FSDP gathers.
+const ADAMW: &str = r#"
+// The outputs may be the inputs (updated in place: each element is read
+// before it is written, by the same thread), hence no __restrict__ on them.
+// Four elements per thread and pass (16-byte accesses) where aligned.
+struct AdamW {
+    float c, b1, b2, lr_bc1, inv_sqrt_bc2, eps, lr_wd;
+    __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float mask,
+                                               bool has_mask) const {
+        g *= c;
+        // Decoupled weight decay first, as torch.optim.AdamW.
+        p = has_mask ? p - p * mask * lr_wd : p * (1.0f - lr_wd);
+        m = b1 * m + (1.0f - b1) * g;
+        v = b2 * v + (1.0f - b2) * g * g;
+        p = p - m / (sqrtf(v) * inv_sqrt_bc2 + eps) * lr_bc1;
+    }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return ((unsigned long long)p & 15ull) == 0;
+}
+
+extern "C" __global__ void adamw_step(
+    const float* p, const float* __restrict__ g, const float* m, const float* v,
+    const float* __restrict__ mask, const float* __restrict__ scale,
+    float* p_out, float* m_out, float* v_out, bf16_t* __restrict__ p_lp, long long n,
+    float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
+{
+    const AdamW f{scale ? scale[0] : 1.0f, b1, b2, lr_bc1, inv_sqrt_bc2, eps, lr_wd};
+    const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) &&
+                     aligned16(p_out) && aligned16(m_out) && aligned16(v_out) &&
+                     (!mask || aligned16(mask)) && (((unsigned long long)p_lp & 7ull) == 0);
+    const long long n4 = vec ? n / 4 : 0;
+    for (long long i = tid; i < n4; i += stride) {
+        float4 pp = ((const float4*)p)[i], gg = ((const float4*)g)[i];
+        float4 mm = ((const float4*)m)[i], vv = ((const float4*)v)[i];
+        float4 dm = mask ? ((const float4*)mask)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        f(pp.x, gg.x, mm.x, vv.x, dm.x, mask);
+        f(pp.y, gg.y, mm.y, vv.y, dm.y, mask);
+        f(pp.z, gg.z, mm.z, vv.z, dm.z, mask);
+        f(pp.w, gg.w, mm.w, vv.w, dm.w, mask);
+        ((float4*)p_out)[i] = pp;
+        ((float4*)m_out)[i] = mm;
+        ((float4*)v_out)[i] = vv;
+        if (p_lp) {
+            uint2 lo;
+            lo.x = (unsigned)f32_to_bf16(pp.x) | ((unsigned)f32_to_bf16(pp.y) << 16);
+            lo.y = (unsigned)f32_to_bf16(pp.z) | ((unsigned)f32_to_bf16(pp.w) << 16);
+            ((uint2*)p_lp)[i] = lo;
+        }
+    }
+    for (long long i = 4 * n4 + tid; i < n; i += stride) {
+        float pi = p[i], mi = m[i], vi = v[i];
+        f(pi, g[i], mi, vi, mask ? mask[i] : 0.0f, mask);
+        p_out[i] = pi;
+        m_out[i] = mi;
+        v_out[i] = vi;
+        if (p_lp) p_lp[i] = f32_to_bf16(pi);
+    }
+}
+
+// The sum of 256 threads' values, in a fixed order; thread 0 gets it.
+__device__ __forceinline__ float block_sum_256(float s) {
+    __shared__ float warp_sums[8];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = s;
+    __syncthreads();
+    float t = 0.0f;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < 8; ++w) t += warp_sums[w];
+    return t;
+}
+
+// part[block] = this block's sum of x^2; blockDim.x == 256. With the grid
+// fixed by n, every partial sum is computed in the same order each run.
+extern "C" __global__ void sum_squares(const float* __restrict__ x, float* part, long long n) {
+    float s = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        s += x[i] * x[i];
+    }
+    const float t = block_sum_256(s);
+    if (threadIdx.x == 0) part[blockIdx.x] = t;
+}
+
+// out[0] = sum of part[0..parts], in a fixed order (one block of 256): the
+// gradient norm, and so clipping, is the same bit for bit on every run.
+extern "C" __global__ void sum_parts(const float* __restrict__ part, float* out, int parts) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < parts; i += blockDim.x) s += part[i];
+    const float t = block_sum_256(s);
+    if (threadIdx.x == 0) out[0] = t;
+}
+"#;
+
+/// `[1]`: the sum of squares of an f32 tensor.
+pub fn sum_squares(x: T) -> T {
+    let x = f32_contiguous(x, "sum_squares input");
+    let n = x.meta.shape().num_elements();
+    if n == 0 {
+        return zeros_f32(&x, vec![1]);
+    }
+    // Block partial sums, then their sum in order: no float atomics, so
+    // the result does not depend on which block finishes first.
+    let grid = grid_for(n, 256);
+    let part = empty(&x, vec![grid.0 as usize], DType::F32);
+    let out = empty(&x, vec![1], DType::F32);
+    let device = x.device.index;
+    let f = nvrtc::function(device, "adamw", &adamw_src(), "sum_squares");
+    let g = nvrtc::function(device, "adamw", &adamw_src(), "sum_parts");
+    enqueue(
+        [&out, &part, &x],
+        move |[mut o_p, mut part_p, mut x_p], stream| {
+            let (mut n64, mut parts) = (n as i64, grid.0 as i32);
+            let mut params = kernel_args!(x_p, part_p, n64);
+            // SAFETY: the kernel's signature; `x` holds `n` f32, `part` one per block.
+            unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            let mut params = kernel_args!(part_p, o_p, parts);
+            // SAFETY: the kernel's signature; one block; `out` holds one f32.
+            unsafe { launch(device, g, (1, 1, 1), (256, 1, 1), 0, stream, &mut params) };
+        },
+    );
+    drop((x, part));
+    out
+}
+
+fn adamw_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, ADAMW)
+}
+
+fn f32_contiguous(t: T, what: &str) -> T {
+    assert_eq!(t.dtype, DType::F32, "fused AdamW: {what} must be f32");
+    into_contiguous(t)
+}
+
+/// One AdamW step in one pass: reads p, g, m, v (and the mask), writes the
+/// new three, and with `bf16_copy` the new parameter in bf16 as well.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    p: T,
+    g: T,
+    m: T,
+    v: T,
+    mask: Option<T>,
+    scale: Option<T>,
+    bf16_copy: bool,
+    h: &AdamWHyper,
+) -> ([T; 3], Option<T>) {
+    let n = p.meta.shape().num_elements();
+    let (p, g) = (f32_contiguous(p, "param"), f32_contiguous(g, "grad"));
+    let (m, v) = (
+        f32_contiguous(m, "exp_avg"),
+        f32_contiguous(v, "exp_avg_sq"),
+    );
+    let mask = mask.map(|t| f32_contiguous(t, "decay mask"));
+    let scale = scale.map(|t| f32_contiguous(t, "grad scale"));
+    for t in [&g, &m, &v].into_iter().chain(mask.as_ref()) {
+        assert_eq!(
+            t.meta.shape().num_elements(),
+            n,
+            "fused AdamW: operand sizes differ"
+        );
+    }
+    // In place where nothing else holds the buffer.
+    let out = |t: &T| {
+        if t.can_mut() {
+            t.clone()
+        } else {
+            empty(t, t.meta.shape().to_vec(), DType::F32)
+        }
+    };
+    let (po, mo, vo) = (out(&p), out(&m), out(&v));
+    let lp = bf16_copy.then(|| empty(&p, vec![n], DType::BF16));
+    if n == 0 {
+        return ([po, mo, vo], lp);
+    }
+    let device = p.device.index;
+    let f = nvrtc::function(device, "adamw", &adamw_src(), "adamw_step");
+    let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
+    let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
+    let (mut eps, mut lr_wd) = (h.eps as f32, h.lr_wd as f32);
+    enqueue_opt(
+        [
+            Some(&po),
+            Some(&p),
+            Some(&g),
+            Some(&m),
+            Some(&v),
+            mask.as_ref(),
+            scale.as_ref(),
+            Some(&mo),
+            Some(&vo),
+            lp.as_ref(),
+        ],
+        move |[
+            mut po_p,
+            mut p_p,
+            mut g_p,
+            mut m_p,
+            mut v_p,
+            mut mask_p,
+            mut scale_p,
+            mut mo_p,
+            mut vo_p,
+            mut lp_p,
+        ],
+              stream| {
+            let mut n64 = n as i64;
+            let mut params = kernel_args!(
+                p_p,
+                g_p,
+                m_p,
+                v_p,
+                mask_p,
+                scale_p,
+                po_p,
+                mo_p,
+                vo_p,
+                lp_p,
+                n64,
+                b1,
+                b2,
+                lr_bc1,
+                inv_sqrt_bc2,
+                eps,
+                lr_wd
+            );
+            // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one,
+            // the optional copy `n` bf16),
+            // live until the launch is enqueued (burn reuses memory in stream order).
+            unsafe { launch_flat(device, f, n, stream, &mut params) };
+        },
+    );
+    drop((p, g, m, v, mask, scale));
+    ([po, mo, vo], lp)
+}

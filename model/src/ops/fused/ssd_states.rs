@@ -1,0 +1,236 @@
+//! The SSD's chunk-to-chunk state recurrence and per-row scales.
+
+use burn::tensor::DType;
+use burn::tensor::ops::FloatTensorOps;
+
+use super::{Cb, empty, same_dtype};
+use crate::kernel_args;
+use crate::ops::nvrtc::{self, T, enqueue, grid_for, launch, launch_flat};
+
+/// The chunk-to-chunk recurrence of the SSD states and a per-row scale,
+/// in the scan's own layout (no per-head copies).
+const SSD_AUX: &str = r#"
+// entering[c] = exp(a[c-1]) entering[c-1] + S[c-1], entering[0] = 0, with
+// S, entering [b, nc, n, h, p] and a [b, nc, h]. grid (b * h, ceil(n p / 256)):
+// one thread per element of a head's n x p state, walking the chunks.
+extern "C" __global__ void ssd_states_fwd(const float* __restrict__ S, const float* __restrict__ a,
+                                          float* __restrict__ E, int nc, int n, int h, int p)
+{
+    const int hh = (int)(blockIdx.x % (unsigned)h);
+    const long long bi = blockIdx.x / (unsigned)h;
+    const int e = blockIdx.y * 256 + threadIdx.x;
+    if (e >= n * p) return;
+    const int ni = e / p, pi = e - ni * p;
+    const long long plane = (long long)n * h * p;
+    const long long off = bi * nc * plane + ((long long)ni * h + hh) * p + pi;
+    float st = 0.0f;
+    for (int c = 0; c < nc; ++c) {
+        const long long i = off + c * plane;
+        E[i] = st;
+        st = __expf(a[(bi * nc + c) * h + hh]) * st + S[i];
+    }
+}
+
+// Backward, with G[c] the whole gradient of entering[c]:
+//   dS[c] = G[c+1],  da[c] = exp(a[c]) sum(G[c+1] o entering[c]),
+//   G[c] = dE[c] + exp(a[c]) G[c+1].
+// da's sums go per block to part [b, ceil(n p / 256), nc, h], added after
+// in a fixed order. 256 threads.
+extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const float* __restrict__ a,
+                                          const float* __restrict__ E, float* __restrict__ dS,
+                                          float* __restrict__ part, int nc, int n, int h, int p)
+{
+    __shared__ float warp_sums[8];
+    const int hh = (int)(blockIdx.x % (unsigned)h);
+    const long long bi = blockIdx.x / (unsigned)h;
+    const int e = blockIdx.y * 256 + threadIdx.x;
+    const bool valid = e < n * p;
+    const int ni = e / p, pi = e - ni * p;
+    const long long plane = (long long)n * h * p;
+    const long long off = bi * nc * plane + ((long long)ni * h + hh) * p + pi;
+    float gnext = 0.0f;
+    for (int c = nc - 1; c >= 0; --c) {
+        const long long i = off + c * plane;
+        const float ea = __expf(a[(bi * nc + c) * h + hh]);
+        float v = 0.0f;
+        if (valid) {
+            dS[i] = gnext;
+            v = gnext * E[i];
+        }
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = 0.0f;
+            for (int w = 0; w < 8; ++w) t += warp_sums[w];
+            part[((bi * gridDim.y + blockIdx.y) * nc + c) * h + hh] = ea * t;
+        }
+        __syncthreads();
+        if (valid) gnext = dE[i] + ea * gnext;
+    }
+}
+
+// y = x * s[row] for x [rows, p], s [rows].
+extern "C" __global__ void scale_rows_fwd(const float* __restrict__ x, const float* __restrict__ s,
+                                          float* __restrict__ y, long long n, int p)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = n <= 0xffffffffLL ? (long long)((unsigned)i / (unsigned)p) : i / p;
+        y[i] = x[i] * s[r];
+    }
+}
+
+// dx = g * s[row], ds[row] = sum over the row of g * x: one warp per row.
+extern "C" __global__ void scale_rows_bwd(const float* __restrict__ g, const float* __restrict__ x,
+                                          const float* __restrict__ s, float* __restrict__ dx,
+                                          float* __restrict__ ds, long long rows, int p)
+{
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+         r += warps) {
+        const float sr = s[r];
+        float acc = 0.0f;
+        for (int k = threadIdx.x & 31; k < p; k += 32) {
+            const long long i = r * p + k;
+            const float gi = g[i];
+            dx[i] = gi * sr;
+            acc += gi * x[i];
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if ((threadIdx.x & 31) == 0) ds[r] = acc;
+    }
+}
+"#;
+
+/// `(b, nc, n, h, p)` of the state recurrence's operands.
+fn states_dims(s: &T, a: &T) -> (usize, usize, usize, usize, usize) {
+    let (ss, sa) = (s.meta.shape(), a.meta.shape());
+    assert!(
+        ss.len() == 5 && sa.len() == 3,
+        "SSD states: S [b, nc, n, h, p], a [b, nc, h]"
+    );
+    assert_eq!(&sa[..], &[ss[0], ss[1], ss[3]], "SSD states: a shape");
+    (ss[0], ss[1], ss[2], ss[3], ss[4])
+}
+
+/// The state entering each chunk (f32, like `s`).
+pub fn ssd_states_fwd(s: T, a: T) -> T {
+    let (b, nc, n, h, p) = states_dims(&s, &a);
+    let (s, a) = (same_dtype(s, DType::F32), same_dtype(a, DType::F32));
+    let out = empty(&s, vec![b * nc * n * h * p], DType::F32);
+    if b * nc * n * h * p > 0 {
+        let device = s.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_fwd");
+        enqueue(
+            [&out, &s, &a],
+            move |[mut o_p, mut s_p, mut a_p], stream| {
+                let (mut nc32, mut n32, mut h32, mut p32) =
+                    (nc as i32, n as i32, h as i32, p as i32);
+                let mut params = kernel_args!(s_p, a_p, o_p, nc32, n32, h32, p32);
+                let grid = ((b * h) as u32, (n * p).div_ceil(256) as u32, 1);
+                // SAFETY: the kernel's signature; contiguous f32 of the checked shapes.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
+        );
+    }
+    let shape = s.meta.shape().clone();
+    drop((s, a));
+    Cb::float_reshape(out, shape)
+}
+
+/// `(ds, da)` of [`ssd_states_fwd`], from its output `e`.
+pub fn ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
+    let (b, nc, n, h, p) = states_dims(&e, &a);
+    let f32 = |t| same_dtype(t, DType::F32);
+    let (de, a, e) = (f32(de), f32(a), f32(e));
+    let ds = empty(&e, vec![b * nc * n * h * p], DType::F32);
+    let splits = (n * p).div_ceil(256);
+    let part = empty(&e, vec![b * splits * nc * h], DType::F32);
+    if b * nc * n * h * p > 0 {
+        let device = e.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_bwd");
+        enqueue(
+            [&ds, &de, &a, &e, &part],
+            move |[mut ds_p, mut de_p, mut a_p, mut e_p, mut part_p], stream| {
+                let (mut nc32, mut n32, mut h32, mut p32) =
+                    (nc as i32, n as i32, h as i32, p as i32);
+                let mut params = kernel_args!(de_p, a_p, e_p, ds_p, part_p, nc32, n32, h32, p32);
+                let grid = ((b * h) as u32, splits as u32, 1);
+                // SAFETY: the kernel's signature; `part` holds every block's sums.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
+        );
+    }
+    let da = Cb::float_sum_dim(Cb::float_reshape(part, [b, splits, nc * h].into()), 1);
+    let da = Cb::float_reshape(da, a.meta.shape().clone());
+    let shape = e.meta.shape().clone();
+    drop((de, a, e));
+    (Cb::float_reshape(ds, shape), da)
+}
+
+/// `(rows, p)` of a row scale: `s` is `x` without its last dim.
+fn rows_dims(x: &T, s: &T) -> (usize, usize) {
+    let (xs, ss) = (x.meta.shape(), s.meta.shape());
+    assert!(
+        xs.len() == ss.len() + 1 && xs[..ss.len()] == ss[..],
+        "row scale: x {xs:?} and s {ss:?}"
+    );
+    (ss.num_elements(), xs[xs.len() - 1])
+}
+
+/// `x * s[.., None]` in f32.
+pub fn scale_rows_fwd(x: T, s: T) -> T {
+    let (rows, p) = rows_dims(&x, &s);
+    let (x, s) = (same_dtype(x, DType::F32), same_dtype(s, DType::F32));
+    let n = rows * p;
+    let y = empty(&x, vec![n], DType::F32);
+    if n > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_fwd");
+        enqueue([&y, &x, &s], move |[mut y_p, mut x_p, mut s_p], stream| {
+            let (mut n64, mut p32) = (n as i64, p as i32);
+            let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
+            // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
+            unsafe { launch_flat(device, f, n, stream, &mut params) };
+        });
+    }
+    let shape = x.meta.shape().clone();
+    drop((x, s));
+    Cb::float_reshape(y, shape)
+}
+
+/// `(dx, ds)` in f32.
+pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
+    let (rows, p) = rows_dims(&x, &s);
+    let f32 = |t| same_dtype(t, DType::F32);
+    let (g, x, s) = (f32(g), f32(x), f32(s));
+    let dx = empty(&x, vec![rows * p], DType::F32);
+    let ds = empty(&x, vec![rows], DType::F32);
+    if rows * p > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_bwd");
+        enqueue(
+            [&dx, &g, &x, &s, &ds],
+            move |[mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream| {
+                let (mut r64, mut p32) = (rows as i64, p as i32);
+                let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32);
+                // SAFETY: the kernel's signature; one warp per row (8 per block).
+                unsafe {
+                    launch(
+                        device,
+                        f,
+                        grid_for(rows * 32, 256),
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                };
+            },
+        );
+    }
+    let (xs, ss) = (x.meta.shape().clone(), s.meta.shape().clone());
+    drop((g, x, s));
+    (Cb::float_reshape(dx, xs), Cb::float_reshape(ds, ss))
+}
