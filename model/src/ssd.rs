@@ -46,14 +46,15 @@ pub fn ssd_chunked<B: BambaBackend>(
     let fast = dtype != DType::F32;
     let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
     let skip = x.clone();
-    let (x, bm, cm) = (f32(x), f32(bm), f32(cm));
+    let (bm, cm) = (f32(bm), f32(cm));
     let (dt, a) = (dt.cast(DType::F32), a.cast(DType::F32));
 
     let q = chunk;
     let pad = (q - l % q) % q;
     let nc = (l + pad) / q;
 
-    // Discretise (x dt, A dt) and cut into chunks: [b, nc, q, ..].
+    // Discretise (x dt, A dt) and cut into chunks: [b, nc, q, ..]. `x dt`
+    // comes out in f32 from `x` in its own dtype.
     let x = pad_seq(scale_rows(x, dt.clone()), pad).reshape([b, nc, q, h, p]);
     let cs = pad_seq(scale_heads(dt, a), pad)
         .reshape([b, nc, q, h])

@@ -289,8 +289,8 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }
 
-    /// `x * s[.., None]` in f32, `s` shaped as `x` without its last dim.
-    /// Only called when [`BambaBackend::bamba_fused`].
+    /// `x * s[.., None]` in f32, `s` (f32) shaped as `x` without its last
+    /// dim; `x` f32 or bf16. Only called when [`BambaBackend::bamba_fused`].
     fn bamba_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::bamba_scale_rows_fwd(x, s)
     }
@@ -299,7 +299,7 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
     }
 
-    /// `(dx, ds)`.
+    /// `(dx, ds)`: `dx` in `x`'s dtype, `ds` in f32.
     fn bamba_scale_rows_bwd(
         _g: FloatTensor<Self>,
         _x: FloatTensor<Self>,

@@ -192,7 +192,8 @@ pub fn ssd_out<B: BambaBackend>(
 }
 
 /// `x * s[.., None]` in f32, `s` shaped as `x` without its last dim (a
-/// per-row scale with its reduction fused into the backward).
+/// per-row scale with its reduction fused into the backward). `x` may be
+/// bf16: the kernel reads it as it is (no f32 copy kept for backward).
 pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
     x: Tensor<B, D>,
     s: Tensor<B, D1>,
@@ -201,8 +202,12 @@ pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
         return reference::scale_rows(x, s);
     }
     let f32 = burn::tensor::DType::F32;
+    let x = match x.dtype() {
+        burn::tensor::DType::F32 | burn::tensor::DType::BF16 => x,
+        _ => x.cast(f32),
+    };
     float(B::bamba_scale_rows(
-        x.cast(f32).into_primitive().tensor(),
+        x.into_primitive().tensor(),
         s.cast(f32).into_primitive().tensor(),
     ))
 }

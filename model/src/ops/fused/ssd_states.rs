@@ -3,9 +3,10 @@
 use burn::tensor::DType;
 use burn::tensor::ops::FloatTensorOps;
 
-use super::{Cb, empty, same_dtype};
+use super::{Cb, empty, same_dtype, suffix};
 use crate::kernel_args;
 use crate::ops::nvrtc::{self, T, enqueue, grid_for, launch, launch_flat};
+use burn_cubecl::kernel::into_contiguous;
 
 /// The chunk-to-chunk recurrence of the SSD states and a per-row scale,
 /// in the scan's own layout (no per-head copies).
@@ -70,21 +71,24 @@ extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const fl
     }
 }
 
-// y = x * s[row] for x [rows, p], s [rows].
-extern "C" __global__ void scale_rows_fwd(const float* __restrict__ x, const float* __restrict__ s,
-                                          float* __restrict__ y, long long n, int p)
+// y = x * s[row] in f32 for x [rows, p] (f32 or bf16), s [rows].
+template <typename T>
+__device__ void scale_rows_fwd(const T* __restrict__ x, const float* __restrict__ s,
+                               float* __restrict__ y, long long n, int p)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const long long r = n <= 0xffffffffLL ? (long long)((unsigned)i / (unsigned)p) : i / p;
-        y[i] = x[i] * s[r];
+        y[i] = ld(x, i) * s[r];
     }
 }
 
-// dx = g * s[row], ds[row] = sum over the row of g * x: one warp per row.
-extern "C" __global__ void scale_rows_bwd(const float* __restrict__ g, const float* __restrict__ x,
-                                          const float* __restrict__ s, float* __restrict__ dx,
-                                          float* __restrict__ ds, long long rows, int p)
+// dx = g * s[row] (in x's dtype), ds[row] = sum over the row of g * x: one
+// warp per row.
+template <typename T>
+__device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict__ x,
+                               const float* __restrict__ s, T* __restrict__ dx,
+                               float* __restrict__ ds, long long rows, int p)
 {
     const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
     for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
@@ -94,14 +98,30 @@ extern "C" __global__ void scale_rows_bwd(const float* __restrict__ g, const flo
         for (int k = threadIdx.x & 31; k < p; k += 32) {
             const long long i = r * p + k;
             const float gi = g[i];
-            dx[i] = gi * sr;
-            acc += gi * x[i];
+            st(dx, i, gi * sr);
+            acc += gi * ld(x, i);
         }
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if ((threadIdx.x & 31) == 0) ds[r] = acc;
     }
 }
+
+#define SCALE_ROWS(SUF, T)                                                                     \
+extern "C" __global__ void scale_rows_fwd_##SUF(const T* x, const float* s, float* y,           \
+                                                long long n, int p) {                           \
+    scale_rows_fwd<T>(x, s, y, n, p);                                                           \
+}                                                                                               \
+extern "C" __global__ void scale_rows_bwd_##SUF(const float* g, const T* x, const float* s,      \
+                                                T* dx, float* ds, long long rows, int p) {      \
+    scale_rows_bwd<T>(g, x, s, dx, ds, rows, p);                                                \
+}
+SCALE_ROWS(f32, float)
+SCALE_ROWS(bf16, bf16_t)
 "#;
+
+fn aux_src() -> String {
+    format!("{}{}", nvrtc::PRELUDE, SSD_AUX)
+}
 
 /// `(b, nc, n, h, p)` of the state recurrence's operands.
 fn states_dims(s: &T, a: &T) -> (usize, usize, usize, usize, usize) {
@@ -121,7 +141,7 @@ pub fn ssd_states_fwd(s: T, a: T) -> T {
     let out = empty(&s, vec![b * nc * n * h * p], DType::F32);
     if b * nc * n * h * p > 0 {
         let device = s.device.index;
-        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_fwd");
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "ssd_states_fwd");
         enqueue(
             [&out, &s, &a],
             move |[mut o_p, mut s_p, mut a_p], stream| {
@@ -149,7 +169,7 @@ pub fn ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
     let part = empty(&e, vec![b * splits * nc * h], DType::F32);
     if b * nc * n * h * p > 0 {
         let device = e.device.index;
-        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "ssd_states_bwd");
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "ssd_states_bwd");
         enqueue(
             [&ds, &de, &a, &e, &part],
             move |[mut ds_p, mut de_p, mut a_p, mut e_p, mut part_p], stream| {
@@ -182,12 +202,17 @@ fn rows_dims(x: &T, s: &T) -> (usize, usize) {
 /// `x * s[.., None]` in f32.
 pub fn scale_rows_fwd(x: T, s: T) -> T {
     let (rows, p) = rows_dims(&x, &s);
-    let (x, s) = (same_dtype(x, DType::F32), same_dtype(s, DType::F32));
+    let (x, s) = (into_contiguous(x), same_dtype(s, DType::F32));
     let n = rows * p;
     let y = empty(&x, vec![n], DType::F32);
     if n > 0 {
         let device = x.device.index;
-        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_fwd");
+        let f = nvrtc::function(
+            device,
+            "ssd_aux",
+            &aux_src(),
+            &format!("scale_rows_fwd_{}", suffix(x.dtype)),
+        );
         enqueue([&y, &x, &s], move |[mut y_p, mut x_p, mut s_p], stream| {
             let (mut n64, mut p32) = (n as i64, p as i32);
             let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
@@ -200,16 +225,21 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
     Cb::float_reshape(y, shape)
 }
 
-/// `(dx, ds)` in f32.
+/// `(dx, ds)`: `dx` in `x`'s dtype, `ds` in f32.
 pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
     let (rows, p) = rows_dims(&x, &s);
     let f32 = |t| same_dtype(t, DType::F32);
-    let (g, x, s) = (f32(g), f32(x), f32(s));
-    let dx = empty(&x, vec![rows * p], DType::F32);
+    let (g, x, s) = (f32(g), into_contiguous(x), f32(s));
+    let dx = empty(&x, vec![rows * p], x.dtype);
     let ds = empty(&x, vec![rows], DType::F32);
     if rows * p > 0 {
         let device = x.device.index;
-        let f = nvrtc::function(device, "ssd_aux", SSD_AUX, "scale_rows_bwd");
+        let f = nvrtc::function(
+            device,
+            "ssd_aux",
+            &aux_src(),
+            &format!("scale_rows_bwd_{}", suffix(x.dtype)),
+        );
         enqueue(
             [&dx, &g, &x, &s, &ds],
             move |[mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream| {
