@@ -5,7 +5,8 @@ use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::nvrtc::{T, enqueue};
+use super::nvrtc::{self, T, enqueue, launch};
+use crate::kernel_args;
 
 /// The CUDA backend type, for burn's own ops on the kernels' tensors (the
 /// tensor type does not depend on its element parameters).
@@ -36,6 +37,61 @@ pub use ssd_out::{ssd_out_bwd, ssd_out_fwd};
 pub use ssd_states::{scale_rows_bwd, scale_rows_fwd, ssd_states_bwd, ssd_states_fwd};
 pub use swiglu::{swiglu_bwd, swiglu_fwd};
 pub use xent::{cross_entropy_bwd, cross_entropy_fwd};
+
+/// Column sums of a `[rows, d]` f32 matrix in a fixed order (per-block
+/// partials summed after a kernel, instead of float atomics); launch with
+/// blocks of (32, 8) threads, one block per 32 columns.
+const COLSUM8: &str = r#"
+// out[c] = sum over rows of part[r, c] (part [rows, d] f32). Block (32, 8)
+// per 32 columns: thread (tx, ty) sums rows ty, ty + 8, ..., then the 8
+// partials are added in order (deterministic).
+extern "C" __global__ void colsum8(const float* __restrict__ part, float* __restrict__ out,
+                                   int rows, int d) {
+    __shared__ float s[8][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float a = 0.0f;
+    if (c < d)
+        for (int r = threadIdx.y; r < rows; r += 8) a += part[(long long)r * d + c];
+    s[threadIdx.y][threadIdx.x] = a;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < d) {
+        float t = 0.0f;
+        for (int k = 0; k < 8; ++k) t += s[k][threadIdx.x];
+        out[c] = t;
+    }
+}
+"#;
+
+/// Launches `colsum8` (in `f`'s module) over `part [rows, d]` into `out [d]`.
+///
+/// # Safety
+/// `part` and `out` must be live f32 buffers of those sizes, `f` the
+/// `colsum8` of a module built with [`COLSUM8`].
+unsafe fn launch_colsum8(
+    device: usize,
+    f: nvrtc::Kernel,
+    stream: nvrtc::Stream,
+    mut part: u64,
+    mut out: u64,
+    rows: usize,
+    d: usize,
+) {
+    let (mut rows32, mut d32) = (rows as i32, d as i32);
+    let mut params = kernel_args!(part, out, rows32, d32);
+    let blocks = d.div_ceil(32) as u32;
+    // SAFETY: the caller's contract.
+    unsafe {
+        launch(
+            device,
+            f,
+            (blocks, 1, 1),
+            (32, 8, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    };
+}
 
 /// The kernel-name suffix of a storage dtype.
 fn suffix(dtype: DType) -> &'static str {

@@ -4,15 +4,17 @@
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 
-use super::{empty, same_dtype, suffix, zeros_f32};
+use super::{COLSUM8, empty, launch_colsum8, same_dtype, suffix, zeros_f32};
 use crate::kernel_args;
-use crate::ops::nvrtc::{self, T, enqueue, grid_for, launch, launch_flat};
+use crate::ops::nvrtc::{self, T, enqueue, launch, launch_flat};
 
 /// Per-head elementwise pieces of the Mamba2 mixer whose parameter
 /// gradients burn reduces slowly (one block over all rows): `dt =
 /// clamp(softplus(raw + dt_bias))` and `y = x * a[head]` (`A dt`, the `D`
-/// skip). The backward kernels sum the per-head gradients in shared memory
-/// and add each block's sums atomically.
+/// skip). The backward kernels sum the per-head gradients without atomics:
+/// each block sums a run of rows per element position, then `colsum8` adds
+/// the blocks and `head_sum_inner` a head's positions, in a fixed order, so
+/// the gradients are the same bits on every run.
 const HEADS: &str = r#"
 #define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
@@ -24,16 +26,6 @@ __device__ __forceinline__ int head_of(long long i, int inner, int h, long long 
     return (int)((i / inner) % h);
 }
 
-// Adds v to acc[h]; lanes of a warp that share h (inner a multiple of 32) sum first.
-__device__ __forceinline__ void head_add(float* acc, int h, float v, bool warp_shared) {
-    if (warp_shared) {
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if ((threadIdx.x & 31) == 0) atomicAdd(acc + h, v);
-    } else {
-        atomicAdd(acc + h, v);
-    }
-}
-
 template <typename T>
 __device__ void dt_fwd(const T* raw, const T* bias, float* dt, long long n, int h, float lo, float hi) {
     GRID_STRIDE(i, n) {
@@ -43,28 +35,28 @@ __device__ void dt_fwd(const T* raw, const T* bias, float* dt, long long n, int 
     }
 }
 
+// Block blockIdx.x takes rows [blockIdx.x * per, ..) of `rows` rows of h;
+// thread e sums its position over those rows in order into part[block, e].
 template <typename T>
-__device__ void dt_bwd(const float* g, const T* raw, const T* bias, T* draw, float* dbias,
-                       long long n, int h, float lo, float hi) {
-    extern __shared__ float acc[];
-    for (int j = threadIdx.x; j < h; j += blockDim.x) acc[j] = 0.0f;
-    __syncthreads();
-    // Loop bounds equal across the block, so every thread reaches the barriers.
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i0 = (long long)blockIdx.x * blockDim.x; i0 < n; i0 += stride) {
-        const long long i = i0 + threadIdx.x;
-        if (i < n) {
-            const int hh = head_of(i, 1, h, n);
-            const float s = rnd(ld(raw, i) + ld(bias, hh), T());
+__device__ void dt_bwd(const float* g, const T* raw, const T* bias, T* draw, float* part,
+                       long long rows, int h, float lo, float hi, int per) {
+    const long long r0 = (long long)blockIdx.x * per;
+    const long long r1 = min(r0 + per, rows);
+    for (int e = threadIdx.x; e < h; e += blockDim.x) {
+        const float bv = ld(bias, e);
+        float acc = 0.0f;
+#pragma unroll 4
+        for (long long r = r0; r < r1; ++r) {
+            const long long i = r * h + e;
+            const float s = rnd(ld(raw, i) + bv, T());
             const float sp = rnd(softplus(s), T());
             const bool inside = sp >= rnd(lo, T()) && sp <= rnd(hi, T());
             const float d = inside ? g[i] / (1.0f + __expf(-s)) : 0.0f;
             st(draw, i, d);
-            atomicAdd(acc + hh, d);
+            acc += d;
         }
+        part[(long long)blockIdx.x * h + e] = acc;
     }
-    __syncthreads();
-    for (int j = threadIdx.x; j < h; j += blockDim.x) atomicAdd(dbias + j, acc[j]);
 }
 
 template <typename T>
@@ -72,25 +64,33 @@ __device__ void scale_fwd(const T* x, const T* a, T* y, long long n, int h, int 
     GRID_STRIDE(i, n) { st(y, i, ld(x, i) * ld(a, head_of(i, inner, h, n))); }
 }
 
+// As dt_bwd, over rows of m = h * inner elements (head e / inner).
 template <typename T>
-__device__ void scale_bwd(const T* g, const T* x, const T* a, T* dx, float* da,
-                          long long n, int h, int inner) {
-    extern __shared__ float acc[];
-    for (int j = threadIdx.x; j < h; j += blockDim.x) acc[j] = 0.0f;
-    __syncthreads();
-    const bool warp_shared = inner % 32 == 0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i0 = (long long)blockIdx.x * blockDim.x; i0 < n; i0 += stride) {
-        const long long i = i0 + threadIdx.x;
-        // Past the end: contribute 0 to keep whole warps in the shuffle.
-        const bool in = i < n;
-        const int hh = in ? head_of(i, inner, h, n) : 0;
-        const float gv = in ? ld(g, i) : 0.0f;
-        if (in) st(dx, i, gv * ld(a, hh));
-        head_add(acc, hh, in ? gv * ld(x, i) : 0.0f, warp_shared);
+__device__ void scale_bwd(const T* g, const T* x, const T* a, T* dx, float* part,
+                          long long rows, int m, int inner, int per) {
+    const long long r0 = (long long)blockIdx.x * per;
+    const long long r1 = min(r0 + per, rows);
+    for (int e = threadIdx.x; e < m; e += blockDim.x) {
+        const float av = ld(a, e / inner);
+        float acc = 0.0f;
+#pragma unroll 4
+        for (long long r = r0; r < r1; ++r) {
+            const long long i = r * m + e;
+            const float gv = ld(g, i);
+            st(dx, i, gv * av);
+            acc += gv * ld(x, i);
+        }
+        part[(long long)blockIdx.x * m + e] = acc;
     }
-    __syncthreads();
-    for (int j = threadIdx.x; j < h; j += blockDim.x) atomicAdd(da + j, acc[j]);
+}
+
+// out[j] = sum of sums[j * inner .. (j + 1) * inner), in order.
+extern "C" __global__ void head_sum_inner(const float* sums, float* out, int h, int inner) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= h) return;
+    float t = 0.0f;
+    for (int k = 0; k < inner; ++k) t += sums[(long long)j * inner + k];
+    out[j] = t;
 }
 
 #define HEAD_KERNELS(SUF, T)                                                                     \
@@ -99,23 +99,33 @@ extern "C" __global__ void dt_fwd_##SUF(const T* raw, const T* bias, float* dt, 
     dt_fwd<T>(raw, bias, dt, n, h, lo, hi);                                                       \
 }                                                                                                 \
 extern "C" __global__ void dt_bwd_##SUF(const float* g, const T* raw, const T* bias, T* draw,    \
-                                        float* dbias, long long n, int h, float lo, float hi) {  \
-    dt_bwd<T>(g, raw, bias, draw, dbias, n, h, lo, hi);                                           \
+        float* part, long long rows, int h, float lo, float hi, int per) {                        \
+    dt_bwd<T>(g, raw, bias, draw, part, rows, h, lo, hi, per);                                    \
 }                                                                                                 \
 extern "C" __global__ void scale_fwd_##SUF(const T* x, const T* a, T* y, long long n, int h,     \
                                            int inner) {                                           \
     scale_fwd<T>(x, a, y, n, h, inner);                                                           \
 }                                                                                                 \
-extern "C" __global__ void scale_bwd_##SUF(const T* g, const T* x, const T* a, T* dx, float* da, \
-                                           long long n, int h, int inner) {                       \
-    scale_bwd<T>(g, x, a, dx, da, n, h, inner);                                                   \
+extern "C" __global__ void scale_bwd_##SUF(const T* g, const T* x, const T* a, T* dx,          \
+        float* part, long long rows, int m, int inner, int per) {                                 \
+    scale_bwd<T>(g, x, a, dx, part, rows, m, inner, per);                                         \
 }
 HEAD_KERNELS(f32, float)
 HEAD_KERNELS(bf16, bf16_t)
 "#;
 
 fn heads_src() -> String {
-    format!("{}{}", nvrtc::PRELUDE, HEADS)
+    format!("{}{}{}", nvrtc::PRELUDE, COLSUM8, HEADS)
+}
+
+/// Blocks of the per-head backward kernels (a constant: the sums' order
+/// must not depend on the GPU).
+const HEAD_PARTS: usize = 264;
+
+/// `(per, parts)`: rows per block and blocks for `rows` rows.
+fn head_parts(rows: usize) -> (usize, usize) {
+    let per = rows.div_ceil(HEAD_PARTS).max(1);
+    (per, rows.div_ceil(per).max(1))
 }
 
 /// `(h, inner)`: dim 2 of `x` holds the heads; `inner` elements follow each.
@@ -168,37 +178,41 @@ pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
     let g = same_dtype(g, DType::F32);
     let (n, h, _) = head_layout(&raw, &bias);
     let draw = empty(&raw, raw.meta.shape().to_vec(), dtype);
-    let dbias = zeros_f32(&raw, vec![h]);
-    if n > 0 {
-        let device = raw.device.index;
-        let f = nvrtc::function(
-            device,
-            "heads",
-            &heads_src(),
-            &format!("dt_bwd_{}", suffix(dtype)),
-        );
-        enqueue(
-            [&draw, &g, &raw, &bias, &dbias],
-            move |[mut d_p, mut g_p, mut r_p, mut b_p, mut db_p], stream| {
-                let (mut n64, mut h32, mut lo32, mut hi32) =
-                    (n as i64, h as i32, lo as f32, hi as f32);
-                let mut params = kernel_args!(g_p, r_p, b_p, d_p, db_p, n64, h32, lo32, hi32);
-                // SAFETY: as in the forward; `h` floats of shared memory.
-                unsafe {
-                    launch(
-                        device,
-                        f,
-                        grid_for(n, 256),
-                        (256, 1, 1),
-                        (h * 4) as u32,
-                        stream,
-                        &mut params,
-                    )
-                };
-            },
-        );
+    if n == 0 {
+        return (draw, zeros_f32(&raw, vec![h]));
     }
-    drop((g, raw, bias));
+    let rows = n / h;
+    let (per, parts) = head_parts(rows);
+    let part = empty(&raw, vec![parts * h], DType::F32);
+    let dbias = empty(&raw, vec![h], DType::F32);
+    let device = raw.device.index;
+    let src = heads_src();
+    let f = nvrtc::function(device, "heads", &src, &format!("dt_bwd_{}", suffix(dtype)));
+    let f_sum = nvrtc::function(device, "heads", &src, "colsum8");
+    enqueue(
+        [&draw, &g, &raw, &bias, &part, &dbias],
+        move |[mut d_p, mut g_p, mut r_p, mut b_p, mut part_p, db_p], stream| {
+            let (mut rows64, mut h32, mut lo32, mut hi32, mut per32) =
+                (rows as i64, h as i32, lo as f32, hi as f32, per as i32);
+            let mut params =
+                kernel_args!(g_p, r_p, b_p, d_p, part_p, rows64, h32, lo32, hi32, per32);
+            // SAFETY: the kernels' signatures; raw, g, draw `[rows, h]`, bias and
+            // dbias `[h]`, part `[parts, h]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    (parts as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                );
+                launch_colsum8(device, f_sum, stream, part_p, db_p, parts, h);
+            }
+        },
+    );
+    drop((g, raw, bias, part));
     (draw, dbias)
 }
 
@@ -238,35 +252,73 @@ pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
     );
     let (n, h, inner) = head_layout(&x, &a);
     let dx = empty(&x, x.meta.shape().to_vec(), dtype);
-    let da = zeros_f32(&x, vec![h]);
-    if n > 0 {
-        let device = x.device.index;
-        let f = nvrtc::function(
-            device,
-            "heads",
-            &heads_src(),
-            &format!("scale_bwd_{}", suffix(dtype)),
-        );
-        enqueue(
-            [&dx, &g, &x, &a, &da],
-            move |[mut dx_p, mut g_p, mut x_p, mut a_p, mut da_p], stream| {
-                let (mut n64, mut h32, mut in32) = (n as i64, h as i32, inner as i32);
-                let mut params = kernel_args!(g_p, x_p, a_p, dx_p, da_p, n64, h32, in32);
-                // SAFETY: as in the forward; `h` floats of shared memory.
-                unsafe {
+    if n == 0 {
+        return (dx, zeros_f32(&x, vec![h]));
+    }
+    let m = h * inner;
+    let rows = n / m;
+    let (per, parts) = head_parts(rows);
+    let part = empty(&x, vec![parts * m], DType::F32);
+    // Per position, then per head (the same buffer when a head is one position).
+    let sums = empty(&x, vec![m], DType::F32);
+    let da = if inner == 1 {
+        sums.clone()
+    } else {
+        empty(&x, vec![h], DType::F32)
+    };
+    let device = x.device.index;
+    let src = heads_src();
+    let f = nvrtc::function(
+        device,
+        "heads",
+        &src,
+        &format!("scale_bwd_{}", suffix(dtype)),
+    );
+    let f_sum = nvrtc::function(device, "heads", &src, "colsum8");
+    let f_heads = nvrtc::function(device, "heads", &src, "head_sum_inner");
+    enqueue(
+        [&dx, &g, &x, &a, &part, &sums, &da],
+        move |[
+            mut dx_p,
+            mut g_p,
+            mut x_p,
+            mut a_p,
+            mut part_p,
+            mut s_p,
+            mut da_p,
+        ],
+              stream| {
+            let (mut rows64, mut m32, mut in32, mut per32, mut h32) =
+                (rows as i64, m as i32, inner as i32, per as i32, h as i32);
+            let mut params = kernel_args!(g_p, x_p, a_p, dx_p, part_p, rows64, m32, in32, per32);
+            let mut heads = kernel_args!(s_p, da_p, h32, in32);
+            // SAFETY: the kernels' signatures; g, x, dx `[rows, m]`, a and da `[h]`,
+            // part `[parts, m]`, sums `[m]`.
+            unsafe {
+                launch(
+                    device,
+                    f,
+                    (parts as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                );
+                launch_colsum8(device, f_sum, stream, part_p, s_p, parts, m);
+                if inner > 1 {
                     launch(
                         device,
-                        f,
-                        grid_for(n, 256),
-                        (256, 1, 1),
-                        (h * 4) as u32,
+                        f_heads,
+                        (h.div_ceil(128) as u32, 1, 1),
+                        (128, 1, 1),
+                        0,
                         stream,
-                        &mut params,
-                    )
-                };
-            },
-        );
-    }
-    drop((g, x, a));
+                        &mut heads,
+                    );
+                }
+            }
+        },
+    );
+    drop((g, x, a, part));
     (dx, da)
 }

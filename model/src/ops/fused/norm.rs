@@ -13,7 +13,7 @@
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 
-use super::{aligned16, empty, norm_grid, suffix, with_rows, zeros_f32};
+use super::{COLSUM8, aligned16, empty, norm_grid, suffix, with_rows, zeros_f32};
 use crate::kernel_args;
 use crate::ops::nvrtc::{self, T, enqueue_opt, launch};
 
@@ -106,25 +106,6 @@ __device__ void norm_dw(const T* dout, const T* x, const T* z, const float* rstd
         acc += ld(dout + o, c) * rnd(g * rstd[r], T());
     }
     dw_part[(long long)blockIdx.y * d + c] = acc;
-}
-
-// out[c] = sum over rows of part[r, c] (part [rows, d] f32). Block (32, 8)
-// per 32 columns: thread (tx, ty) sums rows ty, ty + 8, ..., then the 8
-// partials are added in order (deterministic).
-extern "C" __global__ void colsum8(const float* __restrict__ part, float* __restrict__ out,
-                                   int rows, int d) {
-    __shared__ float s[8][33];
-    const int c = blockIdx.x * 32 + threadIdx.x;
-    float a = 0.0f;
-    if (c < d)
-        for (int r = threadIdx.y; r < rows; r += 8) a += part[(long long)r * d + c];
-    s[threadIdx.y][threadIdx.x] = a;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < d) {
-        float t = 0.0f;
-        for (int k = 0; k < 8; ++k) t += s[k][threadIdx.x];
-        out[c] = t;
-    }
 }
 
 // Vectorised rows: V consecutive elements per 16-byte access (d % V == 0),
@@ -328,7 +309,7 @@ const NORM_DW_ROWS: usize = 64;
 const NORM_BWD_BLOCKS: usize = 528;
 
 fn norm_src() -> String {
-    format!("{}{}", nvrtc::PRELUDE, NORM)
+    format!("{}{}{}", nvrtc::PRELUDE, COLSUM8, NORM)
 }
 
 /// The gate `z` with its row stride (`d` when there is none).
