@@ -1,7 +1,7 @@
 //! Causal self-attention with grouped KV heads and partial rotary embeddings
 //! (HF's `BambaAttention`, eager path).
 
-use crate::ops::{BambaBackend, causal_softmax, matmul};
+use crate::ops::{BambaBackend, attention};
 use burn::module::Module;
 use burn::tensor::Tensor;
 
@@ -45,26 +45,18 @@ impl<B: BambaBackend> BambaAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let (nq, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, l, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nq), cos, sin);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
+        // Heads stay token-major, [b, l, heads, d]: the projections' own
+        // layout, so neither the attention nor o_proj needs a transpose.
+        let rd = cos.dims()[3];
+        let (cos, sin) = (
+            cos.clone().reshape([1, l, 1, rd]),
+            sin.clone().reshape([1, l, 1, rd]),
+        );
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, l, n, hd]);
+        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nq), &cos, &sin);
+        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), &cos, &sin);
         let v = heads(self.v_proj.forward(x), nkv);
-        let (k, v) = (repeat_kv(k, nq / nkv), repeat_kv(v, nq / nkv));
-
-        // Softmax in f32 as HF does, in one pass where the backend fuses it.
-        let probs = causal_softmax(matmul(q, k.swap_dims(2, 3)), (hd as f64).powf(-0.5));
-        let out = matmul(probs, v).swap_dims(1, 2).reshape([b, l, nq * hd]);
-        self.o_proj.forward(out)
+        let out = attention(q, k, v, (hd as f64).powf(-0.5));
+        self.o_proj.forward(out.reshape([b, l, nq * hd]))
     }
-}
-
-/// `[b, kv, l, d] -> [b, kv * rep, l, d]`, each KV head serving `rep` query heads.
-fn repeat_kv<B: BambaBackend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
-    if rep == 1 {
-        return x;
-    }
-    let [b, kv, l, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, rep, l, d])
-        .reshape([b, kv * rep, l, d])
 }

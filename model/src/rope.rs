@@ -34,7 +34,8 @@ pub fn rope_tables<B: Backend>(
     (table(cos), table(sin))
 }
 
-/// Applies the rotation to `[b, heads, seq, head_dim]`.
+/// Applies the rotation to the last dim of `x` (`[b, heads, seq, head_dim]`
+/// or `[b, seq, heads, head_dim]`), the tables shaped to broadcast over it.
 pub fn apply_rope<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,

@@ -825,6 +825,41 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 }),
             );
         }
+        // Flash attention (bf16 only; f32 runs the eager path): odd
+        // lengths (partial tiles), grouped heads, every compiled head dim.
+        for (b, l, hq, hk, d) in [
+            (2, 100, 4, 2, 64),
+            (1, 130, 2, 2, 128),
+            (1, 77, 4, 1, 16),
+            (1, 64, 2, 1, 32),
+            (1, 4096, 16, 4, 128),
+        ]
+        .into_iter()
+        .filter(|s| dtype == DType::BF16 && (large || s.1 < 1000))
+        {
+            let (nq, nk) = (b * l * hq * d, b * l * hk * d);
+            let split = move |x: &Inputs<B>| {
+                (
+                    x[0].clone().reshape([b, l, hq, d]),
+                    x[1].clone().reshape([b, l, hk, d]),
+                    x[2].clone().reshape([b, l, hk, d]),
+                )
+            };
+            let scale = (d as f64).powf(-0.5);
+            check(
+                &format!("attention_{b}x{l}x{hq}x{hk}x{d}"),
+                dtype,
+                &[vec![nq], vec![nk], vec![nk]],
+                Box::new(move |x| {
+                    let (q, k, v) = split(x);
+                    ops::attention(q, k, v, scale).reshape([nq])
+                }),
+                Box::new(move |x| {
+                    let (q, k, v) = split(x);
+                    reference::attention(q, k, v, scale).reshape([nq])
+                }),
+            );
+        }
         for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)]
             .into_iter()
             .filter(|s| large || s.0 < 1000)

@@ -217,6 +217,35 @@ impl<B: BambaBackend> Backward<B, 1> for CausalSoftmax {
     }
 }
 
+/// Flash attention; parents: q, k, v. Keeps its output and row
+/// statistics (not the `[l, l]` probabilities).
+#[derive(Debug)]
+struct FlashAttention;
+
+impl<B: BambaBackend> Backward<B, 3> for FlashAttention {
+    #[allow(clippy::type_complexity)]
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (q, k, v, out, lse, scale) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let (dq, dk, dv) = B::bamba_flash_attention_bwd(g, q, k, v, out, lse, scale);
+        let [pq, pk, pv] = ops.parents;
+        for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+            if let Some(n) = parent {
+                grads.register::<B>(n.id, grad);
+            }
+        }
+    }
+}
+
 /// Fused SwiGLU; parents: gate, up.
 #[derive(Debug)]
 struct Swiglu;
@@ -452,6 +481,31 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((out.clone(), scale), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_causal_softmax(sp, scale)),
+        }
+    }
+
+    fn bamba_flash_head_dim(head_dim: usize) -> bool {
+        B::bamba_flash_head_dim(head_dim)
+    }
+
+    fn bamba_flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let prep = FlashAttention
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (qp, kp, vp) = (q.primitive, k.primitive, v.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) =
+                    B::bamba_flash_attention_fwd(qp.clone(), kp.clone(), vp.clone(), scale);
+                prep.finish((qp, kp, vp, out.clone(), lse, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_flash_attention(qp, kp, vp, scale)),
         }
     }
 

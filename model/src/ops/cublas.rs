@@ -126,6 +126,26 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::causal_softmax_bwd(dprobs, probs, scale)
     }
 
+    fn bamba_flash_head_dim(head_dim: usize) -> bool {
+        super::fused::FLASH_HEAD_DIMS.contains(&head_dim)
+    }
+
+    fn bamba_flash_attention_fwd(q: T, k: T, v: T, scale: f64) -> (T, T) {
+        super::fused::flash_attention_fwd(q, k, v, scale)
+    }
+
+    fn bamba_flash_attention_bwd(
+        dout: T,
+        q: T,
+        k: T,
+        v: T,
+        out: T,
+        lse: T,
+        scale: f64,
+    ) -> (T, T, T) {
+        super::fused::flash_attention_bwd(dout, q, k, v, out, lse, scale)
+    }
+
     fn bamba_swiglu_fwd(g: T, u: T) -> T {
         super::fused::swiglu_fwd(g, u)
     }

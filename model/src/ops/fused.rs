@@ -12,6 +12,7 @@ use crate::kernel_args;
 /// tensor type does not depend on its element parameters).
 type Cb = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
 
+mod attention;
 mod conv;
 mod heads;
 mod narrow;
@@ -25,6 +26,7 @@ mod ssd_states;
 mod swiglu;
 mod xent;
 
+pub use attention::{FLASH_HEAD_DIMS, flash_attention_bwd, flash_attention_fwd};
 pub use conv::{conv1d_silu_bwd, conv1d_silu_fwd};
 pub use heads::{dt_softplus_bwd, dt_softplus_fwd, scale_heads_bwd, scale_heads_fwd};
 pub use narrow::{add_narrow, narrow_view};

@@ -23,7 +23,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive};
 
 pub use pieces::{
-    causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
+    attention, causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
     scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
 };
 
@@ -213,6 +213,49 @@ pub trait BambaBackend: Backend {
         _scale: f64,
     ) -> FloatTensor<Self> {
         unimplemented!("this backend has no fused softmax (bamba_fused() is false)")
+    }
+
+    /// Whether [`BambaBackend::bamba_flash_attention`] serves bf16 heads of
+    /// `head_dim` (the eager softmax path runs otherwise).
+    fn bamba_flash_head_dim(_head_dim: usize) -> bool {
+        false
+    }
+
+    /// Causal attention `softmax(q k^T * scale) v` with grouped KV heads,
+    /// without the `[l, l]` matrix: `q [b, l, hq, d]`, `k`, `v [b, l, hk, d]`
+    /// in bf16 -> `[b, l, hq, d]`. Only called when
+    /// [`BambaBackend::bamba_flash_head_dim`] is true.
+    fn bamba_flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::bamba_flash_attention_fwd(q, k, v, scale).0
+    }
+
+    /// `(out, lse)`: the output and the per-row log-sum-exp its backward reads.
+    fn bamba_flash_attention_fwd(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no flash attention")
+    }
+
+    /// `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn bamba_flash_attention_bwd(
+        _dout: FloatTensor<Self>,
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _out: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no flash attention")
     }
 
     /// SwiGLU's `silu(g) * u`, in `g`'s dtype. Only called when

@@ -213,6 +213,21 @@ pub unsafe fn launch(
         .unwrap_or_else(|e| panic!("kernel launch (grid {grid:?}, block {block:?}): {e:?}"));
 }
 
+/// Lets `f` take `bytes` of dynamic shared memory per block (above the
+/// 48 KB a launch gets without asking).
+pub fn set_max_dynamic_smem(device: usize, f: Kernel, bytes: u32) {
+    let _ctx = context(device);
+    // SAFETY: `f` is a loaded function of this device's context.
+    unsafe {
+        drv::function::set_function_attribute(
+            f.0 as cu::CUfunction,
+            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+    }
+    .unwrap_or_else(|e| panic!("{bytes} bytes of dynamic shared memory: {e:?}"));
+}
+
 /// [`launch`] over `n` elements: blocks of 256 threads, a grid-stride loop
 /// in the kernel covering what the grid does not (see [`grid_for`]).
 ///

@@ -113,6 +113,27 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
     ))
 }
 
+/// Causal attention with grouped KV heads: `q [b, l, hq, d]`,
+/// `k`, `v [b, l, hk, d]` -> `[b, l, hq, d]`, `softmax(q k^T * scale) v`
+/// over keys `j <= i`. Flash attention where the backend has it for this
+/// dtype and head dim; else HF's eager path (scores, f32 softmax, product).
+pub fn attention<B: BambaBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let d = q.dims()[3];
+    let bf16 = [&q, &k, &v]
+        .iter()
+        .all(|t| t.dtype() == burn::tensor::DType::BF16);
+    if B::bamba_fused() && bf16 && B::bamba_flash_head_dim(d) {
+        let p = |t: Tensor<B, 4>| t.into_primitive().tensor();
+        return float(B::bamba_flash_attention(p(q), p(k), p(v), scale));
+    }
+    reference::attention_with(q, k, v, scale, causal_softmax)
+}
+
 /// SwiGLU's gate `silu(g) * u` (the MLP's `act(gate_proj(x)) * up_proj(x)`).
 pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
     if !(B::bamba_fused() && g.dtype() == u.dtype()) {

@@ -131,6 +131,43 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
     .cast(dtype)
 }
 
+/// See [`super::attention`]: HF's eager attention with `softmax` for the
+/// probabilities (this module's, or the fused one in [`super::attention`]).
+pub fn attention_with<B: BambaBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    softmax: impl Fn(Tensor<B, 4>, f64) -> Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let rep = q.dims()[2] / k.dims()[2];
+    let heads = |t: Tensor<B, 4>| t.swap_dims(1, 2);
+    let (k, v) = (repeat_kv(heads(k), rep), repeat_kv(heads(v), rep));
+    let probs = softmax(super::matmul(heads(q), k.swap_dims(2, 3)), scale);
+    super::matmul(probs, v).swap_dims(1, 2)
+}
+
+/// See [`super::attention`].
+pub fn attention<B: BambaBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    attention_with(q, k, v, scale, causal_softmax)
+}
+
+/// `[b, kv, l, d] -> [b, kv * rep, l, d]`, each KV head serving `rep` query heads.
+fn repeat_kv<B: BambaBackend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, kv, l, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, rep, l, d])
+        .reshape([b, kv * rep, l, d])
+}
+
 /// `out[.., i, j] = x[j+1] + .. + x[i]` for `j <= i`, `-inf` above the
 /// diagonal: the log-decay from step `j` to step `i`. As a difference of one
 /// cumulative sum (one pass over `[.., t, t]`) rather than HF's cumsum of the
