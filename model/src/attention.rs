@@ -47,14 +47,9 @@ impl<B: BambaBackend> BambaAttention<B> {
         let (nq, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Heads stay token-major, [b, l, heads, d]: the projections' own
         // layout, so neither the attention nor o_proj needs a transpose.
-        let rd = cos.dims()[3];
-        let (cos, sin) = (
-            cos.clone().reshape([1, l, 1, rd]),
-            sin.clone().reshape([1, l, 1, rd]),
-        );
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, l, n, hd]);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nq), &cos, &sin);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), &cos, &sin);
+        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nq), cos, sin);
+        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
         let v = heads(self.v_proj.forward(x), nkv);
         let out = attention(q, k, v, (hd as f64).powf(-0.5));
         self.o_proj.forward(out.reshape([b, l, nq * hd]))

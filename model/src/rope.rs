@@ -2,6 +2,8 @@
 //! on the first `rotary_dim` dims of each head; the rest pass through.
 
 use burn::tensor::backend::Backend;
+
+use crate::ops::BambaBackend;
 use burn::tensor::{Tensor, TensorData};
 
 /// cos/sin tables for positions `0..seq`, each `[1, 1, seq, rotary_dim]`.
@@ -34,30 +36,17 @@ pub fn rope_tables<B: Backend>(
     (table(cos), table(sin))
 }
 
-/// Applies the rotation to the last dim of `x` (`[b, heads, seq, head_dim]`
-/// or `[b, seq, heads, head_dim]`), the tables shaped to broadcast over it.
-pub fn apply_rope<B: Backend>(
+/// Applies the rotation to `x [b, seq, heads, head_dim]` (tables from
+/// [`rope_tables`] for the same `seq`).
+pub fn apply_rope<B: BambaBackend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    let [_, _, _, hd] = x.dims();
-    let rd = cos.dims()[3];
-    let dtype = x.dtype();
-    let (cos, sin) = (cos.clone().cast(dtype), sin.clone().cast(dtype));
-    let rot = x.clone().narrow(3, 0, rd);
-    let rotated = rot.clone() * cos + rotate_half(rot) * sin;
-    if rd == hd {
-        rotated
-    } else {
-        Tensor::cat(vec![rotated, x.narrow(3, rd, hd - rd)], 3)
-    }
-}
-
-/// `[x1, x2] -> [-x2, x1]` over the last dim.
-fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, d);
-    let x2 = x.narrow(3, d, d);
-    Tensor::cat(vec![x2.neg(), x1], 3)
+    let [_, _, l, rd] = cos.dims();
+    crate::ops::rope(
+        x,
+        cos.clone().reshape([l, rd]),
+        sin.clone().reshape([l, rd]),
+    )
 }

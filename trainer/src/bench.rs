@@ -825,6 +825,33 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 }),
             );
         }
+        // Rotary embeddings: partial and full rotary dims, odd lengths.
+        for (b, l, h, d, rd) in [
+            (2, 37, 3, 16, 8),
+            (1, 50, 2, 32, 32),
+            (1, 4096, 16, 128, 64),
+        ]
+        .into_iter()
+        .filter(|s| large || s.1 < 1000)
+        {
+            let n = b * l * h * d;
+            let (cos, sin) = bamba_model::rope::rope_tables::<B>(l, rd, 10000.0, device);
+            let (cos, sin) = (cos.reshape([l, rd]), sin.reshape([l, rd]));
+            let (c2, s2) = (cos.clone(), sin.clone());
+            check(
+                &format!("rope_{b}x{l}x{h}x{d}_r{rd}"),
+                dtype,
+                &[vec![n]],
+                Box::new(move |x| {
+                    let x = x[0].clone().reshape([b, l, h, d]);
+                    ops::rope(x, cos.clone(), sin.clone()).reshape([n])
+                }),
+                Box::new(move |x| {
+                    let x = x[0].clone().reshape([b, l, h, d]);
+                    reference::rope(x, c2.clone(), s2.clone()).reshape([n])
+                }),
+            );
+        }
         // Flash attention (bf16 only; f32 runs the eager path): odd
         // lengths (partial tiles), grouped heads, every compiled head dim.
         for (b, l, hq, hk, d) in [

@@ -217,6 +217,24 @@ impl<B: BambaBackend> Backward<B, 1> for CausalSoftmax {
     }
 }
 
+/// Fused rotary embedding; parent: x. Keeps only the tables (the rotation
+/// is linear).
+#[derive(Debug)]
+struct Rope;
+
+impl<B: BambaBackend> Backward<B, 1> for Rope {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let [p] = ops.parents;
+        if let Some(n) = p {
+            grads.register::<B>(n.id, B::bamba_rope_bwd(g, cos, sin));
+        }
+    }
+}
+
 /// Flash attention; parents: q, k, v. Keeps its output and row
 /// statistics (not the `[l, l]` probabilities).
 #[derive(Debug)]
@@ -481,6 +499,25 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((out.clone(), scale), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_causal_softmax(sp, scale)),
+        }
+    }
+
+    fn bamba_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let prep = Rope
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (cp, sp) = (cos.primitive, sin.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_rope(x.primitive, cp.clone(), sp.clone());
+                prep.finish((cp, sp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_rope(x.primitive, cp, sp)),
         }
     }
 

@@ -126,6 +126,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::causal_softmax_bwd(dprobs, probs, scale)
     }
 
+    fn bamba_rope(x: T, cos: T, sin: T) -> T {
+        super::fused::rope_fwd(x, cos, sin)
+    }
+
+    fn bamba_rope_bwd(dy: T, cos: T, sin: T) -> T {
+        super::fused::rope_bwd(dy, cos, sin)
+    }
+
     fn bamba_flash_head_dim(head_dim: usize) -> bool {
         super::fused::FLASH_HEAD_DIMS.contains(&head_dim)
     }

@@ -23,8 +23,8 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive};
 
 pub use pieces::{
-    attention, causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, scale_heads,
-    scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
+    attention, causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, rope,
+    scale_heads, scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -213,6 +213,26 @@ pub trait BambaBackend: Backend {
         _scale: f64,
     ) -> FloatTensor<Self> {
         unimplemented!("this backend has no fused softmax (bamba_fused() is false)")
+    }
+
+    /// Rotary embeddings of `x [b, l, heads, d]` by `cos`/`sin [l, rd]`
+    /// (f32 tables, no gradient), in `x`'s dtype. Only called when
+    /// [`BambaBackend::bamba_fused`].
+    fn bamba_rope(
+        _x: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused rope (bamba_fused() is false)")
+    }
+
+    /// `dx` from `dy`: the rotation transposed.
+    fn bamba_rope_bwd(
+        _dy: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused rope (bamba_fused() is false)")
     }
 
     /// Whether [`BambaBackend::bamba_flash_attention`] serves bf16 heads of

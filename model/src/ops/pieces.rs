@@ -113,6 +113,23 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
     ))
 }
 
+/// Rotary embeddings (GPT-NeoX's rotate_half) of `x [b, l, heads, d]` on
+/// its first `rd` dims, by `cos`/`sin [l, rd]` (f32, from `rope_tables`).
+pub fn rope<B: BambaBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    if !B::bamba_fused() {
+        return reference::rope(x, cos, sin);
+    }
+    float(B::bamba_rope(
+        x.into_primitive().tensor(),
+        cos.into_primitive().tensor(),
+        sin.into_primitive().tensor(),
+    ))
+}
+
 /// Causal attention with grouped KV heads: `q [b, l, hq, d]`,
 /// `k`, `v [b, l, hk, d]` -> `[b, l, hq, d]`, `softmax(q k^T * scale) v`
 /// over keys `j <= i`. Flash attention where the backend has it for this

@@ -131,6 +131,35 @@ pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tens
     .cast(dtype)
 }
 
+/// See [`super::rope`]: HF's `apply_rotary_pos_emb` (tables cast to x's
+/// dtype, the products and the sum in it).
+pub fn rope<B: BambaBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let [_, _, _, hd] = x.dims();
+    let [l, rd] = cos.dims();
+    let dtype = x.dtype();
+    let table = |t: Tensor<B, 2>| t.reshape([1, l, 1, rd]).cast(dtype);
+    let (cos, sin) = (table(cos), table(sin));
+    let rot = x.clone().narrow(3, 0, rd);
+    let rotated = rot.clone() * cos + rotate_half(rot) * sin;
+    if rd == hd {
+        rotated
+    } else {
+        Tensor::cat(vec![rotated, x.narrow(3, rd, hd - rd)], 3)
+    }
+}
+
+/// `[x1, x2] -> [-x2, x1]` over the last dim.
+fn rotate_half<B: BambaBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, d);
+    let x2 = x.narrow(3, d, d);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
 /// See [`super::attention`]: HF's eager attention with `softmax` for the
 /// probabilities (this module's, or the fused one in [`super::attention`]).
 pub fn attention_with<B: BambaBackend>(
