@@ -4,7 +4,7 @@
 // `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
 #![allow(non_snake_case)]
 
-use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, narrow};
+use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, narrow, reshape_view};
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
@@ -98,7 +98,8 @@ impl<B: BambaBackend> BambaMixer<B> {
         let dt = narrow(proj, 2, di + conv_dim, nh);
 
         let xbc = self.conv1d.forward_silu(xbc);
-        let xs = narrow(xbc.clone(), 2, 0, di).reshape([b, l, nh, p]);
+        // A view: scale_rows and ssd_out read x with the conv output's row stride.
+        let xs = reshape_view(narrow(xbc.clone(), 2, 0, di), [b, l, nh, p]);
         let bm = narrow(xbc.clone(), 2, di, g * n).reshape([b, l, g, n]);
         let cm = narrow(xbc, 2, di + g * n, g * n).reshape([b, l, g, n]);
 

@@ -19,7 +19,7 @@ for f in (root / "model/src/ops").rglob("*.rs"):
     text = f.read_text()
     for name, body in re.findall(r'const (\w+): &str = r#"(.*?)"#;', text, re.S):
         srcs[name] = body
-prelude = srcs.pop("PRELUDE", "")
+prelude = srcs.pop("PRELUDE", "") + srcs.pop("MMA", "")
 ok = True
 for name, body in srcs.items():
     if only and name != only:

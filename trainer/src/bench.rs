@@ -807,6 +807,65 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 }),
             );
         }
+        // x as the Mamba mixer passes it: heads split out of a column slice
+        // of a wider row (no copy), into the row scale and the SSD output.
+        for (rows, h, p, w) in [(6, 3, 4, 20), (4096, 64, 64, 4352)]
+            .into_iter()
+            .filter(|s| large || s.0 < 1000)
+        {
+            let view = move |t: Tensor<B, 1>, fused: bool| {
+                let t = t.reshape([1, rows, w]);
+                if fused {
+                    ops::reshape_view(ops::narrow(t, 2, 0, h * p), [1, rows, h, p])
+                } else {
+                    t.narrow(2, 0, h * p).reshape([1, rows, h, p])
+                }
+            };
+            let n = rows * h * p;
+            check(
+                &format!("scale_rows_view_{rows}x{h}x{p}_w{w}"),
+                dtype,
+                &[vec![rows * w], vec![rows * h]],
+                Box::new(move |x| {
+                    let s = x[1].clone().cast(DType::F32).reshape([1, rows, h]);
+                    ops::scale_rows(view(x[0].clone(), true), s).reshape([n])
+                }),
+                Box::new(move |x| {
+                    let s = x[1].clone().cast(DType::F32).reshape([1, rows, h]);
+                    reference::scale_rows(view(x[0].clone(), false), s).reshape([n])
+                }),
+            );
+            let f32 = |t: Tensor<B, 1>, d: [usize; 4]| t.cast(DType::F32).reshape(d);
+            check(
+                &format!("ssd_out_view_{rows}x{h}x{p}_w{w}"),
+                dtype,
+                &[vec![n], vec![n], vec![rows * h], vec![rows * w], vec![h]],
+                Box::new(move |x| {
+                    let d4 = [1, rows, h, p];
+                    let cs = -f32(x[2].clone(), [1, 1, rows, h]).abs();
+                    ops::ssd_out(
+                        f32(x[0].clone(), d4).reshape([1, 1, rows, h, p]),
+                        f32(x[1].clone(), d4).reshape([1, 1, rows, h, p]),
+                        cs,
+                        view(x[3].clone(), true),
+                        x[4].clone(),
+                    )
+                    .reshape([n])
+                }),
+                Box::new(move |x| {
+                    let d4 = [1, rows, h, p];
+                    let cs = -f32(x[2].clone(), [1, 1, rows, h]).abs();
+                    reference::ssd_out(
+                        f32(x[0].clone(), d4).reshape([1, 1, rows, h, p]),
+                        f32(x[1].clone(), d4).reshape([1, 1, rows, h, p]),
+                        cs,
+                        view(x[3].clone(), false),
+                        x[4].clone(),
+                    )
+                    .reshape([n])
+                }),
+            );
+        }
         for (b, h, l) in [(2, 3, 37), (1, 16, 4096)]
             .into_iter()
             .filter(|s| large || s.2 < 1000)

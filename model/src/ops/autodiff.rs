@@ -235,6 +235,22 @@ impl<B: BambaBackend> Backward<B, 1> for Rope {
     }
 }
 
+/// A reshape that may be a view; the gradient is reshaped back.
+#[derive(Debug)]
+struct ReshapeView;
+
+impl<B: BambaBackend> Backward<B, 1> for ReshapeView {
+    type State = burn::tensor::Shape;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<B>(&ops.node);
+        let [p] = ops.parents;
+        if let Some(n) = p {
+            grads.register::<B>(n.id, B::float_reshape(g, ops.state));
+        }
+    }
+}
+
 /// Flash attention; parents: q, k, v. Keeps its output and row
 /// statistics (not the `[l, l]` probabilities).
 #[derive(Debug)]
@@ -662,6 +678,18 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((dim, start, shape), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_narrow(t.primitive, dim, start, len)),
+        }
+    }
+
+    fn bamba_reshape_view(t: FloatTensor<Self>, shape: burn::tensor::Shape) -> FloatTensor<Self> {
+        let input = t.shape();
+        match ReshapeView
+            .prepare::<C>([t.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(input, B::bamba_reshape_view(t.primitive, shape)),
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_reshape_view(t.primitive, shape)),
         }
     }
 

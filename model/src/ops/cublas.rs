@@ -66,6 +66,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::narrow_view(t, dim, start, len)
     }
 
+    fn bamba_reshape_view(t: T, shape: burn::tensor::Shape) -> T {
+        super::fused::reshape_view(t, shape)
+    }
+
     fn bamba_add_narrow(full: T, part: T, dim: usize, start: usize) -> T {
         super::fused::add_narrow(full, part, dim, start)
     }

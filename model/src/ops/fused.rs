@@ -30,7 +30,7 @@ mod xent;
 pub use attention::{FLASH_HEAD_DIMS, flash_attention_bwd, flash_attention_fwd};
 pub use conv::{conv1d_silu_bwd, conv1d_silu_fwd};
 pub use heads::{dt_softplus_bwd, dt_softplus_fwd, scale_heads_bwd, scale_heads_fwd};
-pub use narrow::{add_narrow, narrow_view};
+pub use narrow::{add_narrow, narrow_view, reshape_view};
 pub use norm::{rms_norm_bwd, rms_norm_fwd};
 pub use optim::{adamw, sum_squares};
 pub use pack::pack_f32;
@@ -138,6 +138,31 @@ fn with_rows(t: T) -> (T, usize) {
             (t, d)
         }
     }
+}
+
+/// `x [.., h, p]` as tokens of `h` rows of `p`: `(x, ldx)` with token `t`
+/// at `t * ldx` (heads `p` apart, unit inner stride) where `x` is such a
+/// view (a [`reshape_view`] of a column slice), else a contiguous copy
+/// (`ldx = h * p`). `ldx` is a multiple of `align` elements (paired loads).
+fn token_rows(x: T, align: usize) -> (T, usize) {
+    let (s, st) = (x.meta.shape().to_vec(), x.meta.strides().to_vec());
+    let r = s.len();
+    if r >= 3 {
+        let (h, p) = (s[r - 2], s[r - 1]);
+        let inner = (st[r - 1] == 1 || p <= 1) && (st[r - 2] == p || h <= 1);
+        let ld = st[r - 3];
+        let even = (0..r - 3).all(|i| s[i] <= 1 || st[i] == st[i + 1] * s[i + 1]);
+        if inner && even && ld >= h * p && ld % align == 0 && aligned16(&x) {
+            return (x, ld);
+        }
+    }
+    let x = into_contiguous(x);
+    let hp = if r >= 2 {
+        s[r - 2] * s[r - 1]
+    } else {
+        s.iter().product()
+    };
+    (x, hp)
 }
 
 /// Whether `t`'s first element is 16-byte aligned (cubecl's buffers are;

@@ -425,6 +425,13 @@ pub trait BambaBackend: Backend {
         Self::float_slice(t.clone(), &narrow_slices(&t.shape(), dim, start, len))
     }
 
+    /// `t` reshaped; a backend may return a view where burn's reshape would
+    /// copy (the last dim of a column slice split in two: the Mamba mixer's
+    /// `x` inside the conv output). Gradients flow as through a reshape.
+    fn bamba_reshape_view(t: FloatTensor<Self>, shape: burn::tensor::Shape) -> FloatTensor<Self> {
+        Self::float_reshape(t, shape)
+    }
+
     /// Zeros in row-major (unpitched) storage: the gradient buffer that
     /// [`Self::bamba_add_narrow`] fills in place. (cubecl pads the rows of
     /// `float_zeros` to 256 bytes, so a bf16 `[.., 8512]` buffer would not
@@ -672,6 +679,24 @@ pub fn narrow<B: BambaBackend, const D: usize>(
         dim,
         start,
         len,
+    )))
+}
+
+/// `t` reshaped to `shape`, as a view where the backend can make one (see
+/// [`BambaBackend::bamba_reshape_view`]).
+pub fn reshape_view<B: BambaBackend, const D: usize, const D2: usize>(
+    t: Tensor<B, D>,
+    shape: [usize; D2],
+) -> Tensor<B, D2> {
+    assert_eq!(
+        t.shape().num_elements(),
+        shape.iter().product::<usize>(),
+        "reshape_view of {:?} to {shape:?}",
+        t.dims()
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_reshape_view(
+        t.into_primitive().tensor(),
+        shape.into(),
     )))
 }
 

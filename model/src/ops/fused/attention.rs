@@ -15,36 +15,13 @@ const FLASH: &str = r#"
 // q, o, dq [b, l, hq, D] and k, v, dk, dv [b, l, hk, D] (rows of heads * D);
 // lse2, delta [b, hq, l] f32. lse2 is the log-sum-exp of the scaled scores
 // in base 2 (the kernels use exp2 with scale * log2(e) folded in).
-// Tensor-core tiles: mma.m16n8k16 (bf16 in, f32 accumulate), operands
-// through ldmatrix from shared rows padded by 8 (conflict-free). A warp
+// Tensor-core tiles (`nvrtc::MMA`), operands through ldmatrix from shared rows padded by 8 (conflict-free). A warp
 // owns 16 rows; lane (g = lane / 4, t = lane % 4) holds rows g and g + 8,
 // columns 2t and 2t + 1 of each 8-wide accumulator tile.
 #define FA_PAD 8
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ void ldsm4(unsigned (&r)[4], const bf16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm4t(unsigned (&r)[4], const bf16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void mma16816(float* c, const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
-}
 // 16 bytes global -> shared without registers; zeros where !valid.
 __device__ __forceinline__ void cp16(bf16_t* dst, const bf16_t* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
@@ -450,7 +427,7 @@ FLASH_KERNELS(128)
 "#;
 
 fn flash_src() -> String {
-    format!("{}{}", nvrtc::PRELUDE, FLASH)
+    format!("{}{}{}", nvrtc::PRELUDE, nvrtc::MMA, FLASH)
 }
 
 /// `[b, l, heads, d]` of `t`, contiguous bf16.

@@ -9,14 +9,30 @@ use crate::kernel_args;
 use crate::ops::nvrtc::{self, T, enqueue, launch};
 
 // full[r, offset + i] += part[r, i] for each of `rows` rows (`m` elements
-// of part per row, `row_stride` of full); four elements per thread, strided
-// by the block so that loads coalesce.
+// of part per row, `row_stride` of full). Block (row, column block): 16-byte
+// packs (1024 packs per block) where the row starts and m allow, else four
+// elements per thread strided by the block so that loads coalesce.
 const ADD_NARROW: &str = r#"
 template <typename T>
 __device__ void add_narrow(T* full, const T* part, long long m, long long row_stride, long long offset) {
+    constexpr int V = Pack<T>::V;
     const long long r = blockIdx.x;
     T* f = full + r * row_stride + offset;
     const T* p = part + r * m;
+    const bool vec = ((unsigned long long)f & 15ull) == 0 && ((unsigned long long)p & 15ull) == 0 &&
+                     m % V == 0;
+    if (vec) {
+        const long long i = ((long long)blockIdx.y * blockDim.x + threadIdx.x) * V;
+        if (i < m) {
+            float a[V], b[V];
+            Pack<T>::load(f, i, a);
+            Pack<T>::load(p, i, b);
+#pragma unroll
+            for (int k = 0; k < V; ++k) a[k] += b[k];
+            Pack<T>::store(f, i, a);
+        }
+        return;
+    }
     long long i = (long long)blockIdx.y * blockDim.x * 4 + threadIdx.x;
 #pragma unroll
     for (int k = 0; k < 4; ++k, i += blockDim.x) {
@@ -119,4 +135,35 @@ pub fn narrow_view(t: T, dim: usize, start: usize, len: usize) -> T {
         .map(|(i, &n)| if i == dim { start..start + len } else { 0..n })
         .collect();
     burn_cubecl::kernel::slice(t, &ranges)
+}
+
+/// `t` reshaped to `shape`, as a view when the reshape only splits a
+/// last dim of unit stride (a [`narrow_view`] with its row stride): the
+/// split dim gets the new inner size as stride, the leading strides stay.
+/// Otherwise burn's reshape (which copies a non-contiguous input).
+pub fn reshape_view(t: T, shape: burn::tensor::Shape) -> T {
+    let (old, strides) = (t.meta.shape().to_vec(), t.meta.strides().to_vec());
+    let new = shape.to_vec();
+    let r = old.len();
+    let splits_last = r >= 1
+        && new.len() == r + 1
+        && new[..r - 1] == old[..r - 1]
+        && new[r - 1] * new[r] == old[r - 1]
+        && (strides[r - 1] == 1 || old[r - 1] <= 1);
+    if !splits_last || t.is_contiguous() {
+        return Cb::float_reshape(t, shape);
+    }
+    let mut meta = (*t.meta).clone();
+    *meta.shape_mut() = new.iter().copied().collect();
+    let mut st = strides;
+    st[r - 1] = new[r];
+    st.push(1);
+    *meta.strides_mut() = st.iter().copied().collect();
+    burn_cubecl::tensor::CubeTensor::new(
+        t.client.clone(),
+        t.handle.clone(),
+        meta,
+        t.device.clone(),
+        t.dtype,
+    )
 }

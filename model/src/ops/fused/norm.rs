@@ -108,39 +108,9 @@ __device__ void norm_dw(const T* dout, const T* x, const T* z, const float* rstd
     dw_part[(long long)blockIdx.y * d + c] = acc;
 }
 
-// Vectorised rows: V consecutive elements per 16-byte access (d % V == 0),
-// thread t owning packs t, t + blockDim.x, ... (at most NV of them).
-template <typename T> struct Pack;
-template <> struct Pack<float> {
-    static const int V = 4;
-    static __device__ __forceinline__ void load(const float* p, long long i, float* v) {
-        const float4 r = *reinterpret_cast<const float4*>(p + i);
-        v[0] = r.x; v[1] = r.y; v[2] = r.z; v[3] = r.w;
-    }
-    static __device__ __forceinline__ void store(float* p, long long i, const float* v) {
-        *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
-    }
-};
-template <> struct Pack<bf16_t> {
-    static const int V = 8;
-    static __device__ __forceinline__ void load(const bf16_t* p, long long i, float* v) {
-        const uint4 r = *reinterpret_cast<const uint4*>(p + i);
-        const unsigned u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            v[2 * k] = __uint_as_float(u[k] << 16);
-            v[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
-        }
-    }
-    static __device__ __forceinline__ void store(bf16_t* p, long long i, const float* v) {
-        unsigned u[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-            u[k] = (unsigned)f32_to_bf16(v[2 * k]) | ((unsigned)f32_to_bf16(v[2 * k + 1]) << 16);
-        *reinterpret_cast<uint4*>(p + i) = make_uint4(u[0], u[1], u[2], u[3]);
-    }
-};
-
+// Vectorised rows (`Pack`, in the prelude): d % V == 0, thread t owning
+// packs t, t + blockDim.x, ... (at most NV of them).
+//
 // g = x (or x silu(z)) for one pack; s = silu(z) (1 ungated), sg = sigmoid(z).
 template <typename T>
 __device__ __forceinline__ void gate_pack(const T* x, const T* z, long long i, long long iz,

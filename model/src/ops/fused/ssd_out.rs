@@ -1,7 +1,6 @@
 //! The SSD's output: `y_diag + exp(cs) y_off + D x` in one pass.
 
 use burn::tensor::DType;
-use burn_cubecl::kernel::into_contiguous;
 
 use super::{empty, same_dtype, suffix, zeros_f32};
 use crate::kernel_args;
@@ -35,14 +34,14 @@ __device__ __forceinline__ void st2(bf16_t* p, long long i, float a, float b) {
 
 template <typename T>
 __device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, const T* x,
-                            const T* d, T* y, long long rows, int h, int p) {
+                            const T* d, T* y, long long rows, int h, int p, long long ldx) {
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
         const float e = expf(cs[r]);
         const float dh = ld(d, (int)(r % h));
         for (int j = 2 * lane; j < p; j += 64) {
-            const long long i = r * p + j;
-            const float2 a = ld2(yd, i), o = ld2(yo, i), xv = ld2(x, i);
+            const long long i = r * p + j, xi = (r / h) * ldx + (r % h) * p + j;
+            const float2 a = ld2(yd, i), o = ld2(yo, i), xv = ld2(x, xi);
             st2(y, i, a.x + o.x * e + xv.x * dh, a.y + o.y * e + xv.y * dh);
         }
     }
@@ -51,15 +50,15 @@ __device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, c
 template <typename T>
 __device__ void ssd_out_bwd(const T* g, const float* yo, const float* cs, const T* x, const T* d,
                             float* dyd, float* dyo, float* dcs, T* dx, float* dd_rows,
-                            long long rows, int h, int p) {
+                            long long rows, int h, int p, long long ldx) {
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
         const float e = expf(cs[r]);
         const float dh = ld(d, (int)(r % h));
         float s_cs = 0.0f, s_d = 0.0f;
         for (int j = 2 * lane; j < p; j += 64) {
-            const long long i = r * p + j;
-            const float2 gv = ld2(g, i), o = ld2(yo, i), xv = ld2(x, i);
+            const long long i = r * p + j, xi = (r / h) * ldx + (r % h) * p + j;
+            const float2 gv = ld2(g, i), o = ld2(yo, i), xv = ld2(x, xi);
             st2(dyd, i, gv.x, gv.y);
             st2(dyo, i, gv.x * e, gv.y * e);
             st2(dx, i, gv.x * dh, gv.y * dh);
@@ -97,14 +96,14 @@ extern "C" __global__ void head_sum(const float* dd_rows, float* dd, long long r
 #define SSD_OUT_KERNELS(SUF, T)                                                                   \
 extern "C" __global__ void ssd_out_fwd_##SUF(const float* yd, const float* yo, const float* cs,  \
                                              const T* x, const T* d, T* y, long long rows, int h, \
-                                             int p) {                                             \
-    ssd_out_fwd<T>(yd, yo, cs, x, d, y, rows, h, p);                                              \
+                                             int p, long long ldx) {                              \
+    ssd_out_fwd<T>(yd, yo, cs, x, d, y, rows, h, p, ldx);                                         \
 }                                                                                                 \
 extern "C" __global__ void ssd_out_bwd_##SUF(const T* g, const float* yo, const float* cs,       \
                                              const T* x, const T* d, float* dyd, float* dyo,      \
                                              float* dcs, T* dx, float* dd_rows, long long rows,   \
-                                             int h, int p) {                                      \
-    ssd_out_bwd<T>(g, yo, cs, x, d, dyd, dyo, dcs, dx, dd_rows, rows, h, p);                      \
+                                             int h, int p, long long ldx) {                       \
+    ssd_out_bwd<T>(g, yo, cs, x, d, dyd, dyo, dcs, dx, dd_rows, rows, h, p, ldx);                 \
 }
 SSD_OUT_KERNELS(f32, float)
 SSD_OUT_KERNELS(bf16, bf16_t)
@@ -141,7 +140,7 @@ fn f32_dense(t: T) -> T {
 pub fn ssd_out_fwd(yd: T, yo: T, cs: T, x: T, d: T) -> T {
     let dtype = x.dtype;
     let (yd, yo, cs) = (f32_dense(yd), f32_dense(yo), f32_dense(cs));
-    let (x, d) = (into_contiguous(x), same_dtype(d, dtype));
+    let ((x, ldx), d) = (super::token_rows(x, 2), same_dtype(d, dtype));
     let (rows, h, p) = ssd_out_dims(&yd, &yo, &cs, &x, &d);
     let y = empty(&x, x.meta.shape().to_vec(), dtype);
     if rows * p == 0 {
@@ -157,8 +156,9 @@ pub fn ssd_out_fwd(yd: T, yo: T, cs: T, x: T, d: T) -> T {
     enqueue(
         [&y, &yd, &yo, &cs, &x, &d],
         move |[mut y_p, mut yd_p, mut yo_p, mut cs_p, mut x_p, mut d_p], stream| {
-            let (mut r64, mut h32, mut p32) = (rows as i64, h as i32, p as i32);
-            let mut params = kernel_args!(yd_p, yo_p, cs_p, x_p, d_p, y_p, r64, h32, p32);
+            let (mut r64, mut h32, mut p32, mut ld64) =
+                (rows as i64, h as i32, p as i32, ldx as i64);
+            let mut params = kernel_args!(yd_p, yo_p, cs_p, x_p, d_p, y_p, r64, h32, p32, ld64);
             // SAFETY: the kernel's signature; y, yd, yo, x `[rows * p]`, cs `[rows]`, d `[h]`.
             unsafe { launch_warp_rows(device, f, rows, stream, &mut params) };
         },
@@ -188,8 +188,8 @@ unsafe fn launch_warp_rows(
 pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
     let dtype = x.dtype;
     let (yo, cs) = (f32_dense(yo), f32_dense(cs));
-    let (x, d, g) = (
-        into_contiguous(x),
+    let ((x, ldx), d, g) = (
+        super::token_rows(x, 2),
         same_dtype(d, dtype),
         same_dtype(g, dtype),
     );
@@ -225,8 +225,9 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
             ],
                   stream| {
                 let (mut r64, mut h32, mut p32) = (rows as i64, h as i32, p as i32);
+                let mut ld64 = ldx as i64;
                 let mut params = kernel_args!(
-                    g_p, yo_p, cs_p, x_p, d_p, dyd_p, dyo_p, dcs_p, dx_p, dd_p, r64, h32, p32
+                    g_p, yo_p, cs_p, x_p, d_p, dyd_p, dyo_p, dcs_p, dx_p, dd_p, r64, h32, p32, ld64
                 );
                 // SAFETY: the kernel's signature; a warp per row, 8 rows per block.
                 unsafe { launch_warp_rows(device, f, rows, stream, &mut params) };

@@ -6,7 +6,6 @@ use burn::tensor::ops::FloatTensorOps;
 use super::{Cb, empty, same_dtype, suffix};
 use crate::kernel_args;
 use crate::ops::nvrtc::{self, T, enqueue, grid_for, launch, launch_flat};
-use burn_cubecl::kernel::into_contiguous;
 
 /// The chunk-to-chunk recurrence of the SSD states and a per-row scale,
 /// in the scan's own layout (no per-head copies).
@@ -71,15 +70,17 @@ extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const fl
     }
 }
 
-// y = x * s[row] in f32 for x [rows, p] (f32 or bf16), s [rows].
+// y = x * s[row] in f32 for x [rows, p] (f32 or bf16), s [rows]. Rows
+// come in tokens of h: row r of x at (r / h) * ldx + (r % h) * p.
 template <typename T>
 __device__ void scale_rows_fwd(const T* __restrict__ x, const float* __restrict__ s,
-                               float* __restrict__ y, long long n, int p)
+                               float* __restrict__ y, long long n, int p, int h, long long ldx)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const long long r = n <= 0xffffffffLL ? (long long)((unsigned)i / (unsigned)p) : i / p;
-        y[i] = ld(x, i) * s[r];
+        const long long xi = (r / h) * ldx + (r % h) * p + (i - r * p);
+        y[i] = ld(x, xi) * s[r];
     }
 }
 
@@ -88,18 +89,19 @@ __device__ void scale_rows_fwd(const T* __restrict__ x, const float* __restrict_
 template <typename T>
 __device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict__ x,
                                const float* __restrict__ s, T* __restrict__ dx,
-                               float* __restrict__ ds, long long rows, int p)
+                               float* __restrict__ ds, long long rows, int p, int h, long long ldx)
 {
     const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
     for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
          r += warps) {
         const float sr = s[r];
+        const long long xr = (r / h) * ldx + (r % h) * p;
         float acc = 0.0f;
         for (int k = threadIdx.x & 31; k < p; k += 32) {
             const long long i = r * p + k;
             const float gi = g[i];
             st(dx, i, gi * sr);
-            acc += gi * ld(x, i);
+            acc += gi * ld(x, xr + k);
         }
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if ((threadIdx.x & 31) == 0) ds[r] = acc;
@@ -108,12 +110,13 @@ __device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict_
 
 #define SCALE_ROWS(SUF, T)                                                                     \
 extern "C" __global__ void scale_rows_fwd_##SUF(const T* x, const float* s, float* y,           \
-                                                long long n, int p) {                           \
-    scale_rows_fwd<T>(x, s, y, n, p);                                                           \
+                                                long long n, int p, int h, long long ldx) {     \
+    scale_rows_fwd<T>(x, s, y, n, p, h, ldx);                                                   \
 }                                                                                               \
 extern "C" __global__ void scale_rows_bwd_##SUF(const float* g, const T* x, const float* s,      \
-                                                T* dx, float* ds, long long rows, int p) {      \
-    scale_rows_bwd<T>(g, x, s, dx, ds, rows, p);                                                \
+                                                T* dx, float* ds, long long rows, int p, int h, \
+                                                long long ldx) {                                \
+    scale_rows_bwd<T>(g, x, s, dx, ds, rows, p, h, ldx);                                        \
 }
 SCALE_ROWS(f32, float)
 SCALE_ROWS(bf16, bf16_t)
@@ -199,10 +202,21 @@ fn rows_dims(x: &T, s: &T) -> (usize, usize) {
     (ss.num_elements(), xs[xs.len() - 1])
 }
 
+/// The rows per token of `x [.., h, p]` as [`token_rows`](super::token_rows) reads it.
+fn heads_of(x: &T) -> usize {
+    let s = x.meta.shape();
+    if s.len() >= 2 {
+        s[s.len() - 2].max(1)
+    } else {
+        1
+    }
+}
+
 /// `x * s[.., None]` in f32.
 pub fn scale_rows_fwd(x: T, s: T) -> T {
     let (rows, p) = rows_dims(&x, &s);
-    let (x, s) = (into_contiguous(x), same_dtype(s, DType::F32));
+    let ((x, ldx), s) = (super::token_rows(x, 1), same_dtype(s, DType::F32));
+    let h = heads_of(&x);
     let n = rows * p;
     let y = empty(&x, vec![n], DType::F32);
     if n > 0 {
@@ -214,8 +228,8 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
             &format!("scale_rows_fwd_{}", suffix(x.dtype)),
         );
         enqueue([&y, &x, &s], move |[mut y_p, mut x_p, mut s_p], stream| {
-            let (mut n64, mut p32) = (n as i64, p as i32);
-            let mut params = kernel_args!(x_p, s_p, y_p, n64, p32);
+            let (mut n64, mut p32, mut h32, mut ld64) = (n as i64, p as i32, h as i32, ldx as i64);
+            let mut params = kernel_args!(x_p, s_p, y_p, n64, p32, h32, ld64);
             // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
             unsafe { launch_flat(device, f, n, stream, &mut params) };
         });
@@ -229,7 +243,8 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
 pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
     let (rows, p) = rows_dims(&x, &s);
     let f32 = |t| same_dtype(t, DType::F32);
-    let (g, x, s) = (f32(g), into_contiguous(x), f32(s));
+    let (g, (x, ldx), s) = (f32(g), super::token_rows(x, 1), f32(s));
+    let h = heads_of(&x);
     let dx = empty(&x, vec![rows * p], x.dtype);
     let ds = empty(&x, vec![rows], DType::F32);
     if rows * p > 0 {
@@ -243,8 +258,9 @@ pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
         enqueue(
             [&dx, &g, &x, &s, &ds],
             move |[mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream| {
-                let (mut r64, mut p32) = (rows as i64, p as i32);
-                let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32);
+                let (mut r64, mut p32, mut h32, mut ld64) =
+                    (rows as i64, p as i32, h as i32, ldx as i64);
+                let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32, h32, ld64);
                 // SAFETY: the kernel's signature; one warp per row (8 per block).
                 unsafe {
                     launch(

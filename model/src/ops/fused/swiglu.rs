@@ -9,24 +9,58 @@ use crate::ops::nvrtc::{self, T, enqueue, launch_flat};
 /// SwiGLU's gate, `silu(g) * u`, rounded as torch's `act(gate) * up`;
 /// backward in f32 from `g` and `u`.
 const SWIGLU: &str = r#"
-#define GRID_STRIDE(i, n) for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+// 16-byte packs (fv(offset)) where all operands are aligned, then the
+// tail one element at a time (f1(index)).
+template <int V, typename FV, typename F1>
+__device__ __forceinline__ void vec_loop(long long n, bool aligned, FV fv, F1 f1) {
+    const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long nv = aligned ? n / V : 0;
+    for (long long i = tid; i < nv; i += stride) fv(i * V);
+    for (long long i = nv * V + tid; i < n; i += stride) f1(i);
+}
+__device__ __forceinline__ bool al16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
 template <typename T>
 __device__ void swiglu_fwd(const T* g, const T* u, T* y, long long n) {
-    GRID_STRIDE(i, n) {
-        const float gv = ld(g, i);
-        st(y, i, rnd(gv / (1.0f + __expf(-gv)), T()) * ld(u, i));
-    }
+    constexpr int V = Pack<T>::V;
+    vec_loop<V>(n, al16(g) && al16(u) && al16(y), [&](long long o) {
+        float gv[V], uv[V];
+        Pack<T>::load(g, o, gv);
+        Pack<T>::load(u, o, uv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) gv[k] = rnd(silu(gv[k]), T()) * uv[k];
+        Pack<T>::store(y, o, gv);
+    }, [&](long long i) {
+        st(y, i, rnd(silu(ld(g, i)), T()) * ld(u, i));
+    });
+}
+
+__device__ __forceinline__ void swiglu_grad(float gv, float uv, float d, float& dg, float& du) {
+    const float sg = 1.0f / (1.0f + __expf(-gv));
+    du = d * gv * sg;
+    dg = d * uv * sg * (1.0f + gv * (1.0f - sg));
 }
 
 template <typename T>
 __device__ void swiglu_bwd(const T* dy, const T* g, const T* u, T* dg, T* du, long long n) {
-    GRID_STRIDE(i, n) {
-        const float gv = ld(g, i), d = ld(dy, i);
-        const float sg = 1.0f / (1.0f + __expf(-gv));
-        st(du, i, d * gv * sg);
-        st(dg, i, d * ld(u, i) * sg * (1.0f + gv * (1.0f - sg)));
-    }
+    constexpr int V = Pack<T>::V;
+    vec_loop<V>(n, al16(dy) && al16(g) && al16(u) && al16(dg) && al16(du), [&](long long o) {
+        float gv[V], uv[V], dv[V];
+        Pack<T>::load(g, o, gv);
+        Pack<T>::load(u, o, uv);
+        Pack<T>::load(dy, o, dv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) swiglu_grad(gv[k], uv[k], dv[k], gv[k], uv[k]);
+        Pack<T>::store(dg, o, gv);
+        Pack<T>::store(du, o, uv);
+    }, [&](long long i) {
+        float a, b;
+        swiglu_grad(ld(g, i), ld(u, i), ld(dy, i), a, b);
+        st(dg, i, a);
+        st(du, i, b);
+    });
 }
 
 #define SWIGLU_KERNELS(SUF, T)                                                               \
