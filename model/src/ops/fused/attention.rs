@@ -525,10 +525,8 @@ pub fn flash_attention_bwd(dout: T, q: T, k: T, v: T, o: T, lse: T, scale: f64) 
     let smem = dkv_smem(d);
     nvrtc::set_max_dynamic_smem(device, f_dkv, smem);
     let rows = b * l * hq;
-    let (q_blocks, k_blocks) = (
-        (l.div_ceil(64) * b * hq) as u32,
-        (l.div_ceil(64) * b * hq) as u32,
-    );
+    // 64-row tiles of queries (dq) and of keys (dk, dv), per head and batch.
+    let blocks = (l.div_ceil(64) * b * hq) as u32;
     enqueue(
         [
             &dq, &dk, &dv, &delta, &dk_part, &dv_part, &dout, &q, &k, &v, &o, &lse,
@@ -573,7 +571,7 @@ pub fn flash_attention_bwd(dout: T, q: T, k: T, v: T, o: T, lse: T, scale: f64) 
                 launch(
                     device,
                     f_dq,
-                    (q_blocks, 1, 1),
+                    (blocks, 1, 1),
                     (128, 1, 1),
                     0,
                     stream,
@@ -587,7 +585,7 @@ pub fn flash_attention_bwd(dout: T, q: T, k: T, v: T, o: T, lse: T, scale: f64) 
                 launch(
                     device,
                     f_dkv,
-                    (k_blocks, 1, 1),
+                    (blocks, 1, 1),
                     (128, 1, 1),
                     smem,
                     stream,
