@@ -448,16 +448,22 @@ pub fn kernels<B: BambaAutodiffBackend>(
     let mut ok = true;
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.starts_with(o.as_str()));
     // First (quick): gradient packing (FSDP's flat buffers): bf16 and f32 parts at offsets,
-    // gaps zeroed, then accumulated in place; checked on the host.
-    if wanted("pack_f32") {
+    // gaps zeroed, then accumulated in place; bf16 parts copied into a bf16
+    // buffer, then summed into f32; checked on the host.
+    if wanted("pack") {
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
         let a = Tensor::<I<B>, 2>::random([3, 5], Distribution::Normal(0.0, 1.0), device)
             .cast(DType::BF16);
         let b = Tensor::<I<B>, 2>::random([1, 7], Distribution::Normal(0.0, 1.0), device);
         let host = |t: Tensor<I<B>, 2>| t.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
         let (ha, hb) = (host(a.clone()), host(b.clone()));
-        let once = ops::pack_f32(vec![(a.clone(), 2), (b.clone(), 20)], 40, None);
-        let twice = ops::pack_f32(vec![(a, 2), (b, 20)], 40, Some(once));
+        let once = ops::pack(vec![(a.clone(), 2), (b.clone(), 20)], 40, None, DType::F32);
+        let twice = ops::pack(
+            vec![(a.clone(), 2), (b.clone(), 20)],
+            40,
+            Some(once),
+            DType::F32,
+        );
         let got = twice.into_data().to_vec::<f32>().unwrap();
         let mut want = vec![0f32; 40];
         want[2..17].copy_from_slice(&ha);
@@ -474,23 +480,55 @@ pub fn kernels<B: BambaAutodiffBackend>(
             json!({"kernel": "pack_f32", "dtype": "BF16+F32", "value": "output",
                 "max_abs": max_abs, "rel": max_abs, "pass": pass})
         );
+        // bf16 parts into a bf16 buffer (offsets 16-byte aligned and not), then a sum.
+        let b = b.cast(DType::BF16);
+        let hb = host(b.clone());
+        let lp = ops::pack(vec![(a.clone(), 8), (b.clone(), 29)], 40, None, DType::BF16);
+        let lp_dtype = lp.dtype();
+        let sum = ops::pack(vec![(a, 8), (b, 29)], 40, Some(lp.clone()), DType::BF16);
+        let (lp, sum) = (
+            lp.cast(DType::F32).into_data().to_vec::<f32>().unwrap(),
+            sum.into_data().to_vec::<f32>().unwrap(),
+        );
+        let mut want = vec![0f32; 40];
+        want[8..23].copy_from_slice(&ha);
+        want[29..36].copy_from_slice(&hb);
+        let max_abs = (0..40)
+            .map(|i| (lp[i] - want[i]).abs().max((sum[i] - 2.0 * want[i]).abs()))
+            .fold(0f32, f32::max);
+        let pass = max_abs == 0.0 && lp_dtype == DType::BF16;
+        ok &= pass;
+        println!(
+            "{}",
+            json!({"kernel": "pack_bf16", "dtype": "BF16", "value": "copy+sum",
+                "max_abs": max_abs, "rel": max_abs, "pass": pass})
+        );
     }
     // The gradient norm's sum of squares: against burn's own reduction, and
     // the same bits on a second run (no float atomics).
-    for n in [1usize, 1000, 3_000_001]
+    let sizes = [
+        (1usize, DType::F32),
+        (1000, DType::F32),
+        (3_000_001, DType::F32),
+    ];
+    for (n, dtype) in sizes
         .into_iter()
+        .chain([(1003, DType::BF16), (3_000_001, DType::BF16)])
         .filter(|_| wanted("sum_squares"))
     {
-        let x = Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device).inner();
+        let x = Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), device)
+            .inner()
+            .cast(dtype);
         let run = || -> f32 { ops::sum_squares(x.clone()).into_scalar().elem() };
         let (a, b) = (run(), run());
+        let x = x.cast(DType::F32);
         let want: f32 = x.clone().powf_scalar(2.0).sum().into_scalar().elem();
         let rel = (a - want).abs() / want.abs().max(1e-30);
         let pass = rel <= 1e-5 && a.to_bits() == b.to_bits();
         ok &= pass;
         println!(
             "{}",
-            json!({"kernel": "sum_squares", "dtype": "F32", "value": format!("n={n}"),
+            json!({"kernel": "sum_squares", "dtype": format!("{dtype:?}"), "value": format!("n={n}"),
                 "max_abs": (a - want).abs(), "rel": rel, "repeatable": a.to_bits() == b.to_bits(),
                 "pass": pass})
         );
@@ -543,8 +581,12 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 "max_abs": max_abs, "rel": rel, "pass": pass})
         );
     }
-    // Fused AdamW (in place, with the bf16 copy) against the update on the host.
-    if wanted("adamw") {
+    // Fused AdamW (in place, with the bf16 copy) against the update on the
+    // host: f32 gradients with a decay mask, bf16 gradients without.
+    for (gdtype, masked) in [(DType::F32, true), (DType::BF16, false)]
+        .into_iter()
+        .filter(|_| wanted("adamw"))
+    {
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
         use bamba_model::ops::{AdamWHyper, AdamWState};
         let n = 1003; // four-wide passes and a tail
@@ -553,19 +595,21 @@ pub fn kernels<B: BambaAutodiffBackend>(
         };
         let (p, g, m, v) = (
             rnd(-1.0, 1.0),
-            rnd(-1.0, 1.0),
+            rnd(-1.0, 1.0).cast(gdtype),
             rnd(-0.1, 0.1),
             rnd(0.0, 0.01),
         );
         let mask = rnd(0.0, 1.0).greater_elem(0.5).float();
         let host = |t: &Tensor<I<B>, 1>| {
             t.clone()
+                .cast(DType::F32)
                 .into_data()
                 .convert::<f32>()
                 .to_vec::<f32>()
                 .unwrap()
         };
-        let (hp, hg, hm, hv, hmask) = (host(&p), host(&g), host(&m), host(&v), host(&mask));
+        let (hp, hg, hm, hv) = (host(&p), host(&g), host(&m), host(&v));
+        let hmask = if masked { host(&mask) } else { vec![1.0; n] };
         let h = AdamWHyper {
             beta1: 0.9,
             beta2: 0.95,
@@ -580,7 +624,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
             grad: prim(g),
             exp_avg: prim(m),
             exp_avg_sq: prim(v),
-            decay_mask: Some(prim(mask)),
+            decay_mask: masked.then(|| prim(mask)),
             grad_scale: None,
             bf16_copy: true,
         };
@@ -593,16 +637,11 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 ))
             };
             let (np, nm, nv) = (t(np), t(nm), t(nv));
-            let lp = copy.map(|c| {
-                host(
-                    &Tensor::<I<B>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(c))
-                        .cast(DType::F32),
-                )
-            });
+            let lp = copy.map(t);
             let mut max_abs = 0f32;
             for i in 0..n {
                 let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-                let mut pi = hp[i] - hp[i] * hmask[i] * h.lr_wd as f32;
+                let mut pi = hp[i] * (1.0 - hmask[i] * h.lr_wd as f32);
                 let mi = b1 * hm[i] + (1.0 - b1) * hg[i];
                 let vi = b2 * hv[i] + (1.0 - b2) * hg[i] * hg[i];
                 pi -= mi / (vi.sqrt() * h.inv_sqrt_bc2 as f32 + h.eps as f32) * h.lr_bc1 as f32;
@@ -617,9 +656,14 @@ pub fn kernels<B: BambaAutodiffBackend>(
             }
             let pass = max_abs <= 1e-5 && lp.is_some();
             ok &= pass;
+            let value = if masked {
+                "param+moments+bf16"
+            } else {
+                "param+moments+bf16, no mask"
+            };
             println!(
                 "{}",
-                json!({"kernel": "adamw", "dtype": "F32", "value": "param+moments+bf16",
+                json!({"kernel": "adamw", "dtype": format!("{gdtype:?}"), "value": value,
                     "max_abs": max_abs, "rel": max_abs, "pass": pass})
             );
         }
@@ -710,6 +754,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
         for (b, nc, q, h, p, g) in [
             (2, 3, 37, 4, 5, 2),
             (1, 2, 130, 3, 70, 1),
+            (1, 2, 132, 4, 68, 2), // the pipelined kernels' partial tiles
             (1, 16, 256, 64, 64, 1),
         ]
         .into_iter()

@@ -208,6 +208,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             ReduceDtype::F32 => DType::F32,
             ReduceDtype::Bf16 => DType::BF16,
         };
+        sharded.solo = rt.world == 1;
         let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?;
         let lcfg = loader_config(&cfg, &cfg.data.datasets);
         let (drank, dworld) = data_rank(&cfg, rt.rank, rt.world);

@@ -74,8 +74,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::add_narrow(full, part, dim, start)
     }
 
-    fn bamba_pack_f32(parts: Vec<(T, usize)>, len: usize, acc: Option<T>) -> T {
-        super::fused::pack_f32(parts, len, acc)
+    fn bamba_pack(parts: Vec<(T, usize)>, len: usize, acc: Option<T>, dtype: DType) -> T {
+        super::fused::pack(parts, len, acc, dtype)
     }
 
     fn bamba_rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {

@@ -33,7 +33,7 @@ pub use heads::{dt_softplus_bwd, dt_softplus_fwd, scale_heads_bwd, scale_heads_f
 pub use narrow::{add_narrow, narrow_view, reshape_view};
 pub use norm::{rms_norm_bwd, rms_norm_fwd};
 pub use optim::{adamw, sum_squares};
-pub use pack::pack_f32;
+pub use pack::pack;
 pub use rope::{rope_bwd, rope_fwd};
 pub use softmax::{causal_softmax_bwd, causal_softmax_fwd};
 pub use ssd_diag::{ssd_diag_bwd, ssd_diag_fwd};

@@ -475,9 +475,9 @@ pub trait BambaBackend: Backend {
         (y * dy).sum().into_primitive().tensor()
     }
 
-    /// `[1]`: the sum of squares of a flat f32 tensor (gradient norms).
+    /// `[1]`: the sum of squares of a flat tensor, in f32 (gradient norms).
     fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
+        let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x)).cast(DType::F32);
         x.powi_scalar(2).sum().into_primitive().tensor()
     }
 
@@ -490,25 +490,28 @@ pub trait BambaBackend: Backend {
         false
     }
 
-    /// `acc + zeros [len]` with each `(part, offset)` added at its offset,
-    /// in f32: gathering a unit's parameter gradients (any float dtype, any
-    /// shape, read flat) into its flat buffer in one pass per part.
-    fn bamba_pack_f32(
+    /// `acc + zeros [len]` with each `(part, offset)` added at its offset:
+    /// gathering a unit's parameter gradients (any float dtype, any shape,
+    /// read flat) into its flat buffer in one pass per part. The sum is f32;
+    /// without `acc` the buffer is `dtype` (bf16 only for bf16 parts: a copy).
+    fn bamba_pack(
         parts: Vec<(FloatTensor<Self>, usize)>,
         len: usize,
         acc: Option<FloatTensor<Self>>,
+        dtype: DType,
     ) -> FloatTensor<Self> {
         let device = parts
             .first()
             .map(|(p, _)| Self::float_device(p))
             .or_else(|| acc.as_ref().map(Self::float_device))
-            .expect("pack_f32: nothing to pack");
+            .expect("pack: nothing to pack");
+        let dtype = if acc.is_some() { DType::F32 } else { dtype };
         let mut out = acc
             .map(|a| Self::float_cast(a, DType::F32.into()))
-            .unwrap_or_else(|| Self::float_zeros([len].into(), &device, DType::F32.into()));
+            .unwrap_or_else(|| Self::float_zeros([len].into(), &device, dtype.into()));
         for (part, offset) in parts {
             let n = part.shape().num_elements();
-            let part = Self::float_reshape(Self::float_cast(part, DType::F32.into()), [n].into());
+            let part = Self::float_reshape(Self::float_cast(part, dtype.into()), [n].into());
             let range = [Slice::new(offset as isize, Some((offset + n) as isize), 1)];
             let sum = Self::float_add(Self::float_slice(out.clone(), &range), part);
             out = Self::float_slice_assign(out, &range, sum);
@@ -603,16 +606,17 @@ pub fn sum_squares<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
 }
 
 /// `acc + zeros [len]` with each `(part, offset)` added flat at its offset,
-/// in f32 (see [`BambaBackend::bamba_pack_f32`]).
-pub fn pack_f32<B: BambaBackend, const D: usize>(
+/// in f32; without `acc`, a `dtype` buffer (see [`BambaBackend::bamba_pack`]).
+pub fn pack<B: BambaBackend, const D: usize>(
     parts: Vec<(Tensor<B, D>, usize)>,
     len: usize,
     acc: Option<Tensor<B, 1>>,
+    dtype: DType,
 ) -> Tensor<B, 1> {
     for (p, offset) in &parts {
         assert!(
             offset + p.shape().num_elements() <= len,
-            "pack_f32: a part of {:?} at {offset} overruns {len}",
+            "pack: a part of {:?} at {offset} overruns {len}",
             p.dims()
         );
     }
@@ -621,10 +625,12 @@ pub fn pack_f32<B: BambaBackend, const D: usize>(
         .map(|(p, o)| (p.into_primitive().tensor(), o))
         .collect();
     let acc = acc.map(|a| {
-        assert_eq!(a.dims(), [len], "pack_f32: accumulator length");
+        assert_eq!(a.dims(), [len], "pack: accumulator length");
         a.into_primitive().tensor()
     });
-    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_pack_f32(parts, len, acc)))
+    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_pack(
+        parts, len, acc, dtype,
+    )))
 }
 
 impl BambaBackend for burn::backend::Flex {
@@ -706,15 +712,26 @@ mod tests {
     use burn::backend::Flex;
 
     #[test]
-    fn pack_f32_places_parts_zeroes_gaps_and_accumulates() {
+    fn pack_places_parts_zeroes_gaps_and_accumulates() {
         let dev = Default::default();
         let a = Tensor::<Flex, 2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &dev);
         let b = Tensor::<Flex, 2>::from_floats([[5.0, 6.0]], &dev);
-        let packed = pack_f32(vec![(b.clone(), 6), (a.clone(), 1)], 9, None);
+        let packed = pack(vec![(b.clone(), 6), (a.clone(), 1)], 9, None, DType::F32);
         let want = [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 6.0, 0.0];
         assert_eq!(packed.to_data().to_vec::<f32>().unwrap(), want);
-        let twice = pack_f32(vec![(a, 1), (b, 6)], 9, Some(packed));
+        let twice = pack(
+            vec![(a.clone(), 1), (b.clone(), 6)],
+            9,
+            Some(packed),
+            DType::BF16,
+        );
+        assert_eq!(twice.dtype(), DType::F32, "a sum is f32");
         let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
         assert_eq!(twice.to_data().to_vec::<f32>().unwrap(), want2);
+        // A bf16 buffer of bf16 parts: a copy, the same values.
+        let (a, b) = (a.cast(DType::BF16), b.cast(DType::BF16));
+        let lp = pack(vec![(a, 1), (b, 6)], 9, None, DType::BF16);
+        assert_eq!(lp.dtype(), DType::BF16);
+        assert_eq!(lp.cast(DType::F32).to_data().to_vec::<f32>().unwrap(), want);
     }
 }

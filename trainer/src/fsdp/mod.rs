@@ -45,8 +45,9 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// with per-layer gathers it would hold a compute copy of every unit.
     pub keep_compute_copy: bool,
     pub moments: Vec<Moments<Inner<B>>>,
-    /// Per unit, 1 where weight decay applies, 0 elsewhere (and on padding).
-    decay: Vec<Tensor<Inner<B>, 1>>,
+    /// Per unit, 1 where weight decay applies, 0 elsewhere (and on padding);
+    /// `None` where every parameter decays (padding stays 0 either way).
+    decay: Vec<Option<Tensor<Inner<B>, 1>>>,
     /// Per unit, gradients summed over this step's micro-batches (full, unsharded).
     grads: Vec<Option<Tensor<Inner<B>, 1>>>,
     /// Per unit, this rank's reduced gradient slice, once reduce-scattered.
@@ -54,8 +55,12 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// Compute dtype of the gathered parameters.
     pub compute: DType,
     /// Dtype gradients travel in through reduce-scatter (f32, or bf16 as
-    /// fms-fsdp does: half the traffic); the local slice is f32 again.
+    /// fms-fsdp does: half the traffic).
     pub reduce: DType,
+    /// One rank in all: gradients need no reduction, so a bf16 model's
+    /// gradients stay bf16 up to the optimizer (no f32 buffer to write and
+    /// read back; the same values) unless micro-batches are summed.
+    pub solo: bool,
     device: burn::tensor::Device<Inner<B>>,
 }
 
@@ -147,6 +152,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             grads: none,
             compute,
             reduce: DType::F32,
+            solo: false,
             device: device.clone(),
         }
     }
@@ -209,10 +215,16 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             return;
         }
         let padded = unit.padded(self.layout.shards);
-        self.grads[i] = Some(bamba_model::ops::pack_f32(
+        // bf16 gradients packed as bf16 when they would be cast to bf16 for
+        // the reduction anyway, or need none; a sum over micro-batches is f32.
+        let bf16 = (self.reduce == DType::BF16 || self.solo)
+            && parts.iter().all(|(g, _)| g.dtype() == DType::BF16);
+        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        self.grads[i] = Some(bamba_model::ops::pack(
             parts,
             padded,
             self.grads[i].take(),
+            dtype,
         ));
     }
 
@@ -265,7 +277,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 master,
                 grad,
                 moments,
-                Some(&self.decay[i]),
+                self.decay[i].as_ref(),
                 coef.as_ref(),
                 lr,
                 step,
@@ -304,7 +316,11 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 &self.device,
             )
         });
-        let full = full.cast(self.reduce);
+        let full = if self.solo {
+            full
+        } else {
+            full.cast(self.reduce)
+        };
         if overlap {
             shard_comm.start_reduce_scatter_mean(full)
         } else {
@@ -322,7 +338,8 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         if replicate_comm.size() > 1 {
             shard = replicate_comm.all_reduce_mean(shard)?;
         }
-        self.reduced[i] = Some(shard.cast(DType::F32));
+        // f32 or bf16: the norm and AdamW read either.
+        self.reduced[i] = Some(shard);
         Ok(())
     }
 
@@ -334,13 +351,14 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
 
     /// Bytes of state this rank keeps between steps, by kind: f32 master
     /// weights, the two f32 AdamW moments, and the distinct weight-decay
-    /// masks (shared by units laid out alike).
+    /// masks (shared by units laid out alike; none for all-decay units).
     pub fn state_bytes(&self, decays: &dyn Fn(&str) -> bool) -> StateBytes {
         let shard = 4 * self.layout.shard_numel();
         let distinct: std::collections::HashSet<MaskRuns> = self
             .layout
             .units
             .iter()
+            .filter(|u| !all_decay(u, decays))
             .map(|u| mask_runs(u, self.shard_rank, decays))
             .collect();
         StateBytes {
@@ -359,22 +377,28 @@ pub struct StateBytes {
     pub decay_masks: usize,
 }
 
-/// Per unit, this rank's 0/1 weight-decay mask (padding 0). Units laid out
-/// alike (every Mamba layer, every attention layer) share one tensor: the
-/// masks are only read, and one per unit would hold a full f32 copy of the
-/// shard (19.6 GB per rank for Bamba-9B on two GPUs).
+/// Per unit, this rank's 0/1 weight-decay mask (padding 0), or `None` when
+/// every parameter of the unit decays (the embedding, the LM head: their
+/// padding is zero and stays zero, so decaying it changes nothing; 2.1 GB
+/// less state per rank for Bamba-9B on two GPUs and a read less per step).
+/// Units laid out alike (every Mamba layer, every attention layer) share
+/// one tensor: the masks are only read, and one per unit would hold a full
+/// f32 copy of the shard (19.6 GB per rank for Bamba-9B on two GPUs).
 fn decay_masks<B: Backend>(
     layout: &Layout,
     shard_rank: usize,
     decays: &dyn Fn(&str) -> bool,
     device: &B::Device,
-) -> Vec<Tensor<B, 1>> {
+) -> Vec<Option<Tensor<B, 1>>> {
     let mut distinct: HashMap<MaskRuns, Tensor<B, 1>> = HashMap::new();
     layout
         .units
         .iter()
         .map(|unit| {
-            distinct
+            if all_decay(unit, decays) {
+                return None;
+            }
+            let mask = distinct
                 .entry(mask_runs(unit, shard_rank, decays))
                 .or_insert_with_key(|(len, runs)| {
                     let mut mask = vec![0f32; *len];
@@ -382,10 +406,15 @@ fn decay_masks<B: Backend>(
                         mask[to..to + n].fill(if d { 1.0 } else { 0.0 });
                     }
                     flat(mask, device)
-                })
-                .clone()
+                });
+            Some(mask.clone())
         })
         .collect()
+}
+
+/// Whether weight decay applies to every parameter of `unit`.
+fn all_decay(unit: &Unit, decays: &dyn Fn(&str) -> bool) -> bool {
+    unit.params.iter().all(|p| decays(&p.name))
 }
 
 /// A unit's decay mask on one rank: its length and the `(start, len,
@@ -509,6 +538,10 @@ impl<B: BambaAutodiffBackend> ModuleVisitor<B> for CollectGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = param.grad(self.grads) {
             let n = g.shape().num_elements();
+            // In the parameter's dtype, as torch's `.grad`: a fused backward
+            // may hand a bf16 weight an f32 gradient (norms, D, dt_bias).
+            let dtype = param.val().dtype();
+            let g = if g.dtype() == dtype { g } else { g.cast(dtype) };
             self.out.insert(self.path.join("."), g.reshape([n]));
         }
     }
@@ -535,6 +568,10 @@ mod tests {
                 for (slot, _, to, n) in overlaps(unit, rank * unit.shard_len, unit.shard_len) {
                     want[to..to + n].fill(if decays(&slot.name) { 1.0 } else { 0.0 });
                 }
+                let Some(got) = got else {
+                    assert!(all_decay(unit, &decays), "{} has no mask", unit.name);
+                    continue;
+                };
                 assert_eq!(
                     got.into_data().to_vec::<f32>().unwrap(),
                     want,
@@ -542,6 +579,8 @@ mod tests {
                     unit.name
                 );
             }
+            // The embedding and the LM head decay everywhere: no mask.
+            assert!(tiny.units.iter().any(|u| all_decay(u, &decays)));
         }
         // Distinct patterns without building any mask: Bamba-9B's shard sizes.
         let big = Layout::new(&BambaConfig::bamba_9b(), 2);

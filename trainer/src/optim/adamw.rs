@@ -5,7 +5,7 @@
 use bamba_model::BambaBackend;
 use bamba_model::ops::{AdamWHyper, AdamWState};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,7 +68,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// One update of `param` (returns the new tensors; a fused kernel may
-    /// reuse the buffers it is handed). `step` is 1-based; `decay` is a
+    /// reuse the buffers it is handed). `grad` is f32 or bf16. `step` is 1-based; `decay` is a
     /// per-element 0/1 mask or `None` for all-decay; `grad_scale` (`[1]`,
     /// e.g. the clipping coefficient) multiplies the gradient. With
     /// `bf16_copy`, the backend's fused kernel also writes the new
@@ -120,6 +120,7 @@ impl AdamW {
                 copy.map(t),
             );
         }
+        let grad = grad.cast(DType::F32);
         let grad = match grad_scale {
             Some(c) => grad * c.clone(),
             None => grad,
@@ -127,10 +128,13 @@ impl AdamW {
         let exp_avg = moments.exp_avg * b1 + grad.clone() * (1.0 - b1);
         let exp_avg_sq = moments.exp_avg_sq * b2 + grad.powi_scalar(2) * (1.0 - b2);
         let wd = lr * self.cfg.weight_decay;
+        // The factor is rounded to f32 once, as in the fused kernel: a mask
+        // of 1 decays exactly as no mask does.
+        let keep = (1.0 - wd) as f32 as f64;
         let param = match decay {
             _ if wd == 0.0 => param,
-            Some(mask) => param.clone() - param * mask.clone() * wd,
-            None => param * (1.0 - wd),
+            Some(mask) => param * (mask.clone() * (keep - 1.0) + 1.0),
+            None => param * keep,
         };
         let denom = exp_avg_sq.clone().sqrt() / bc2.sqrt() + self.cfg.eps;
         let param = param - exp_avg.clone() / denom * (lr / bc1);

@@ -19,20 +19,34 @@ struct AdamW {
     __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float mask,
                                                bool has_mask) const {
         g *= c;
-        // Decoupled weight decay first, as torch.optim.AdamW.
-        p = has_mask ? p - p * mask * lr_wd : p * (1.0f - lr_wd);
+        // Decoupled weight decay first, as torch.optim.AdamW. A mask of 1
+        // gives the factor of the unmasked path bit for bit.
+        p *= has_mask ? 1.0f - mask * lr_wd : 1.0f - lr_wd;
         m = b1 * m + (1.0f - b1) * g;
         v = b2 * v + (1.0f - b2) * g * g;
         p = p - m / (sqrtf(v) * inv_sqrt_bc2 + eps) * lr_bc1;
     }
 };
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return ((unsigned long long)p & 15ull) == 0;
+__device__ __forceinline__ bool aligned(const void* p, unsigned long long bytes) {
+    return ((unsigned long long)p & (bytes - 1)) == 0;
 }
 
-extern "C" __global__ void adamw_step(
-    const float* p, const float* __restrict__ g, const float* m, const float* v,
+// Four consecutive elements as f32 (p + 4i aligned to 4 elements).
+__device__ __forceinline__ float4 ld4(const float* p, long long i) {
+    return ((const float4*)p)[i];
+}
+__device__ __forceinline__ float4 ld4(const bf16_t* p, long long i) {
+    const uint2 w = ((const uint2*)p)[i];
+    return make_float4(bf16_to_f32(w.x & 0xffffu), bf16_to_f32(w.x >> 16),
+                       bf16_to_f32(w.y & 0xffffu), bf16_to_f32(w.y >> 16));
+}
+
+// G: the gradient's dtype (f32, or bf16 straight from a bf16 model on one
+// GPU: half the gradient traffic, same values).
+template <typename G>
+__device__ __forceinline__ void adamw(
+    const float* p, const G* __restrict__ g, const float* m, const float* v,
     const float* __restrict__ mask, const float* __restrict__ scale,
     float* p_out, float* m_out, float* v_out, bf16_t* __restrict__ p_lp, long long n,
     float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
@@ -40,12 +54,12 @@ extern "C" __global__ void adamw_step(
     const AdamW f{scale ? scale[0] : 1.0f, b1, b2, lr_bc1, inv_sqrt_bc2, eps, lr_wd};
     const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) &&
-                     aligned16(p_out) && aligned16(m_out) && aligned16(v_out) &&
-                     (!mask || aligned16(mask)) && (((unsigned long long)p_lp & 7ull) == 0);
+    const bool vec = aligned(p, 16) && aligned(g, 4 * sizeof(G)) && aligned(m, 16) &&
+                     aligned(v, 16) && aligned(p_out, 16) && aligned(m_out, 16) &&
+                     aligned(v_out, 16) && (!mask || aligned(mask, 16)) && aligned(p_lp, 8);
     const long long n4 = vec ? n / 4 : 0;
     for (long long i = tid; i < n4; i += stride) {
-        float4 pp = ((const float4*)p)[i], gg = ((const float4*)g)[i];
+        float4 pp = ((const float4*)p)[i], gg = ld4(g, i);
         float4 mm = ((const float4*)m)[i], vv = ((const float4*)v)[i];
         float4 dm = mask ? ((const float4*)mask)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
         f(pp.x, gg.x, mm.x, vv.x, dm.x, mask);
@@ -64,13 +78,25 @@ extern "C" __global__ void adamw_step(
     }
     for (long long i = 4 * n4 + tid; i < n; i += stride) {
         float pi = p[i], mi = m[i], vi = v[i];
-        f(pi, g[i], mi, vi, mask ? mask[i] : 0.0f, mask);
+        f(pi, ld(g, i), mi, vi, mask ? mask[i] : 0.0f, mask);
         p_out[i] = pi;
         m_out[i] = mi;
         v_out[i] = vi;
         if (p_lp) p_lp[i] = f32_to_bf16(pi);
     }
 }
+
+#define ADAMW_KERNEL(NAME, G)                                                                  \
+    extern "C" __global__ void NAME(                                                           \
+        const float* p, const G* __restrict__ g, const float* m, const float* v,               \
+        const float* __restrict__ mask, const float* __restrict__ scale, float* p_out,         \
+        float* m_out, float* v_out, bf16_t* __restrict__ p_lp, long long n, float b1,          \
+        float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd) {                  \
+        adamw(p, g, m, v, mask, scale, p_out, m_out, v_out, p_lp, n, b1, b2, lr_bc1,            \
+              inv_sqrt_bc2, eps, lr_wd);                                                       \
+    }
+ADAMW_KERNEL(adamw_step, float)
+ADAMW_KERNEL(adamw_step_bf16g, bf16_t)
 
 // The sum of 256 threads' values, in a fixed order; thread 0 gets it.
 __device__ __forceinline__ float block_sum_256(float s) {
@@ -86,14 +112,29 @@ __device__ __forceinline__ float block_sum_256(float s) {
 
 // part[block] = this block's sum of x^2; blockDim.x == 256. With the grid
 // fixed by n, every partial sum is computed in the same order each run.
-extern "C" __global__ void sum_squares(const float* __restrict__ x, float* part, long long n) {
+template <typename X>
+__device__ __forceinline__ void sum_sq(const X* __restrict__ x, float* part, long long n) {
+    const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long n4 = aligned(x, 4 * sizeof(X)) ? n / 4 : 0;
     float s = 0.0f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        s += x[i] * x[i];
+    for (long long i = tid; i < n4; i += stride) {
+        const float4 q = ld4(x, i);
+        s += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+    }
+    for (long long i = 4 * n4 + tid; i < n; i += stride) {
+        const float q = ld(x, i);
+        s += q * q;
     }
     const float t = block_sum_256(s);
     if (threadIdx.x == 0) part[blockIdx.x] = t;
+}
+extern "C" __global__ void sum_squares(const float* __restrict__ x, float* part, long long n) {
+    sum_sq(x, part, n);
+}
+extern "C" __global__ void sum_squares_bf16(const bf16_t* __restrict__ x, float* part,
+                                            long long n) {
+    sum_sq(x, part, n);
 }
 
 // out[0] = sum of part[0..parts], in a fixed order (one block of 256): the
@@ -106,9 +147,9 @@ extern "C" __global__ void sum_parts(const float* __restrict__ part, float* out,
 }
 "#;
 
-/// `[1]`: the sum of squares of an f32 tensor.
+/// `[1]`: the sum of squares of an f32 or bf16 tensor, in f32.
 pub fn sum_squares(x: T) -> T {
-    let x = f32_contiguous(x, "sum_squares input");
+    let x = grad_contiguous(x, "sum_squares input");
     let n = x.meta.shape().num_elements();
     if n == 0 {
         return zeros_f32(&x, vec![1]);
@@ -119,7 +160,11 @@ pub fn sum_squares(x: T) -> T {
     let part = empty(&x, vec![grid.0 as usize], DType::F32);
     let out = empty(&x, vec![1], DType::F32);
     let device = x.device.index;
-    let f = nvrtc::function(device, "adamw", &adamw_src(), "sum_squares");
+    let name = match x.dtype {
+        DType::BF16 => "sum_squares_bf16",
+        _ => "sum_squares",
+    };
+    let f = nvrtc::function(device, "adamw", &adamw_src(), name);
     let g = nvrtc::function(device, "adamw", &adamw_src(), "sum_parts");
     enqueue(
         [&out, &part, &x],
@@ -146,8 +191,18 @@ fn f32_contiguous(t: T, what: &str) -> T {
     into_contiguous(t)
 }
 
-/// One AdamW step in one pass: reads p, g, m, v (and the mask), writes the
-/// new three, and with `bf16_copy` the new parameter in bf16 as well.
+fn grad_contiguous(t: T, what: &str) -> T {
+    assert!(
+        matches!(t.dtype, DType::F32 | DType::BF16),
+        "fused AdamW: {what} must be f32 or bf16, not {:?}",
+        t.dtype
+    );
+    into_contiguous(t)
+}
+
+/// One AdamW step in one pass: reads p, g (f32 or bf16), m, v (and the
+/// mask), writes the new three, and with `bf16_copy` the new parameter in
+/// bf16 as well.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
     p: T,
@@ -160,7 +215,7 @@ pub fn adamw(
     h: &AdamWHyper,
 ) -> ([T; 3], Option<T>) {
     let n = p.meta.shape().num_elements();
-    let (p, g) = (f32_contiguous(p, "param"), f32_contiguous(g, "grad"));
+    let (p, g) = (f32_contiguous(p, "param"), grad_contiguous(g, "grad"));
     let (m, v) = (
         f32_contiguous(m, "exp_avg"),
         f32_contiguous(v, "exp_avg_sq"),
@@ -188,7 +243,11 @@ pub fn adamw(
         return ([po, mo, vo], lp);
     }
     let device = p.device.index;
-    let f = nvrtc::function(device, "adamw", &adamw_src(), "adamw_step");
+    let name = match g.dtype {
+        DType::BF16 => "adamw_step_bf16g",
+        _ => "adamw_step",
+    };
+    let f = nvrtc::function(device, "adamw", &adamw_src(), name);
     let (mut b1, mut b2) = (h.beta1 as f32, h.beta2 as f32);
     let (mut lr_bc1, mut inv_sqrt_bc2) = (h.lr_bc1 as f32, h.inv_sqrt_bc2 as f32);
     let (mut eps, mut lr_wd) = (h.eps as f32, h.lr_wd as f32);

@@ -148,6 +148,124 @@ __device__ __forceinline__ void diag_apply(
     }
 }
 
+// 16 (or 4) bytes global -> shared without registers; zeros where !valid.
+__device__ __forceinline__ void cp16f(float* dst, const float* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp4f(float* dst, const float* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N));
+}
+
+// diag_apply with the next 32-row tile of v, S and cs copied in (cp.async)
+// while this one multiplies: the loop was bound by two dependent global
+// round trips per tile. Needs p and q multiples of 4 (16-byte rows).
+#define DG_SP 68  // transposed S tile [32][64] rows, padded (16-byte aligned)
+template <bool TRANS, bool TC>
+__device__ __forceinline__ void diag_apply_pipe(
+    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ v,
+    float* __restrict__ out, int q, int h, int g, int p)
+{
+    __shared__ __align__(16) float Vs[2][DG_K][DG_VP];
+    __shared__ __align__(16) float Sr[2][DG_T * DG_KP];  // [64][36] or [32][68]
+    __shared__ float Ms[DG_T][DG_KP];
+    __shared__ float c_i[DG_T];
+    __shared__ float c_j[2][DG_K];
+    const int tid = threadIdx.x;
+    const Frag f;
+    const int nt = (q + DG_T - 1) / DG_T;
+    const int r = (int)(blockIdx.x % (unsigned)nt);
+    const int it = TRANS ? r : nt - 1 - r;
+    const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)h);
+    const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)h);
+    const int p0 = blockIdx.y * DG_T, i0 = it * DG_T;
+    const int gi = hi / (h / g);
+    const float* Sm = S + (bc * g + gi) * (long long)q * q;
+    const float* cm = cs + bc * q * (long long)h + hi;
+    const long long rs = (long long)h * p;
+    const float* vm = v + bc * q * rs + (long long)hi * p;
+    float* om = out + bc * q * rs + (long long)hi * p;
+    if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+    float acc[16];
+#pragma unroll
+    for (int e = 0; e < 16; ++e) acc[e] = 0.0f;
+    const int j_begin = TRANS ? i0 : 0;
+    const int j_end = TRANS ? q : min(q, i0 + DG_T);
+    const int tiles = (j_end - j_begin + DG_K - 1) / DG_K;
+    auto issue = [&](int t, int buf) {
+        const int j0 = j_begin + t * DG_K;
+        if (tid < DG_K) {
+            const int j = j0 + tid;
+            cp4f(&c_j[buf][tid], j < q ? cm + (long long)j * h : cm, j < q);
+        }
+        for (int e = tid; e < DG_K * 16; e += 256) {
+            const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, pc = p0 + c4;
+            const bool ok = j < q && pc < p;
+            cp16f(&Vs[buf][jj][c4], ok ? vm + (long long)j * rs + pc : vm, ok);
+        }
+        if (!TRANS) {  // S[i0 .. i0 + 64, j0 .. j0 + 32]
+            for (int e = tid; e < DG_T * 8; e += 256) {
+                const int ii = e >> 3, c4 = (e & 7) * 4, i = i0 + ii, j = j0 + c4;
+                const bool ok = i < q && j < q;
+                cp16f(&Sr[buf][ii * DG_KP + c4], ok ? Sm + (long long)i * q + j : Sm, ok);
+            }
+        } else {  // S[j0 .. j0 + 32, i0 .. i0 + 64]
+            for (int e = tid; e < DG_K * 16; e += 256) {
+                const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, i = i0 + c4;
+                const bool ok = j < q && i < q;
+                cp16f(&Sr[buf][jj * DG_SP + c4], ok ? Sm + (long long)j * q + i : Sm, ok);
+            }
+        }
+        cp_commit();
+    };
+    issue(0, 0);
+    for (int t = 0; t < tiles; ++t) {
+        const int buf = t & 1, j0 = j_begin + t * DG_K;
+        if (t + 1 < tiles) {
+            issue(t + 1, buf ^ 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();  // tile t (and c_i) landed for every thread
+        for (int e = tid; e < DG_T * DG_K; e += 256) {
+            int ii, jj;
+            if (TRANS) {  // 4 rows x 8 columns per warp: conflict-free column reads of Sr
+                const int w = e >> 5, lane = e & 31;
+                ii = (w & 15) * 4 + (lane & 3);
+                jj = (w >> 4) * 8 + (lane >> 2);
+            } else {
+                ii = e / DG_K;
+                jj = e % DG_K;
+            }
+            const int i = i0 + ii, j = j0 + jj;
+            float m = 0.0f;
+            if (i < q && j < q) {
+                if (!TRANS && j <= i)
+                    m = __expf(c_i[ii] - c_j[buf][jj]) * Sr[buf][ii * DG_KP + jj];
+                if (TRANS && j >= i)
+                    m = __expf(c_j[buf][jj] - c_i[ii]) * Sr[buf][jj * DG_SP + ii];
+            }
+            Ms[ii][jj] = m;
+        }
+        __syncthreads();
+        tile_mma<TC>(acc, f, DG_K,
+                     [&](int i, int k) { return Ms[i][k]; },
+                     [&](int k, int j) { return Vs[buf][k][j]; });
+        __syncthreads();  // Ms and this buffer consumed before they are refilled
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        const int i = i0 + f.row(e), pc = p0 + f.col(e);
+        if (i < q && pc < p) om[(long long)i * rs + pc] = acc[e];
+    }
+}
+
 // Register caps from ncu on the H100 (1B shapes): the forward at 78
 // registers ran 3 blocks per SM, at 64 four (-30%); the transpose needs 48.
 #define DIAG_ENTRY(name, TRANS, TC, MINB)                                                \
@@ -160,6 +278,16 @@ DIAG_ENTRY(ssd_diag_fwd, false, false, 4)
 DIAG_ENTRY(ssd_diag_dx, true, false, 5)
 DIAG_ENTRY(ssd_diag_fwd_tc, false, true, 4)
 DIAG_ENTRY(ssd_diag_dx_tc, true, true, 5)
+#define PIPE_ENTRY(name, TRANS, TC, MINB)                                                \
+    extern "C" __global__ void __launch_bounds__(256, MINB) name(                        \
+        const float* S, const float* cs, const float* v, float* out, int q, int h, int g, int p) \
+    {                                                                                    \
+        diag_apply_pipe<TRANS, TC>(S, cs, v, out, q, h, g, p);                           \
+    }
+PIPE_ENTRY(ssd_diag_fwd_p, false, false, 4)
+PIPE_ENTRY(ssd_diag_dx_p, true, false, 4)
+PIPE_ENTRY(ssd_diag_fwd_tc_p, false, true, 4)
+PIPE_ENTRY(ssd_diag_dx_tc_p, true, true, 4)
 
 // For one 64 x 64 tile (it, jt) of one (batch-chunk, group), with
 //   G_h[i, j] = exp(cs_h[i] - cs_h[j]) (dy_h[i] . x_h[j])   (j <= i):
@@ -278,6 +406,127 @@ __device__ __forceinline__ void diag_grad(
     }
 }
 
+// diag_grad with each (head, 32 columns) stage of dy and x copied in
+// (cp.async) while the previous one multiplies. Needs p a multiple of 4.
+template <bool TC>
+__device__ __forceinline__ void diag_grad_pipe(
+    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ x,
+    const float* __restrict__ dy, float* __restrict__ dS, float* __restrict__ part,
+    int q, int h, int g, int p, int nt, long long bcn, int hs)
+{
+    __shared__ __align__(16) float As[2][DG_T][DG_KP];
+    __shared__ __align__(16) float Bs[2][DG_T][DG_KP];
+    __shared__ float c_i[DG_T];
+    __shared__ float c_j[DG_T];
+    __shared__ float red[DG_T][33];
+    const int tid = threadIdx.x;
+    const Frag f;
+    const int tile = (int)(blockIdx.x % (unsigned)(nt * nt));
+    const int jt = tile % nt, it = tile / nt;
+    const int split = (int)((blockIdx.x / (unsigned)(nt * nt)) % (unsigned)hs);
+    const long long bcg = blockIdx.x / ((unsigned)(nt * nt) * (unsigned)hs);
+    const int gi = (int)(bcg % g);
+    const long long bc = bcg / g;
+    const int i0 = it * DG_T, j0 = jt * DG_T;
+    const int hg = h / g, per = hg / hs;
+    float* dSm = dS + ((split * bcn + bc) * g + gi) * (long long)q * q;
+    if (jt > it) {
+        for (int e = tid; e < DG_T * DG_T; e += 256) {
+            const int i = i0 + (e >> 6), j = j0 + (e & 63);
+            if (i < q && j < q) dSm[(long long)i * q + j] = 0.0f;
+        }
+        return;
+    }
+    const float* Sm = S + (bc * g + gi) * (long long)q * q;
+    float s[16], ds[16];
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        const int i = i0 + f.row(e), j = j0 + f.col(e);
+        s[e] = (i < q && j <= i) ? Sm[(long long)i * q + j] : 0.0f;
+        ds[e] = 0.0f;
+    }
+    const long long rs = (long long)h * p;
+    const int kst = (p + DG_K - 1) / DG_K, stages = per * kst;
+    auto issue = [&](int st, int buf) {
+        const int hi = gi * hg + split * per + st / kst, k0 = (st % kst) * DG_K;
+        const float* xm = x + bc * q * rs + (long long)hi * p;
+        const float* dym = dy + bc * q * rs + (long long)hi * p;
+        for (int e = tid; e < DG_T * 8; e += 256) {
+            const int rr = e >> 3, c4 = (e & 7) * 4, pc = k0 + c4;
+            const bool oa = i0 + rr < q && pc < p, ob = j0 + rr < q && pc < p;
+            cp16f(&As[buf][rr][c4], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
+            cp16f(&Bs[buf][rr][c4], ob ? xm + (long long)(j0 + rr) * rs + pc : xm, ob);
+        }
+        cp_commit();
+    };
+    issue(0, 0);
+    for (int k = 0; k < per; ++k) {
+        const int hi = gi * hg + split * per + k;
+        const float* cm = cs + bc * q * (long long)h + hi;
+        __syncthreads();  // the previous head's c_i, c_j and red are consumed
+        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+        else if (tid < 2 * DG_T) c_j[tid - DG_T] = j0 + tid - DG_T < q ? cm[(long long)(j0 + tid - DG_T) * h] : 0.0f;
+        float d[16];
+#pragma unroll
+        for (int e = 0; e < 16; ++e) d[e] = 0.0f;
+        for (int kk = 0; kk < kst; ++kk) {
+            const int st = k * kst + kk, buf = st & 1;
+            if (st + 1 < stages) {
+                issue(st + 1, buf ^ 1);
+                cp_wait<1>();
+            } else {
+                cp_wait<0>();
+            }
+            __syncthreads();
+            tile_mma<TC>(d, f, DG_K,
+                         [&](int i, int c) { return As[buf][i][c]; },
+                         [&](int c, int j) { return Bs[buf][j][c]; });
+            __syncthreads();  // this buffer consumed before it is refilled
+        }
+        float rsum[2] = {0.0f, 0.0f}, csum[8];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) csum[c] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+            const int ii = f.row(e), jj = f.col(e);
+            const int i = i0 + ii, j = j0 + jj;
+            if (i < q && j <= i) {
+                const float ev = __expf(c_i[ii] - c_j[jj]) * d[e];
+                ds[e] += ev;
+                const float gg = s[e] * ev;
+                rsum[(e >> 1) & 1] += gg;
+                csum[2 * (e >> 2) + (e & 1)] += gg;
+            }
+        }
+        const int w = tid >> 5;
+        red[f.rb + f.g][(w >> 2) * 4 + f.t] = rsum[0];
+        red[f.rb + f.g + 8][(w >> 2) * 4 + f.t] = rsum[1];
+        __syncthreads();
+        if (tid < DG_T && i0 + tid < q) {
+            float t = 0.0f;
+            for (int k2 = 0; k2 < 8; ++k2) t += red[tid][k2];
+            part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            const int jj = f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1);
+            red[jj][(w & 3) * 8 + f.g] = csum[c];
+        }
+        __syncthreads();
+        if (tid < DG_T && j0 + tid < q) {
+            float t = 0.0f;
+            for (int k2 = 0; k2 < 32; ++k2) t += red[tid][k2];
+            part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        const int i = i0 + f.row(e), j = j0 + f.col(e);
+        if (i < q && j < q) dSm[(long long)i * q + j] = ds[e];
+    }
+}
+
 #define GRAD_ENTRY(name, TC)                                                             \
     extern "C" __global__ void __launch_bounds__(256, 3) name(                           \
         const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
@@ -287,7 +536,20 @@ __device__ __forceinline__ void diag_grad(
     }
 GRAD_ENTRY(ssd_diag_grad, false)
 GRAD_ENTRY(ssd_diag_grad_tc, true)
+#define GRAD_PIPE_ENTRY(name, TC)                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 3) name(                           \
+        const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
+        float* part, int q, int h, int g, int p, int nt, long long bcn, int hs)          \
+    {                                                                                    \
+        diag_grad_pipe<TC>(S, cs, x, dy, dS, part, q, h, g, p, nt, bcn, hs);             \
+    }
+GRAD_PIPE_ENTRY(ssd_diag_grad_p, false)
+GRAD_PIPE_ENTRY(ssd_diag_grad_tc_p, true)
 "#;
+
+fn diag_src() -> String {
+    format!("{}{}{}", nvrtc::PRELUDE, nvrtc::MMA, SSD_DIAG)
+}
 
 /// `(b * nc, q, h, p, g)` of the SSD diagonal op's operands.
 fn diag_dims(s: &T, cs: &T, x: &T) -> (usize, usize, usize, usize, usize) {
@@ -334,7 +596,13 @@ fn diag_apply(
 ) {
     let (bcn, q, h, p, g) = dims;
     let device = v.device.index;
-    let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, kernel);
+    // 16-byte rows of v and S: the pipelined kernel.
+    let kernel = if p % 4 == 0 && q % 4 == 0 {
+        format!("{kernel}_p")
+    } else {
+        kernel.to_string()
+    };
+    let f = nvrtc::function(device, "ssd_diag", &diag_src(), &kernel);
     enqueue(
         [out, s, cs, v],
         move |[mut o_p, mut s_p, mut c_p, mut v_p], stream| {
@@ -368,7 +636,12 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
         };
         diag_apply(&s, &cs, &dy, &dx, dx_kernel, (bcn, q, h, p, g));
         let device = x.device.index;
-        let f = nvrtc::function(device, "ssd_diag", SSD_DIAG, grad_kernel);
+        let grad_kernel = if p % 4 == 0 {
+            format!("{grad_kernel}_p")
+        } else {
+            grad_kernel.to_string()
+        };
+        let f = nvrtc::function(device, "ssd_diag", &diag_src(), &grad_kernel);
         enqueue(
             [&ds, &s, &cs, &x, &dy, &part],
             move |[mut ds_p, mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p], stream| {
