@@ -281,7 +281,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
 
     /// Bytes of training state this rank keeps between steps, by kind.
     pub fn state_bytes(&self) -> crate::fsdp::StateBytes {
-        self.sharded.state_bytes(&|n: &str| self.opt.cfg.decays(n))
+        self.sharded.state_bytes()
     }
 
     pub fn is_rank0(&self) -> bool {

@@ -207,7 +207,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
             s.grad,
             s.exp_avg,
             s.exp_avg_sq,
-            s.decay_mask,
+            &s.no_decay,
             s.grad_scale,
             s.bf16_copy,
             h,

@@ -533,19 +533,24 @@ pub trait BambaBackend: Backend {
 }
 
 /// What one fused AdamW update reads: parameter, gradient, the two moments,
-/// an optional 0/1 weight-decay mask and an optional `[1]` gradient scale
+/// where weight decay does not apply, and an optional `[1]` gradient scale
 /// (the clipping coefficient, kept on the device).
 pub struct AdamWState<B: Backend> {
     pub param: FloatTensor<B>,
     pub grad: FloatTensor<B>,
     pub exp_avg: FloatTensor<B>,
     pub exp_avg_sq: FloatTensor<B>,
-    pub decay_mask: Option<FloatTensor<B>>,
+    /// Element ranges `[start, end)` without weight decay (at most
+    /// [`NO_DECAY_MAX`]); everything else decays.
+    pub no_decay: Vec<(usize, usize)>,
     pub grad_scale: Option<FloatTensor<B>>,
     /// Also write the new parameter rounded to bf16 (the compute copy FSDP
     /// gathers), saving a separate cast pass over the f32 weights.
     pub bf16_copy: bool,
 }
+
+/// How many no-decay ranges a fused AdamW launch takes (kernel arguments).
+pub const NO_DECAY_MAX: usize = 16;
 
 /// AdamW's scalars for one step, bias corrections folded in.
 #[derive(Debug, Clone, Copy)]

@@ -45,9 +45,9 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// with per-layer gathers it would hold a compute copy of every unit.
     pub keep_compute_copy: bool,
     pub moments: Vec<Moments<Inner<B>>>,
-    /// Per unit, 1 where weight decay applies, 0 elsewhere (and on padding);
-    /// `None` where every parameter decays (padding stays 0 either way).
-    decay: Vec<Option<Tensor<Inner<B>, 1>>>,
+    /// Per unit, this rank's element ranges `[start, end)` without weight
+    /// decay (a few short runs: norm weights, biases, A_log, D, dt_bias).
+    no_decay: Vec<Vec<(usize, usize)>>,
     /// Per unit, gradients summed over this step's micro-batches (full, unsharded).
     grads: Vec<Option<Tensor<Inner<B>, 1>>>,
     /// Per unit, this rank's reduced gradient slice, once reduce-scattered.
@@ -138,7 +138,11 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         compute: DType,
         device: &burn::tensor::Device<Inner<B>>,
     ) -> Self {
-        let decay = decay_masks(&layout, shard_rank, decays, device);
+        let no_decay = layout
+            .units
+            .iter()
+            .map(|u| no_decay_ranges(u, shard_rank, decays))
+            .collect();
         let none = vec![None; layout.units.len()];
         Self {
             compute_copy: none.clone(),
@@ -147,7 +151,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             shard_rank,
             master,
             moments,
-            decay,
+            no_decay,
             reduced: none.clone(),
             grads: none,
             compute,
@@ -277,7 +281,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 master,
                 grad,
                 moments,
-                self.decay[i].as_ref(),
+                &self.no_decay[i],
                 coef.as_ref(),
                 lr,
                 step,
@@ -350,21 +354,12 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     }
 
     /// Bytes of state this rank keeps between steps, by kind: f32 master
-    /// weights, the two f32 AdamW moments, and the distinct weight-decay
-    /// masks (shared by units laid out alike; none for all-decay units).
-    pub fn state_bytes(&self, decays: &dyn Fn(&str) -> bool) -> StateBytes {
+    /// weights and the two f32 AdamW moments.
+    pub fn state_bytes(&self) -> StateBytes {
         let shard = 4 * self.layout.shard_numel();
-        let distinct: std::collections::HashSet<MaskRuns> = self
-            .layout
-            .units
-            .iter()
-            .filter(|u| !all_decay(u, decays))
-            .map(|u| mask_runs(u, self.shard_rank, decays))
-            .collect();
         StateBytes {
             master: shard,
             moments: 2 * shard,
-            decay_masks: distinct.iter().map(|(len, _)| 4 * len).sum(),
         }
     }
 }
@@ -374,58 +369,27 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
 pub struct StateBytes {
     pub master: usize,
     pub moments: usize,
-    pub decay_masks: usize,
 }
 
-/// Per unit, this rank's 0/1 weight-decay mask (padding 0), or `None` when
-/// every parameter of the unit decays (the embedding, the LM head: their
-/// padding is zero and stays zero, so decaying it changes nothing; 2.1 GB
-/// less state per rank for Bamba-9B on two GPUs and a read less per step).
-/// Units laid out alike (every Mamba layer, every attention layer) share
-/// one tensor: the masks are only read, and one per unit would hold a full
-/// f32 copy of the shard (19.6 GB per rank for Bamba-9B on two GPUs).
-fn decay_masks<B: Backend>(
-    layout: &Layout,
+/// The element ranges of `unit`'s slice on `shard_rank` whose parameters
+/// get no weight decay, adjacent runs merged. Padding is zero and stays
+/// zero, so whether it decays does not matter.
+fn no_decay_ranges(
+    unit: &Unit,
     shard_rank: usize,
     decays: &dyn Fn(&str) -> bool,
-    device: &B::Device,
-) -> Vec<Option<Tensor<B, 1>>> {
-    let mut distinct: HashMap<MaskRuns, Tensor<B, 1>> = HashMap::new();
-    layout
-        .units
-        .iter()
-        .map(|unit| {
-            if all_decay(unit, decays) {
-                return None;
-            }
-            let mask = distinct
-                .entry(mask_runs(unit, shard_rank, decays))
-                .or_insert_with_key(|(len, runs)| {
-                    let mut mask = vec![0f32; *len];
-                    for &(to, n, d) in runs {
-                        mask[to..to + n].fill(if d { 1.0 } else { 0.0 });
-                    }
-                    flat(mask, device)
-                });
-            Some(mask.clone())
-        })
-        .collect()
-}
-
-/// Whether weight decay applies to every parameter of `unit`.
-fn all_decay(unit: &Unit, decays: &dyn Fn(&str) -> bool) -> bool {
-    unit.params.iter().all(|p| decays(&p.name))
-}
-
-/// A unit's decay mask on one rank: its length and the `(start, len,
-/// decays)` of each parameter slot in it (zeros elsewhere).
-type MaskRuns = (usize, Vec<(usize, usize, bool)>);
-
-fn mask_runs(unit: &Unit, shard_rank: usize, decays: &dyn Fn(&str) -> bool) -> MaskRuns {
-    let runs = overlaps(unit, shard_rank * unit.shard_len, unit.shard_len)
-        .map(|(slot, _, to, n)| (to, n, decays(&slot.name)))
-        .collect();
-    (unit.shard_len, runs)
+) -> Vec<(usize, usize)> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for (slot, _, to, n) in overlaps(unit, shard_rank * unit.shard_len, unit.shard_len) {
+        if n == 0 || decays(&slot.name) {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(last) if last.1 == to => last.1 = to + n,
+            _ => ranges.push((to, to + n)),
+        }
+    }
+    ranges
 }
 
 fn flat<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -554,39 +518,41 @@ mod tests {
     use bamba_model::BambaConfig;
     use burn::backend::Flex;
 
-    /// Shared masks hold what each unit's own mask would, and the layers
-    /// share them: Bamba-9B on 2 ranks keeps a handful of masks, not 35.
+    /// Each unit's no-decay ranges cover exactly the elements of its
+    /// no-decay parameters on that rank, in a few runs; the embedding and
+    /// LM head have none.
     #[test]
-    fn decay_masks_are_per_unit_exact_and_shared() {
-        let dev = Default::default();
+    fn no_decay_ranges_are_per_rank_exact_and_few() {
         let decays = |n: &str| AdamWConfig::default().decays(n);
-        let tiny = Layout::new(&BambaConfig::tiny(), 3);
-        for rank in 0..3 {
-            let masks = decay_masks::<Flex>(&tiny, rank, &decays, &dev);
-            for (unit, got) in tiny.units.iter().zip(masks) {
-                let mut want = vec![0f32; unit.shard_len];
-                for (slot, _, to, n) in overlaps(unit, rank * unit.shard_len, unit.shard_len) {
-                    want[to..to + n].fill(if decays(&slot.name) { 1.0 } else { 0.0 });
+        for (cfg, ranks) in [(BambaConfig::tiny(), 3), (BambaConfig::bamba_9b(), 2)] {
+            let layout = Layout::new(&cfg, ranks);
+            for rank in 0..ranks {
+                for unit in &layout.units {
+                    let ranges = no_decay_ranges(unit, rank, &decays);
+                    let mut want = vec![false; unit.shard_len];
+                    for (slot, _, to, n) in overlaps(unit, rank * unit.shard_len, unit.shard_len) {
+                        want[to..to + n].fill(!decays(&slot.name));
+                    }
+                    let mut got = vec![false; unit.shard_len];
+                    for &(lo, hi) in &ranges {
+                        assert!(lo < hi, "{}: empty range", unit.name);
+                        got[lo..hi].fill(true);
+                    }
+                    assert_eq!(got, want, "{} on rank {rank}", unit.name);
+                    assert!(
+                        ranges.len() <= bamba_model::ops::NO_DECAY_MAX,
+                        "{}: {} ranges",
+                        unit.name,
+                        ranges.len()
+                    );
                 }
-                let Some(got) = got else {
-                    assert!(all_decay(unit, &decays), "{} has no mask", unit.name);
-                    continue;
-                };
-                assert_eq!(
-                    got.into_data().to_vec::<f32>().unwrap(),
-                    want,
-                    "{}",
-                    unit.name
-                );
             }
-            // The embedding and the LM head decay everywhere: no mask.
-            assert!(tiny.units.iter().any(|u| all_decay(u, &decays)));
+            assert!(
+                layout
+                    .units
+                    .iter()
+                    .any(|u| no_decay_ranges(u, 0, &decays).is_empty())
+            );
         }
-        // Distinct patterns without building any mask: Bamba-9B's shard sizes.
-        let big = Layout::new(&BambaConfig::bamba_9b(), 2);
-        let distinct: std::collections::HashSet<_> =
-            big.units.iter().map(|u| mask_runs(u, 1, &decays)).collect();
-        assert!(big.units.len() >= 34, "{} units", big.units.len());
-        assert!(distinct.len() <= 6, "{} distinct masks", distinct.len());
     }
 }

@@ -3,9 +3,9 @@
 //! the master weights, and the moments live beside it with the same layout.
 
 use bamba_model::BambaBackend;
-use bamba_model::ops::{AdamWHyper, AdamWState};
+use bamba_model::ops::{AdamWHyper, AdamWState, NO_DECAY_MAX};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,8 +68,9 @@ pub struct AdamW {
 
 impl AdamW {
     /// One update of `param` (returns the new tensors; a fused kernel may
-    /// reuse the buffers it is handed). `grad` is f32 or bf16. `step` is 1-based; `decay` is a
-    /// per-element 0/1 mask or `None` for all-decay; `grad_scale` (`[1]`,
+    /// reuse the buffers it is handed). `grad` is f32 or bf16. `step` is
+    /// 1-based; `no_decay` lists the element ranges `[start, end)` that get
+    /// no weight decay (everything else does); `grad_scale` (`[1]`,
     /// e.g. the clipping coefficient) multiplies the gradient. With
     /// `bf16_copy`, the backend's fused kernel also writes the new
     /// parameter in bf16 in the same pass (`None` otherwise: the caller casts).
@@ -79,7 +80,7 @@ impl AdamW {
         param: Tensor<B, 1>,
         grad: Tensor<B, 1>,
         moments: Moments<B>,
-        decay: Option<&Tensor<B, 1>>,
+        no_decay: &[(usize, usize)],
         grad_scale: Option<&Tensor<B, 1>>,
         lr: f64,
         step: u64,
@@ -98,13 +99,13 @@ impl AdamW {
             lr_wd: lr * self.cfg.weight_decay,
         };
         // Handed over, not cloned: a kernel may then update them in place.
-        if B::bamba_fused() {
+        if B::bamba_fused() && no_decay.len() <= NO_DECAY_MAX {
             let state = AdamWState {
                 param: prim(param),
                 grad: prim(grad),
                 exp_avg: prim(moments.exp_avg),
                 exp_avg_sq: prim(moments.exp_avg_sq),
-                decay_mask: decay.map(|t| prim(t.clone())),
+                no_decay: no_decay.to_vec(),
                 grad_scale: grad_scale.map(|t| prim(t.clone())),
                 bf16_copy,
             };
@@ -128,13 +129,20 @@ impl AdamW {
         let exp_avg = moments.exp_avg * b1 + grad.clone() * (1.0 - b1);
         let exp_avg_sq = moments.exp_avg_sq * b2 + grad.powi_scalar(2) * (1.0 - b2);
         let wd = lr * self.cfg.weight_decay;
-        // The factor is rounded to f32 once, as in the fused kernel: a mask
-        // of 1 decays exactly as no mask does.
+        // The factor is rounded to f32 once, as in the fused kernel.
         let keep = (1.0 - wd) as f32 as f64;
-        let param = match decay {
-            _ if wd == 0.0 => param,
-            Some(mask) => param * (mask.clone() * (keep - 1.0) + 1.0),
-            None => param * keep,
+        let param = if wd == 0.0 {
+            param
+        } else if no_decay.is_empty() {
+            param * keep
+        } else {
+            let n = param.dims()[0];
+            let mut factor = vec![keep as f32; n];
+            for &(lo, hi) in no_decay {
+                factor[lo..hi].fill(1.0);
+            }
+            let factor = Tensor::from_data(TensorData::new(factor, [n]), &param.device());
+            param * factor
         };
         let denom = exp_avg_sq.clone().sqrt() / bc2.sqrt() + self.cfg.eps;
         let param = param - exp_avg.clone() / denom * (lr / bc1);
@@ -153,7 +161,6 @@ impl AdamW {
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use burn::tensor::TensorData;
 
     /// PyTorch's `torch.optim.AdamW` step written out in f64.
     fn reference(p: f64, g: &[f64], lr: f64, wd: f64) -> f64 {
@@ -180,20 +187,24 @@ mod tests {
             },
         };
         let grads = [0.5, -0.25, 1.0, 0.125];
-        let mut p = Tensor::<Flex, 1>::from_data(TensorData::new(vec![1.0f32, -2.0], [2]), &dev);
-        let mut m = Moments::zeros(2, &dev);
-        for (t, g) in grads.iter().enumerate() {
-            let gt =
-                Tensor::from_data(TensorData::new(vec![*g as f32, 2.0 * *g as f32], [2]), &dev);
-            (p, m, _) = opt.update(p, gt, m, None, None, 1e-2, t as u64 + 1, false);
-        }
-        let got = p.into_data().to_vec::<f32>().unwrap();
-        let want = [
-            reference(1.0, &grads, 1e-2, 0.1),
-            reference(-2.0, &grads.map(|g| 2.0 * g), 1e-2, 0.1),
-        ];
-        for (g, w) in got.iter().zip(want) {
-            assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
+        // Element 1 in a no-decay range the second time.
+        for (no_decay, wd1) in [(vec![], 0.1), (vec![(1, 2)], 0.0)] {
+            let mut p =
+                Tensor::<Flex, 1>::from_data(TensorData::new(vec![1.0f32, -2.0], [2]), &dev);
+            let mut m = Moments::zeros(2, &dev);
+            for (t, g) in grads.iter().enumerate() {
+                let gt =
+                    Tensor::from_data(TensorData::new(vec![*g as f32, 2.0 * *g as f32], [2]), &dev);
+                (p, m, _) = opt.update(p, gt, m, &no_decay, None, 1e-2, t as u64 + 1, false);
+            }
+            let got = p.into_data().to_vec::<f32>().unwrap();
+            let want = [
+                reference(1.0, &grads, 1e-2, 0.1),
+                reference(-2.0, &grads.map(|g| 2.0 * g), 1e-2, wd1),
+            ];
+            for (g, w) in got.iter().zip(want) {
+                assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w} ({no_decay:?})");
+            }
         }
     }
 }

@@ -6,8 +6,8 @@ use burn_cubecl::kernel::into_contiguous;
 
 use super::{empty, zeros_f32};
 use crate::kernel_args;
-use crate::ops::AdamWHyper;
 use crate::ops::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch, launch_flat};
+use crate::ops::{AdamWHyper, NO_DECAY_MAX};
 
 // p_lp (optional): the new parameter rounded to bf16, the copy FSDP gathers.
 const ADAMW: &str = r#"
@@ -16,15 +16,28 @@ const ADAMW: &str = r#"
 // Four elements per thread and pass (16-byte accesses) where aligned.
 struct AdamW {
     float c, b1, b2, lr_bc1, inv_sqrt_bc2, eps, lr_wd;
-    __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v, float mask,
-                                               bool has_mask) const {
+    __device__ __forceinline__ void operator()(float& p, float g, float& m, float& v,
+                                               bool decays) const {
         g *= c;
-        // Decoupled weight decay first, as torch.optim.AdamW. A mask of 1
-        // gives the factor of the unmasked path bit for bit.
-        p *= has_mask ? 1.0f - mask * lr_wd : 1.0f - lr_wd;
+        // Decoupled weight decay first, as torch.optim.AdamW.
+        if (decays) p *= 1.0f - lr_wd;
         m = b1 * m + (1.0f - b1) * g;
         v = b2 * v + (1.0f - b2) * g * g;
         p = p - m / (sqrtf(v) * inv_sqrt_bc2 + eps) * lr_bc1;
+    }
+};
+
+// The element ranges [lo, hi) without weight decay (norm weights, biases,
+// A_log, D, dt_bias: a few short runs per unit), passed by value: a 0/1
+// mask in memory would be one more f32 read per parameter and step.
+#define ND_MAX 16
+struct NoDecay {
+    long long lo[ND_MAX], hi[ND_MAX];
+    int n;
+    __device__ __forceinline__ bool decays(long long i) const {
+        for (int k = 0; k < n; ++k)
+            if (i >= lo[k] && i < hi[k]) return false;
+        return true;
     }
 };
 
@@ -47,7 +60,7 @@ __device__ __forceinline__ float4 ld4(const bf16_t* p, long long i) {
 template <typename G>
 __device__ __forceinline__ void adamw(
     const float* p, const G* __restrict__ g, const float* m, const float* v,
-    const float* __restrict__ mask, const float* __restrict__ scale,
+    const NoDecay& nd, const float* __restrict__ scale,
     float* p_out, float* m_out, float* v_out, bf16_t* __restrict__ p_lp, long long n,
     float b1, float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd)
 {
@@ -56,16 +69,15 @@ __device__ __forceinline__ void adamw(
     const long long stride = (long long)gridDim.x * blockDim.x;
     const bool vec = aligned(p, 16) && aligned(g, 4 * sizeof(G)) && aligned(m, 16) &&
                      aligned(v, 16) && aligned(p_out, 16) && aligned(m_out, 16) &&
-                     aligned(v_out, 16) && (!mask || aligned(mask, 16)) && aligned(p_lp, 8);
+                     aligned(v_out, 16) && aligned(p_lp, 8);
     const long long n4 = vec ? n / 4 : 0;
     for (long long i = tid; i < n4; i += stride) {
         float4 pp = ((const float4*)p)[i], gg = ld4(g, i);
         float4 mm = ((const float4*)m)[i], vv = ((const float4*)v)[i];
-        float4 dm = mask ? ((const float4*)mask)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-        f(pp.x, gg.x, mm.x, vv.x, dm.x, mask);
-        f(pp.y, gg.y, mm.y, vv.y, dm.y, mask);
-        f(pp.z, gg.z, mm.z, vv.z, dm.z, mask);
-        f(pp.w, gg.w, mm.w, vv.w, dm.w, mask);
+        f(pp.x, gg.x, mm.x, vv.x, nd.decays(4 * i));
+        f(pp.y, gg.y, mm.y, vv.y, nd.decays(4 * i + 1));
+        f(pp.z, gg.z, mm.z, vv.z, nd.decays(4 * i + 2));
+        f(pp.w, gg.w, mm.w, vv.w, nd.decays(4 * i + 3));
         ((float4*)p_out)[i] = pp;
         ((float4*)m_out)[i] = mm;
         ((float4*)v_out)[i] = vv;
@@ -78,7 +90,7 @@ __device__ __forceinline__ void adamw(
     }
     for (long long i = 4 * n4 + tid; i < n; i += stride) {
         float pi = p[i], mi = m[i], vi = v[i];
-        f(pi, ld(g, i), mi, vi, mask ? mask[i] : 0.0f, mask);
+        f(pi, ld(g, i), mi, vi, nd.decays(i));
         p_out[i] = pi;
         m_out[i] = mi;
         v_out[i] = vi;
@@ -89,10 +101,10 @@ __device__ __forceinline__ void adamw(
 #define ADAMW_KERNEL(NAME, G)                                                                  \
     extern "C" __global__ void NAME(                                                           \
         const float* p, const G* __restrict__ g, const float* m, const float* v,               \
-        const float* __restrict__ mask, const float* __restrict__ scale, float* p_out,         \
+        const NoDecay nd, const float* __restrict__ scale, float* p_out,                       \
         float* m_out, float* v_out, bf16_t* __restrict__ p_lp, long long n, float b1,          \
         float b2, float lr_bc1, float inv_sqrt_bc2, float eps, float lr_wd) {                  \
-        adamw(p, g, m, v, mask, scale, p_out, m_out, v_out, p_lp, n, b1, b2, lr_bc1,            \
+        adamw(p, g, m, v, nd, scale, p_out, m_out, v_out, p_lp, n, b1, b2, lr_bc1,              \
               inv_sqrt_bc2, eps, lr_wd);                                                       \
     }
 ADAMW_KERNEL(adamw_step, float)
@@ -200,34 +212,55 @@ fn grad_contiguous(t: T, what: &str) -> T {
     into_contiguous(t)
 }
 
-/// One AdamW step in one pass: reads p, g (f32 or bf16), m, v (and the
-/// mask), writes the new three, and with `bf16_copy` the new parameter in
-/// bf16 as well.
+/// The kernel's `NoDecay` (same layout).
+#[repr(C)]
+struct NoDecay {
+    lo: [i64; NO_DECAY_MAX],
+    hi: [i64; NO_DECAY_MAX],
+    n: i32,
+}
+
+/// One AdamW step in one pass: reads p, g (f32 or bf16), m and v, writes
+/// the new three, and with `bf16_copy` the new parameter in bf16 as well.
+/// Weight decay applies outside the `no_decay` element ranges (at most
+/// [`NO_DECAY_MAX`]).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
     p: T,
     g: T,
     m: T,
     v: T,
-    mask: Option<T>,
+    no_decay: &[(usize, usize)],
     scale: Option<T>,
     bf16_copy: bool,
     h: &AdamWHyper,
 ) -> ([T; 3], Option<T>) {
+    assert!(
+        no_decay.len() <= NO_DECAY_MAX,
+        "fused AdamW: {} no-decay ranges, at most {NO_DECAY_MAX}",
+        no_decay.len()
+    );
     let n = p.meta.shape().num_elements();
     let (p, g) = (f32_contiguous(p, "param"), grad_contiguous(g, "grad"));
     let (m, v) = (
         f32_contiguous(m, "exp_avg"),
         f32_contiguous(v, "exp_avg_sq"),
     );
-    let mask = mask.map(|t| f32_contiguous(t, "decay mask"));
     let scale = scale.map(|t| f32_contiguous(t, "grad scale"));
-    for t in [&g, &m, &v].into_iter().chain(mask.as_ref()) {
+    for t in [&g, &m, &v] {
         assert_eq!(
             t.meta.shape().num_elements(),
             n,
             "fused AdamW: operand sizes differ"
         );
+    }
+    let mut nd = NoDecay {
+        lo: [0; NO_DECAY_MAX],
+        hi: [0; NO_DECAY_MAX],
+        n: no_decay.len() as i32,
+    };
+    for (k, &(lo, hi)) in no_decay.iter().enumerate() {
+        (nd.lo[k], nd.hi[k]) = (lo as i64, hi as i64);
     }
     // In place where nothing else holds the buffer.
     let out = |t: &T| {
@@ -258,7 +291,6 @@ pub fn adamw(
             Some(&g),
             Some(&m),
             Some(&v),
-            mask.as_ref(),
             scale.as_ref(),
             Some(&mo),
             Some(&vo),
@@ -270,7 +302,6 @@ pub fn adamw(
             mut g_p,
             mut m_p,
             mut v_p,
-            mut mask_p,
             mut scale_p,
             mut mo_p,
             mut vo_p,
@@ -283,7 +314,7 @@ pub fn adamw(
                 g_p,
                 m_p,
                 v_p,
-                mask_p,
+                nd,
                 scale_p,
                 po_p,
                 mo_p,
@@ -297,12 +328,13 @@ pub fn adamw(
                 eps,
                 lr_wd
             );
-            // SAFETY: the kernel's signature; every buffer holds `n` f32 (scale one,
-            // the optional copy `n` bf16),
-            // live until the launch is enqueued (burn reuses memory in stream order).
+            // SAFETY: the kernel's signature (`nd` by value, laid out as its
+            // NoDecay); every buffer holds `n` f32 (scale one, the optional
+            // copy `n` bf16), live until the launch is enqueued (burn reuses
+            // memory in stream order).
             unsafe { launch_flat(device, f, n, stream, &mut params) };
         },
     );
-    drop((p, g, m, v, mask, scale));
+    drop((p, g, m, v, scale));
     ([po, mo, vo], lp)
 }
