@@ -582,12 +582,15 @@ pub fn kernels<B: BambaAutodiffBackend>(
         );
     }
     // Fused AdamW (in place, with the bf16 copy) against the update on the
-    // host: f32 gradients with no-decay ranges (unaligned ends, the tail),
-    // bf16 gradients decaying everywhere.
-    for (gdtype, masked) in [(DType::F32, true), (DType::BF16, false)]
-        .into_iter()
-        .filter(|_| wanted("adamw"))
-    {
+    // host: f32 gradients in one buffer with no-decay ranges (unaligned
+    // ends, the tail); bf16 gradients as pieces with gaps (zero gradient),
+    // 4-aligned and not, decaying everywhere.
+    let cases: [(DType, bool, &[(usize, usize)]); 3] = [
+        (DType::F32, true, &[(0, 1003)]),
+        (DType::BF16, false, &[(0, 400), (404, 1000)]),
+        (DType::BF16, false, &[(0, 5), (9, 1002)]),
+    ];
+    for (gdtype, masked, pieces) in cases.into_iter().filter(|_| wanted("adamw")) {
         type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
         use bamba_model::ops::{AdamWHyper, AdamWState};
         let n = 1003; // four-wide passes and a tail
@@ -608,7 +611,13 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 .to_vec::<f32>()
                 .unwrap()
         };
-        let (hp, hg, hm, hv) = (host(&p), host(&g), host(&m), host(&v));
+        let (hp, hm, hv) = (host(&p), host(&m), host(&v));
+        let mut hg = vec![0f32; n];
+        let all_g = host(&g);
+        for &(lo, hi) in pieces {
+            hg[lo..hi].copy_from_slice(&all_g[lo..hi]);
+        }
+
         let no_decay = if masked {
             vec![(0, 5), (17, 102), (1001, 1003)]
         } else {
@@ -627,9 +636,13 @@ pub fn kernels<B: BambaAutodiffBackend>(
             lr_wd: 1e-4,
         };
         let prim = |t: Tensor<I<B>, 1>| t.into_primitive().tensor();
+        let grad = pieces
+            .iter()
+            .map(|&(lo, hi)| (prim(g.clone().narrow(0, lo, hi - lo)), lo))
+            .collect();
         let state = AdamWState {
             param: prim(p),
-            grad: prim(g),
+            grad,
             exp_avg: prim(m),
             exp_avg_sq: prim(v),
             no_decay,
@@ -664,11 +677,11 @@ pub fn kernels<B: BambaAutodiffBackend>(
             }
             let pass = max_abs <= 1e-5 && lp.is_some();
             ok &= pass;
-            let value = if masked {
-                "param+moments+bf16, no-decay ranges"
-            } else {
-                "param+moments+bf16"
-            };
+            let value = format!(
+                "param+moments+bf16, grad in {} piece(s){}",
+                pieces.len(),
+                if masked { ", no-decay ranges" } else { "" }
+            );
             println!(
                 "{}",
                 json!({"kernel": "adamw", "dtype": format!("{gdtype:?}"), "value": value,

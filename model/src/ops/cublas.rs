@@ -110,8 +110,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::scale_heads_bwd(g, x, a)
     }
 
-    fn bamba_sum_squares(x: T) -> T {
-        super::fused::sum_squares(x)
+    fn bamba_sum_squares(parts: Vec<(T, usize)>, len: usize) -> T {
+        super::fused::sum_squares(parts, len)
     }
 
     fn bamba_cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {

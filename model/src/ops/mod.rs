@@ -475,9 +475,11 @@ pub trait BambaBackend: Backend {
         (y * dy).sum().into_primitive().tensor()
     }
 
-    /// `[1]`: the sum of squares of a flat tensor, in f32 (gradient norms).
-    fn bamba_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x)).cast(DType::F32);
+    /// `[1]`: the sum of squares of a flat `[len]` tensor given as pieces
+    /// at offsets (zeros between), in f32 (gradient norms).
+    fn bamba_sum_squares(parts: Vec<(FloatTensor<Self>, usize)>, len: usize) -> FloatTensor<Self> {
+        let x = Self::bamba_pack(parts, len, None, DType::F32);
+        let x = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(x));
         x.powi_scalar(2).sum().into_primitive().tensor()
     }
 
@@ -537,7 +539,9 @@ pub trait BambaBackend: Backend {
 /// (the clipping coefficient, kept on the device).
 pub struct AdamWState<B: Backend> {
     pub param: FloatTensor<B>,
-    pub grad: FloatTensor<B>,
+    /// The gradient as `(piece, offset)`: one flat buffer at 0, or the
+    /// parameters' own gradients where they lie (zeros between).
+    pub grad: Vec<(FloatTensor<B>, usize)>,
     pub exp_avg: FloatTensor<B>,
     pub exp_avg_sq: FloatTensor<B>,
     /// Element ranges `[start, end)` without weight decay (at most
@@ -551,6 +555,71 @@ pub struct AdamWState<B: Backend> {
 
 /// How many no-decay ranges a fused AdamW launch takes (kernel arguments).
 pub const NO_DECAY_MAX: usize = 16;
+
+/// How many gradient pieces the fused AdamW and sum of squares read in
+/// place (kernel arguments; more are packed into one buffer first).
+pub const GRAD_PARTS_MAX: usize = 16;
+
+/// A unit's flat gradient `[len]`: one buffer, or its parameters' own
+/// gradients at their offsets (zeros between), which the fused optimizer
+/// reads where they lie: on one GPU nothing needs a flat buffer.
+#[derive(Clone)]
+pub enum FlatGrad<B: Backend> {
+    Buffer(Tensor<B, 1>),
+    Parts {
+        parts: Vec<(Tensor<B, 1>, usize)>,
+        len: usize,
+    },
+}
+
+impl<B: BambaBackend> FlatGrad<B> {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Buffer(t) => t.dims()[0],
+            Self::Parts { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// As one buffer: the parts packed (bf16 if they all are, else f32).
+    pub fn into_buffer(self) -> Tensor<B, 1> {
+        match self {
+            Self::Buffer(t) => t,
+            Self::Parts { parts, len } => {
+                let bf16 = !parts.is_empty() && parts.iter().all(|p| p.0.dtype() == DType::BF16);
+                pack(
+                    parts,
+                    len,
+                    None,
+                    if bf16 { DType::BF16 } else { DType::F32 },
+                )
+            }
+        }
+    }
+
+    /// `(piece, offset)` primitives and the length.
+    pub fn into_parts(self) -> (Vec<(FloatTensor<B>, usize)>, usize) {
+        let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        match self {
+            Self::Buffer(t) => {
+                let len = t.dims()[0];
+                (vec![(prim(t), 0)], len)
+            }
+            Self::Parts { parts, len } => {
+                (parts.into_iter().map(|(t, o)| (prim(t), o)).collect(), len)
+            }
+        }
+    }
+
+    /// `[1]`: the sum of squares, in f32.
+    pub fn sum_squares(&self) -> Tensor<B, 1> {
+        let (parts, len) = self.clone().into_parts();
+        Tensor::from_primitive(TensorPrimitive::Float(B::bamba_sum_squares(parts, len)))
+    }
+}
 
 /// AdamW's scalars for one step, bias corrections folded in.
 #[derive(Debug, Clone, Copy)]
@@ -603,11 +672,9 @@ pub fn matmul_tf32<B: BambaBackend, const D: usize>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// The sum of squares of a flat tensor, `[1]`.
+/// The sum of squares of a flat tensor, `[1]`, in f32.
 pub fn sum_squares<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::bamba_sum_squares(
-        x.into_primitive().tensor(),
-    )))
+    FlatGrad::Buffer(x).sum_squares()
 }
 
 /// `acc + zeros [len]` with each `(part, offset)` added flat at its offset,

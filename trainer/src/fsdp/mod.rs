@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use bamba_model::BambaAutodiffBackend;
 use bamba_model::ParamSource;
+use bamba_model::ops::{FlatGrad, GRAD_PARTS_MAX};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -49,9 +50,10 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// decay (a few short runs: norm weights, biases, A_log, D, dt_bias).
     no_decay: Vec<Vec<(usize, usize)>>,
     /// Per unit, gradients summed over this step's micro-batches (full, unsharded).
-    grads: Vec<Option<Tensor<Inner<B>, 1>>>,
+    /// On one GPU the parameters' own gradients (nothing to reduce).
+    grads: Vec<Option<FlatGrad<Inner<B>>>>,
     /// Per unit, this rank's reduced gradient slice, once reduce-scattered.
-    reduced: Vec<Option<Tensor<Inner<B>, 1>>>,
+    reduced: Vec<Option<FlatGrad<Inner<B>>>>,
     /// Compute dtype of the gathered parameters.
     pub compute: DType,
     /// Dtype gradients travel in through reduce-scatter (f32, or bf16 as
@@ -143,7 +145,8 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             .iter()
             .map(|u| no_decay_ranges(u, shard_rank, decays))
             .collect();
-        let none = vec![None; layout.units.len()];
+        let units = layout.units.len();
+        let none = vec![None; units];
         Self {
             compute_copy: none.clone(),
             keep_compute_copy: false,
@@ -152,8 +155,8 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             master,
             moments,
             no_decay,
-            reduced: none.clone(),
-            grads: none,
+            reduced: (0..units).map(|_| None).collect(),
+            grads: (0..units).map(|_| None).collect(),
             compute,
             reduce: DType::F32,
             solo: false,
@@ -207,7 +210,8 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     }
 
     /// Adds the gradients in `found` (flat, by HF name) of unit `i`'s
-    /// parameters into its f32 buffer, in one pass per parameter.
+    /// parameters into its f32 buffer, in one pass per parameter; on one
+    /// GPU the first micro-batch's gradients are kept where they are.
     fn add_unit_grads(&mut self, i: usize, found: &mut HashMap<String, Tensor<Inner<B>, 1>>) {
         let unit = &self.layout.units[i];
         let parts: Vec<_> = unit
@@ -224,12 +228,16 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let bf16 = (self.reduce == DType::BF16 || self.solo)
             && parts.iter().all(|(g, _)| g.dtype() == DType::BF16);
         let dtype = if bf16 { DType::BF16 } else { DType::F32 };
-        self.grads[i] = Some(bamba_model::ops::pack(
-            parts,
-            padded,
-            self.grads[i].take(),
-            dtype,
-        ));
+        let one_dtype = parts.iter().all(|(g, _)| g.dtype() == parts[0].0.dtype());
+        self.grads[i] = Some(match self.grads[i].take() {
+            None if self.solo && one_dtype && parts.len() <= GRAD_PARTS_MAX => {
+                FlatGrad::Parts { parts, len: padded }
+            }
+            acc => {
+                let acc = acc.map(FlatGrad::into_buffer);
+                FlatGrad::Buffer(bamba_model::ops::pack(parts, padded, acc, dtype))
+            }
+        });
     }
 
     /// Reduces gradients to slices, clips by the global norm and steps AdamW.
@@ -253,7 +261,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         // Replicas hold identical slices: the norm sums over the shard group only.
         let local = shards
             .iter()
-            .map(|g| bamba_model::ops::sum_squares(g.clone()))
+            .map(FlatGrad::sum_squares)
             .reduce(|a, b| a + b)
             .expect("at least one unit");
         let norm = shard_comm.all_reduce_sum(local)?.sqrt();
@@ -307,43 +315,45 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     }
 
     /// Starts unit `i`'s reduce-scatter; with `overlap` it runs beside what
-    /// is enqueued next.
+    /// is enqueued next. On one GPU there is nothing to reduce (`None`).
     fn start_reduce(
         &mut self,
         i: usize,
         shard_comm: &dyn Comm<Inner<B>>,
         overlap: bool,
-    ) -> Result<Pending<Inner<B>>> {
-        let full = self.grads[i].take().unwrap_or_else(|| {
-            Tensor::zeros(
-                [self.layout.units[i].padded(self.layout.shards)],
-                &self.device,
-            )
-        });
-        let full = if self.solo {
-            full
-        } else {
-            full.cast(self.reduce)
+    ) -> Result<Option<Pending<Inner<B>>>> {
+        let zeros = || {
+            let len = self.layout.units[i].padded(self.layout.shards);
+            FlatGrad::Buffer(Tensor::zeros([len], &self.device))
         };
-        if overlap {
-            shard_comm.start_reduce_scatter_mean(full)
-        } else {
-            shard_comm.reduce_scatter_mean(full).map(Pending::ready)
+        let full = self.grads[i].take();
+        if self.solo {
+            self.reduced[i] = Some(full.unwrap_or_else(zeros));
+            return Ok(None);
         }
+        let full = full.unwrap_or_else(zeros).into_buffer().cast(self.reduce);
+        Ok(Some(if overlap {
+            shard_comm.start_reduce_scatter_mean(full)?
+        } else {
+            Pending::ready(shard_comm.reduce_scatter_mean(full)?)
+        }))
     }
 
     fn finish_reduce(
         &mut self,
         i: usize,
-        pending: Pending<Inner<B>>,
+        pending: Option<Pending<Inner<B>>>,
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<()> {
+        let Some(pending) = pending else {
+            return Ok(());
+        };
         let mut shard = pending.wait();
         if replicate_comm.size() > 1 {
             shard = replicate_comm.all_reduce_mean(shard)?;
         }
         // f32 or bf16: the norm and AdamW read either.
-        self.reduced[i] = Some(shard);
+        self.reduced[i] = Some(FlatGrad::Buffer(shard));
         Ok(())
     }
 

@@ -150,7 +150,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             order.push(embed);
         }
         let mut gathers = Gathers::<B>::new(order, overlap);
-        let mut reduces: VecDeque<(usize, Pending<Inner<B>>)> = VecDeque::new();
+        let mut reduces: VecDeque<(usize, Option<Pending<Inner<B>>>)> = VecDeque::new();
 
         // Forward without a graph, keeping each layer's input.
         let mut set = gathers.take(embed, self, shard_comm)?;

@@ -3,7 +3,7 @@
 //! the master weights, and the moments live beside it with the same layout.
 
 use bamba_model::BambaBackend;
-use bamba_model::ops::{AdamWHyper, AdamWState, NO_DECAY_MAX};
+use bamba_model::ops::{AdamWHyper, AdamWState, FlatGrad, NO_DECAY_MAX};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use serde::{Deserialize, Serialize};
@@ -68,7 +68,8 @@ pub struct AdamW {
 
 impl AdamW {
     /// One update of `param` (returns the new tensors; a fused kernel may
-    /// reuse the buffers it is handed). `grad` is f32 or bf16. `step` is
+    /// reuse the buffers it is handed). `grad` is f32 or bf16, one buffer or
+    /// the parameters' own gradients. `step` is
     /// 1-based; `no_decay` lists the element ranges `[start, end)` that get
     /// no weight decay (everything else does); `grad_scale` (`[1]`,
     /// e.g. the clipping coefficient) multiplies the gradient. With
@@ -78,7 +79,7 @@ impl AdamW {
     pub fn update<B: BambaBackend>(
         &self,
         param: Tensor<B, 1>,
-        grad: Tensor<B, 1>,
+        grad: FlatGrad<B>,
         moments: Moments<B>,
         no_decay: &[(usize, usize)],
         grad_scale: Option<&Tensor<B, 1>>,
@@ -100,9 +101,10 @@ impl AdamW {
         };
         // Handed over, not cloned: a kernel may then update them in place.
         if B::bamba_fused() && no_decay.len() <= NO_DECAY_MAX {
+            assert_eq!(grad.len(), param.dims()[0], "AdamW: gradient length");
             let state = AdamWState {
                 param: prim(param),
-                grad: prim(grad),
+                grad: grad.into_parts().0,
                 exp_avg: prim(moments.exp_avg),
                 exp_avg_sq: prim(moments.exp_avg_sq),
                 no_decay: no_decay.to_vec(),
@@ -121,7 +123,7 @@ impl AdamW {
                 copy.map(t),
             );
         }
-        let grad = grad.cast(DType::F32);
+        let grad = grad.into_buffer().cast(DType::F32);
         let grad = match grad_scale {
             Some(c) => grad * c.clone(),
             None => grad,
@@ -195,6 +197,7 @@ mod tests {
             for (t, g) in grads.iter().enumerate() {
                 let gt =
                     Tensor::from_data(TensorData::new(vec![*g as f32, 2.0 * *g as f32], [2]), &dev);
+                let gt = FlatGrad::Buffer(gt);
                 (p, m, _) = opt.update(p, gt, m, &no_decay, None, 1e-2, t as u64 + 1, false);
             }
             let got = p.into_data().to_vec::<f32>().unwrap();
