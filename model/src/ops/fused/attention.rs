@@ -22,15 +22,6 @@ const FLASH: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 
-// 16 bytes global -> shared without registers; zeros where !valid.
-__device__ __forceinline__ void cp16(bf16_t* dst, const bf16_t* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;" :: "n"(N));
-}
 
 // Rows r0 .. r0 + R of a [l, ld] matrix (from `src`, its row 0) into R
 // shared rows of D + FA_PAD; rows past l read as zeros.

@@ -83,6 +83,47 @@ __device__ __forceinline__ void tile_mma(float (&acc)[16], const Frag& f, int kn
     }
 }
 
+// One block's (batch-chunk, head, row tile, column tile) of diag_apply:
+// grid (i tiles * bc * h, p tiles). A (chunk, head)'s row tiles run side by
+// side (its v rows stay in L2), the longest (most column tiles) first.
+template <bool TRANS>
+struct ApplyTile {
+    int i0, p0, j_begin, j_end;
+    long long rs;
+    const float *Sm, *cm, *vm;
+    float* om;
+    // Also loads the row tile's cs into c_i (shared, read after a barrier).
+    __device__ __forceinline__ ApplyTile(const float* S, const float* cs, const float* v,
+                                         float* out, int q, int h, int g, int p, float* c_i) {
+        const int nt = (q + DG_T - 1) / DG_T;
+        const int r = (int)(blockIdx.x % (unsigned)nt);
+        const int it = TRANS ? r : nt - 1 - r;
+        const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)h);
+        const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)h);
+        p0 = blockIdx.y * DG_T;
+        i0 = it * DG_T;
+        const int gi = hi / (h / g);
+        Sm = S + (bc * g + gi) * (long long)q * q;
+        cm = cs + bc * q * (long long)h + hi;
+        rs = (long long)h * p;
+        vm = v + bc * q * rs + (long long)hi * p;
+        om = out + bc * q * rs + (long long)hi * p;
+        j_begin = TRANS ? i0 : 0;
+        j_end = TRANS ? q : min(q, i0 + DG_T);
+        const int tid = threadIdx.x;
+        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+    }
+    // The accumulator tile, written out.
+    __device__ __forceinline__ void store(const float (&acc)[16], const Frag& f, int q,
+                                          int p) const {
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+            const int i = i0 + f.row(e), pc = p0 + f.col(e);
+            if (i < q && pc < p) om[(long long)i * rs + pc] = acc[e];
+        }
+    }
+};
+
 // grid (i tiles * bc * h, p tiles).
 template <bool TRANS, bool TC>
 __device__ __forceinline__ void diag_apply(
@@ -95,26 +136,11 @@ __device__ __forceinline__ void diag_apply(
     __shared__ float c_j[DG_K];
     const int tid = threadIdx.x;
     const Frag f;
-    // A (chunk, head)'s row tiles run side by side (its v rows stay in L2),
-    // the longest (most column tiles) first.
-    const int nt = (q + DG_T - 1) / DG_T;
-    const int r = (int)(blockIdx.x % (unsigned)nt);
-    const int it = TRANS ? r : nt - 1 - r;
-    const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)h);
-    const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)h);
-    const int p0 = blockIdx.y * DG_T, i0 = it * DG_T;
-    const int gi = hi / (h / g);
-    const float* Sm = S + (bc * g + gi) * (long long)q * q;
-    const float* cm = cs + bc * q * (long long)h + hi;
-    const long long rs = (long long)h * p;
-    const float* vm = v + bc * q * rs + (long long)hi * p;
-    float* om = out + bc * q * rs + (long long)hi * p;
-    if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
-    float acc[16];
-#pragma unroll
-    for (int e = 0; e < 16; ++e) acc[e] = 0.0f;
-    const int j_begin = TRANS ? i0 : 0;
-    const int j_end = TRANS ? q : min(q, i0 + DG_T);
+    const ApplyTile<TRANS> a(S, cs, v, out, q, h, g, p, c_i);
+    const int i0 = a.i0, p0 = a.p0, j_begin = a.j_begin, j_end = a.j_end;
+    const float *Sm = a.Sm, *cm = a.cm, *vm = a.vm;
+    const long long rs = a.rs;
+    float acc[16] = {};
     for (int j0 = j_begin; j0 < j_end; j0 += DG_K) {
         __syncthreads();  // the previous tile is consumed
         if (tid < DG_K) c_j[tid] = j0 + tid < q ? cm[(long long)(j0 + tid) * h] : 0.0f;
@@ -141,25 +167,7 @@ __device__ __forceinline__ void diag_apply(
                      [&](int i, int k) { return Ms[i][k]; },
                      [&](int k, int j) { return Vs[k][j]; });
     }
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-        const int i = i0 + f.row(e), pc = p0 + f.col(e);
-        if (i < q && pc < p) om[(long long)i * rs + pc] = acc[e];
-    }
-}
-
-// 16 (or 4) bytes global -> shared without registers; zeros where !valid.
-__device__ __forceinline__ void cp16f(float* dst, const float* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp4f(float* dst, const float* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;" :: "n"(N));
+    a.store(acc, f, q, p);
 }
 
 // diag_apply with the next 32-row tile of v, S and cs copied in (cp.async)
@@ -178,47 +186,34 @@ __device__ __forceinline__ void diag_apply_pipe(
     __shared__ float c_j[2][DG_K];
     const int tid = threadIdx.x;
     const Frag f;
-    const int nt = (q + DG_T - 1) / DG_T;
-    const int r = (int)(blockIdx.x % (unsigned)nt);
-    const int it = TRANS ? r : nt - 1 - r;
-    const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)h);
-    const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)h);
-    const int p0 = blockIdx.y * DG_T, i0 = it * DG_T;
-    const int gi = hi / (h / g);
-    const float* Sm = S + (bc * g + gi) * (long long)q * q;
-    const float* cm = cs + bc * q * (long long)h + hi;
-    const long long rs = (long long)h * p;
-    const float* vm = v + bc * q * rs + (long long)hi * p;
-    float* om = out + bc * q * rs + (long long)hi * p;
-    if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
-    float acc[16];
-#pragma unroll
-    for (int e = 0; e < 16; ++e) acc[e] = 0.0f;
-    const int j_begin = TRANS ? i0 : 0;
-    const int j_end = TRANS ? q : min(q, i0 + DG_T);
+    const ApplyTile<TRANS> a(S, cs, v, out, q, h, g, p, c_i);
+    const int i0 = a.i0, p0 = a.p0, j_begin = a.j_begin, j_end = a.j_end;
+    const float *Sm = a.Sm, *cm = a.cm, *vm = a.vm;
+    const long long rs = a.rs;
+    float acc[16] = {};
     const int tiles = (j_end - j_begin + DG_K - 1) / DG_K;
     auto issue = [&](int t, int buf) {
         const int j0 = j_begin + t * DG_K;
         if (tid < DG_K) {
             const int j = j0 + tid;
-            cp4f(&c_j[buf][tid], j < q ? cm + (long long)j * h : cm, j < q);
+            cp4(&c_j[buf][tid], j < q ? cm + (long long)j * h : cm, j < q);
         }
         for (int e = tid; e < DG_K * 16; e += 256) {
             const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, pc = p0 + c4;
             const bool ok = j < q && pc < p;
-            cp16f(&Vs[buf][jj][c4], ok ? vm + (long long)j * rs + pc : vm, ok);
+            cp16(&Vs[buf][jj][c4], ok ? vm + (long long)j * rs + pc : vm, ok);
         }
         if (!TRANS) {  // S[i0 .. i0 + 64, j0 .. j0 + 32]
             for (int e = tid; e < DG_T * 8; e += 256) {
                 const int ii = e >> 3, c4 = (e & 7) * 4, i = i0 + ii, j = j0 + c4;
                 const bool ok = i < q && j < q;
-                cp16f(&Sr[buf][ii * DG_KP + c4], ok ? Sm + (long long)i * q + j : Sm, ok);
+                cp16(&Sr[buf][ii * DG_KP + c4], ok ? Sm + (long long)i * q + j : Sm, ok);
             }
         } else {  // S[j0 .. j0 + 32, i0 .. i0 + 64]
             for (int e = tid; e < DG_K * 16; e += 256) {
                 const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, i = i0 + c4;
                 const bool ok = j < q && i < q;
-                cp16f(&Sr[buf][jj * DG_SP + c4], ok ? Sm + (long long)j * q + i : Sm, ok);
+                cp16(&Sr[buf][jj * DG_SP + c4], ok ? Sm + (long long)j * q + i : Sm, ok);
             }
         }
         cp_commit();
@@ -259,35 +254,75 @@ __device__ __forceinline__ void diag_apply_pipe(
                      [&](int k, int j) { return Vs[buf][k][j]; });
         __syncthreads();  // Ms and this buffer consumed before they are refilled
     }
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-        const int i = i0 + f.row(e), pc = p0 + f.col(e);
-        if (i < q && pc < p) om[(long long)i * rs + pc] = acc[e];
-    }
+    a.store(acc, f, q, p);
 }
 
 // Register caps from ncu on the H100 (1B shapes): the forward at 78
 // registers ran 3 blocks per SM, at 64 four (-30%); the transpose needs 48.
-#define DIAG_ENTRY(name, TRANS, TC, MINB)                                                \
+// APPLY: diag_apply or diag_apply_pipe.
+#define DIAG_ENTRY(name, APPLY, TRANS, TC, MINB)                                         \
     extern "C" __global__ void __launch_bounds__(256, MINB) name(                        \
         const float* S, const float* cs, const float* v, float* out, int q, int h, int g, int p) \
     {                                                                                    \
-        diag_apply<TRANS, TC>(S, cs, v, out, q, h, g, p);                                \
+        APPLY<TRANS, TC>(S, cs, v, out, q, h, g, p);                                     \
     }
-DIAG_ENTRY(ssd_diag_fwd, false, false, 4)
-DIAG_ENTRY(ssd_diag_dx, true, false, 5)
-DIAG_ENTRY(ssd_diag_fwd_tc, false, true, 4)
-DIAG_ENTRY(ssd_diag_dx_tc, true, true, 5)
-#define PIPE_ENTRY(name, TRANS, TC, MINB)                                                \
-    extern "C" __global__ void __launch_bounds__(256, MINB) name(                        \
-        const float* S, const float* cs, const float* v, float* out, int q, int h, int g, int p) \
-    {                                                                                    \
-        diag_apply_pipe<TRANS, TC>(S, cs, v, out, q, h, g, p);                           \
+DIAG_ENTRY(ssd_diag_fwd, diag_apply, false, false, 4)
+DIAG_ENTRY(ssd_diag_dx, diag_apply, true, false, 5)
+DIAG_ENTRY(ssd_diag_fwd_tc, diag_apply, false, true, 4)
+DIAG_ENTRY(ssd_diag_dx_tc, diag_apply, true, true, 5)
+DIAG_ENTRY(ssd_diag_fwd_p, diag_apply_pipe, false, false, 4)
+DIAG_ENTRY(ssd_diag_dx_p, diag_apply_pipe, true, false, 4)
+DIAG_ENTRY(ssd_diag_fwd_tc_p, diag_apply_pipe, false, true, 4)
+DIAG_ENTRY(ssd_diag_dx_tc_p, diag_apply_pipe, true, true, 4)
+
+// One head's share of a (batch-chunk, group) tile's gradients, from its
+// d = dy x^T tile: dS into `ds`; dcs row sums into part slot jt, column sums
+// into slot nt + it.
+__device__ __forceinline__ void grad_head(
+    const Frag& f, const float (&d)[16], const float (&s)[16], float (&ds)[16],
+    const float* c_i, const float* c_j, float (*red)[33], float* __restrict__ part,
+    int i0, int j0, int q, int h, int hi, int it, int jt, int nt, long long bcn, long long bc)
+{
+    const int tid = threadIdx.x;
+    // Row sums: 4 columns-pairs per thread, 8 contributors per row
+    // (4 lanes x 2 column warps); column sums: 32 per column.
+    float rsum[2] = {0.0f, 0.0f}, csum[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) csum[c] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        const int ii = f.row(e), jj = f.col(e);
+        const int i = i0 + ii, j = j0 + jj;
+        if (i < q && j <= i) {
+            const float ev = __expf(c_i[ii] - c_j[jj]) * d[e];
+            ds[e] += ev;
+            const float gg = s[e] * ev;
+            rsum[(e >> 1) & 1] += gg;
+            csum[2 * (e >> 2) + (e & 1)] += gg;
+        }
     }
-PIPE_ENTRY(ssd_diag_fwd_p, false, false, 4)
-PIPE_ENTRY(ssd_diag_dx_p, true, false, 4)
-PIPE_ENTRY(ssd_diag_fwd_tc_p, false, true, 4)
-PIPE_ENTRY(ssd_diag_dx_tc_p, true, true, 4)
+    const int w = tid >> 5;
+    red[f.rb + f.g][(w >> 2) * 4 + f.t] = rsum[0];
+    red[f.rb + f.g + 8][(w >> 2) * 4 + f.t] = rsum[1];
+    __syncthreads();
+    if (tid < DG_T && i0 + tid < q) {
+        float t = 0.0f;
+        for (int k2 = 0; k2 < 8; ++k2) t += red[tid][k2];
+        part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        const int jj = f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1);
+        red[jj][(w & 3) * 8 + f.g] = csum[c];
+    }
+    __syncthreads();
+    if (tid < DG_T && j0 + tid < q) {
+        float t = 0.0f;
+        for (int k2 = 0; k2 < 32; ++k2) t += red[tid][k2];
+        part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
+    }
+}
 
 // For one 64 x 64 tile (it, jt) of one (batch-chunk, group), with
 //   G_h[i, j] = exp(cs_h[i] - cs_h[j]) (dy_h[i] . x_h[j])   (j <= i):
@@ -298,14 +333,17 @@ PIPE_ENTRY(ssd_diag_dx_tc_p, true, true, 4)
 // no atomics). grid (nt * nt * hs * bc * g): the group's heads in `hs` splits,
 // each writing its own dS partial [hs, bc, g, q, q]; tiles above the
 // diagonal write zeros.
-template <bool TC>
+// PIPE: each (head, 32 columns) stage of dy and x is copied in (cp.async)
+// while the previous one multiplies (needs p a multiple of 4); otherwise
+// loaded through registers between two barriers.
+template <bool TC, bool PIPE>
 __device__ __forceinline__ void diag_grad(
     const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ x,
     const float* __restrict__ dy, float* __restrict__ dS, float* __restrict__ part,
     int q, int h, int g, int p, int nt, long long bcn, int hs)
 {
-    __shared__ float As[DG_T][DG_KP];
-    __shared__ float Bs[DG_T][DG_KP];
+    __shared__ __align__(16) float As[PIPE ? 2 : 1][DG_T][DG_KP];
+    __shared__ __align__(16) float Bs[PIPE ? 2 : 1][DG_T][DG_KP];
     __shared__ float c_i[DG_T];
     __shared__ float c_j[DG_T];
     __shared__ float red[DG_T][33];
@@ -337,129 +375,29 @@ __device__ __forceinline__ void diag_grad(
         ds[e] = 0.0f;
     }
     const long long rs = (long long)h * p;
-    for (int k = split * per; k < (split + 1) * per; ++k) {
-        const int hi = gi * hg + k;
-        const float* xm = x + bc * q * rs + (long long)hi * p;
-        const float* dym = dy + bc * q * rs + (long long)hi * p;
-        const float* cm = cs + bc * q * (long long)h + hi;
-        __syncthreads();  // the previous head's shared data is consumed
-        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
-        else if (tid < 2 * DG_T) c_j[tid - DG_T] = j0 + tid - DG_T < q ? cm[(long long)(j0 + tid - DG_T) * h] : 0.0f;
-        float d[16];
-#pragma unroll
-        for (int e = 0; e < 16; ++e) d[e] = 0.0f;
-        for (int k0 = 0; k0 < p; k0 += DG_K) {
-            if (k0 > 0) __syncthreads();
-            for (int e = tid; e < DG_T * DG_K; e += 256) {
-                const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
-                As[rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : 0.0f;
-                Bs[rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * rs + pc] : 0.0f;
-            }
-            __syncthreads();
-            tile_mma<TC>(d, f, DG_K,
-                         [&](int i, int kk) { return As[i][kk]; },
-                         [&](int kk, int j) { return Bs[j][kk]; });
-        }
-        // Row sums: 4 columns-pairs per thread, 8 contributors per row
-        // (4 lanes x 2 column warps); column sums: 32 per column.
-        float rsum[2] = {0.0f, 0.0f}, csum[8];
-#pragma unroll
-        for (int c = 0; c < 8; ++c) csum[c] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-            const int ii = f.row(e), jj = f.col(e);
-            const int i = i0 + ii, j = j0 + jj;
-            if (i < q && j <= i) {
-                const float ev = __expf(c_i[ii] - c_j[jj]) * d[e];
-                ds[e] += ev;
-                const float gg = s[e] * ev;
-                rsum[(e >> 1) & 1] += gg;
-                csum[2 * (e >> 2) + (e & 1)] += gg;
-            }
-        }
-        const int w = tid >> 5;
-        red[f.rb + f.g][(w >> 2) * 4 + f.t] = rsum[0];
-        red[f.rb + f.g + 8][(w >> 2) * 4 + f.t] = rsum[1];
-        __syncthreads();
-        if (tid < DG_T && i0 + tid < q) {
-            float t = 0.0f;
-            for (int k2 = 0; k2 < 8; ++k2) t += red[tid][k2];
-            part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const int jj = f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1);
-            red[jj][(w & 3) * 8 + f.g] = csum[c];
-        }
-        __syncthreads();
-        if (tid < DG_T && j0 + tid < q) {
-            float t = 0.0f;
-            for (int k2 = 0; k2 < 32; ++k2) t += red[tid][k2];
-            part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-        const int i = i0 + f.row(e), j = j0 + f.col(e);
-        if (i < q && j < q) dSm[(long long)i * q + j] = ds[e];
-    }
-}
-
-// diag_grad with each (head, 32 columns) stage of dy and x copied in
-// (cp.async) while the previous one multiplies. Needs p a multiple of 4.
-template <bool TC>
-__device__ __forceinline__ void diag_grad_pipe(
-    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ x,
-    const float* __restrict__ dy, float* __restrict__ dS, float* __restrict__ part,
-    int q, int h, int g, int p, int nt, long long bcn, int hs)
-{
-    __shared__ __align__(16) float As[2][DG_T][DG_KP];
-    __shared__ __align__(16) float Bs[2][DG_T][DG_KP];
-    __shared__ float c_i[DG_T];
-    __shared__ float c_j[DG_T];
-    __shared__ float red[DG_T][33];
-    const int tid = threadIdx.x;
-    const Frag f;
-    const int tile = (int)(blockIdx.x % (unsigned)(nt * nt));
-    const int jt = tile % nt, it = tile / nt;
-    const int split = (int)((blockIdx.x / (unsigned)(nt * nt)) % (unsigned)hs);
-    const long long bcg = blockIdx.x / ((unsigned)(nt * nt) * (unsigned)hs);
-    const int gi = (int)(bcg % g);
-    const long long bc = bcg / g;
-    const int i0 = it * DG_T, j0 = jt * DG_T;
-    const int hg = h / g, per = hg / hs;
-    float* dSm = dS + ((split * bcn + bc) * g + gi) * (long long)q * q;
-    if (jt > it) {
-        for (int e = tid; e < DG_T * DG_T; e += 256) {
-            const int i = i0 + (e >> 6), j = j0 + (e & 63);
-            if (i < q && j < q) dSm[(long long)i * q + j] = 0.0f;
-        }
-        return;
-    }
-    const float* Sm = S + (bc * g + gi) * (long long)q * q;
-    float s[16], ds[16];
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-        const int i = i0 + f.row(e), j = j0 + f.col(e);
-        s[e] = (i < q && j <= i) ? Sm[(long long)i * q + j] : 0.0f;
-        ds[e] = 0.0f;
-    }
-    const long long rs = (long long)h * p;
     const int kst = (p + DG_K - 1) / DG_K, stages = per * kst;
+    // Stage st: head split * per + st / kst, columns (st % kst) * 32 ..
     auto issue = [&](int st, int buf) {
         const int hi = gi * hg + split * per + st / kst, k0 = (st % kst) * DG_K;
         const float* xm = x + bc * q * rs + (long long)hi * p;
         const float* dym = dy + bc * q * rs + (long long)hi * p;
-        for (int e = tid; e < DG_T * 8; e += 256) {
-            const int rr = e >> 3, c4 = (e & 7) * 4, pc = k0 + c4;
-            const bool oa = i0 + rr < q && pc < p, ob = j0 + rr < q && pc < p;
-            cp16f(&As[buf][rr][c4], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
-            cp16f(&Bs[buf][rr][c4], ob ? xm + (long long)(j0 + rr) * rs + pc : xm, ob);
+        if (PIPE) {
+            for (int e = tid; e < DG_T * 8; e += 256) {
+                const int rr = e >> 3, c4 = (e & 7) * 4, pc = k0 + c4;
+                const bool oa = i0 + rr < q && pc < p, ob = j0 + rr < q && pc < p;
+                cp16(&As[buf][rr][c4], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
+                cp16(&Bs[buf][rr][c4], ob ? xm + (long long)(j0 + rr) * rs + pc : xm, ob);
+            }
+            cp_commit();
+        } else {
+            for (int e = tid; e < DG_T * DG_K; e += 256) {
+                const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
+                As[0][rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : 0.0f;
+                Bs[0][rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * rs + pc] : 0.0f;
+            }
         }
-        cp_commit();
     };
-    issue(0, 0);
+    if (PIPE) issue(0, 0);
     for (int k = 0; k < per; ++k) {
         const int hi = gi * hg + split * per + k;
         const float* cm = cs + bc * q * (long long)h + hi;
@@ -470,55 +408,25 @@ __device__ __forceinline__ void diag_grad_pipe(
 #pragma unroll
         for (int e = 0; e < 16; ++e) d[e] = 0.0f;
         for (int kk = 0; kk < kst; ++kk) {
-            const int st = k * kst + kk, buf = st & 1;
-            if (st + 1 < stages) {
-                issue(st + 1, buf ^ 1);
-                cp_wait<1>();
+            const int st = k * kst + kk, buf = PIPE ? st & 1 : 0;
+            if (PIPE) {
+                if (st + 1 < stages) {
+                    issue(st + 1, buf ^ 1);
+                    cp_wait<1>();
+                } else {
+                    cp_wait<0>();
+                }
             } else {
-                cp_wait<0>();
+                if (kk > 0) __syncthreads();  // the previous stage is consumed
+                issue(st, 0);
             }
             __syncthreads();
             tile_mma<TC>(d, f, DG_K,
                          [&](int i, int c) { return As[buf][i][c]; },
                          [&](int c, int j) { return Bs[buf][j][c]; });
-            __syncthreads();  // this buffer consumed before it is refilled
+            if (PIPE) __syncthreads();  // this buffer consumed before it is refilled
         }
-        float rsum[2] = {0.0f, 0.0f}, csum[8];
-#pragma unroll
-        for (int c = 0; c < 8; ++c) csum[c] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-            const int ii = f.row(e), jj = f.col(e);
-            const int i = i0 + ii, j = j0 + jj;
-            if (i < q && j <= i) {
-                const float ev = __expf(c_i[ii] - c_j[jj]) * d[e];
-                ds[e] += ev;
-                const float gg = s[e] * ev;
-                rsum[(e >> 1) & 1] += gg;
-                csum[2 * (e >> 2) + (e & 1)] += gg;
-            }
-        }
-        const int w = tid >> 5;
-        red[f.rb + f.g][(w >> 2) * 4 + f.t] = rsum[0];
-        red[f.rb + f.g + 8][(w >> 2) * 4 + f.t] = rsum[1];
-        __syncthreads();
-        if (tid < DG_T && i0 + tid < q) {
-            float t = 0.0f;
-            for (int k2 = 0; k2 < 8; ++k2) t += red[tid][k2];
-            part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const int jj = f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1);
-            red[jj][(w & 3) * 8 + f.g] = csum[c];
-        }
-        __syncthreads();
-        if (tid < DG_T && j0 + tid < q) {
-            float t = 0.0f;
-            for (int k2 = 0; k2 < 32; ++k2) t += red[tid][k2];
-            part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
-        }
+        grad_head(f, d, s, ds, c_i, c_j, red, part, i0, j0, q, h, hi, it, jt, nt, bcn, bc);
     }
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
@@ -527,24 +435,17 @@ __device__ __forceinline__ void diag_grad_pipe(
     }
 }
 
-#define GRAD_ENTRY(name, TC)                                                             \
+#define GRAD_ENTRY(name, TC, PIPE)                                                       \
     extern "C" __global__ void __launch_bounds__(256, 3) name(                           \
         const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
         float* part, int q, int h, int g, int p, int nt, long long bcn, int hs)          \
     {                                                                                    \
-        diag_grad<TC>(S, cs, x, dy, dS, part, q, h, g, p, nt, bcn, hs);                  \
+        diag_grad<TC, PIPE>(S, cs, x, dy, dS, part, q, h, g, p, nt, bcn, hs);            \
     }
-GRAD_ENTRY(ssd_diag_grad, false)
-GRAD_ENTRY(ssd_diag_grad_tc, true)
-#define GRAD_PIPE_ENTRY(name, TC)                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 3) name(                           \
-        const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
-        float* part, int q, int h, int g, int p, int nt, long long bcn, int hs)          \
-    {                                                                                    \
-        diag_grad_pipe<TC>(S, cs, x, dy, dS, part, q, h, g, p, nt, bcn, hs);             \
-    }
-GRAD_PIPE_ENTRY(ssd_diag_grad_p, false)
-GRAD_PIPE_ENTRY(ssd_diag_grad_tc_p, true)
+GRAD_ENTRY(ssd_diag_grad, false, false)
+GRAD_ENTRY(ssd_diag_grad_tc, true, false)
+GRAD_ENTRY(ssd_diag_grad_p, false, true)
+GRAD_ENTRY(ssd_diag_grad_tc_p, true, true)
 "#;
 
 fn diag_src() -> String {
