@@ -806,4 +806,25 @@ mod tests {
         assert_eq!(lp.dtype(), DType::BF16);
         assert_eq!(lp.cast(DType::F32).to_data().to_vec::<f32>().unwrap(), want);
     }
+
+    /// A gradient given as pieces (gaps read as zeros) is the packed buffer:
+    /// the same values, the same sum of squares.
+    #[test]
+    fn flat_grad_parts_read_as_their_packed_buffer() {
+        let dev = Default::default();
+        let a = Tensor::<Flex, 1>::from_floats([1.0, -2.0, 3.0], &dev);
+        let b = Tensor::<Flex, 1>::from_floats([0.5, 4.0], &dev);
+        let parts = FlatGrad::Parts {
+            parts: vec![(b.clone(), 6), (a.clone(), 1)],
+            len: 9,
+        };
+        assert_eq!(parts.len(), 9);
+        let want = [0.0, 1.0, -2.0, 3.0, 0.0, 0.0, 0.5, 4.0, 0.0];
+        let ss: f32 = parts.sum_squares().into_scalar();
+        assert_eq!(ss, want.iter().map(|v| v * v).sum::<f32>());
+        let buf = parts.into_buffer();
+        assert_eq!(buf.to_data().to_vec::<f32>().unwrap(), want);
+        let ss2: f32 = FlatGrad::Buffer(buf).sum_squares().into_scalar();
+        assert_eq!(ss, ss2);
+    }
 }
