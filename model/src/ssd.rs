@@ -7,7 +7,8 @@
 //! product; chunk-final states carry across chunks by the same decay.
 
 use crate::ops::{
-    BambaBackend, matmul, matmul_tf32, scale_heads, scale_rows, ssd_diag, ssd_out, ssd_states,
+    BambaBackend, matmul, matmul_tf32, reshape_view, scale_heads, scale_rows, ssd_diag, ssd_out,
+    ssd_states,
 };
 use burn::tensor::{DType, Tensor};
 
@@ -53,12 +54,14 @@ pub fn ssd_chunked<B: BambaBackend>(
     let pad = (q - l % q) % q;
     let nc = (l + pad) / q;
 
-    // Discretise (x dt, A dt) and cut into chunks: [b, nc, q, ..]. `x dt`
-    // comes out in f32 from `x` in its own dtype.
-    let x = pad_seq(scale_rows(x, dt.clone()), pad).reshape([b, nc, q, h, p]);
-    let cs = pad_seq(scale_heads(dt, a), pad)
+    // Discretise (A dt) and cut into chunks: [b, nc, q, ..]. `x dt` is never
+    // stored: dt scales the decay matrix's columns inside `ssd_diag` and the
+    // rows' weights of the chunk states, and `x` stays in its own dtype.
+    let x = reshape_view(pad_seq(x, pad), [b, nc, q, h, p]);
+    let cs = pad_seq(scale_heads(dt.clone(), a), pad)
         .reshape([b, nc, q, h])
         .cumsum(2); // cumulative log-decay within each chunk
+    let dt = pad_seq(dt, pad).reshape([b, nc, q, h]);
     let bm = pad_seq(bm, pad).reshape([b, nc, q, g * n]);
     let cm = pad_seq(cm, pad).reshape([b, nc, q, g * n]);
     // Group `gi`'s B or C, [b, nc, q, n], and its heads' columns of a
@@ -71,12 +74,12 @@ pub fn ssd_chunked<B: BambaBackend>(
     let scores = per_group(g, 2, |gi| {
         mm(group(&cm, gi), group(&bm, gi).swap_dims(2, 3), fast).unsqueeze_dim::<5>(2)
     }); // [b, nc, g, q, q]
-    let y_diag = ssd_diag(scores, cs.clone(), x.clone(), fast);
+    let y_diag = ssd_diag(scores, cs.clone(), dt.clone(), x.clone(), fast);
 
     // 2. The state each chunk leaves behind, from its own inputs only:
-    //    sum_j exp(cs_last - cs_j) B_j x_j^T, per group [b, nc, n, hg * p].
+    //    sum_j exp(cs_last - cs_j) dt_j B_j x_j^T, per group [b, nc, n, hg * p].
     let cs_last = cs.clone().narrow(2, q - 1, 1); // [b, nc, 1, h]
-    let x_end = scale_rows(x, (cs_last.clone() - cs.clone()).exp()).reshape([b, nc, q, h * p]);
+    let x_end = scale_rows(x, dt * (cs_last.clone() - cs.clone()).exp()).reshape([b, nc, q, h * p]);
     let states = per_group(g, 3, |gi| {
         mm(group(&bm, gi).swap_dims(2, 3), heads(&x_end, gi), fast)
     }); // [b, nc, n, h * p]
@@ -137,7 +140,7 @@ fn pad_seq<B: BambaBackend, const D: usize>(x: Tensor<B, D>, pad: usize) -> Tens
     }
     let mut shape = x.dims();
     shape[1] = pad;
-    let zeros = Tensor::zeros(shape, &x.device());
+    let zeros = Tensor::<B, D>::zeros(shape, &x.device()).cast(x.dtype());
     Tensor::cat(vec![x, zeros], 1)
 }
 

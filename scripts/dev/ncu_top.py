@@ -6,6 +6,9 @@ one decoder layer's forward and backward repeated by `bench --ops`:
         --csv --page raw BIN bench --config C --ops --only mamba_layer > layer.csv
     python3 scripts/dev/ncu_top.py layer.csv [--repeats 3] [--top 30] [--seq] [--base old.csv]
 
+or of one whole step (`bench --warmup 0 --steps 1 --profile-steps 0`) with
+`--step`, which skips the setup kernels before the first GEMM.
+
 Per kernel name: total us per repeat, launches per repeat. `--seq` lists one
 repeat's kernels in order (grid sizes tell the tensors apart); `--base`
 prints the change against an earlier CSV.
@@ -47,14 +50,27 @@ ap.add_argument("--repeats", type=int, default=3, help="how many times the CSV r
 ap.add_argument("--top", type=int, default=30)
 ap.add_argument("--seq", action="store_true", help="one repeat's kernels in launch order")
 ap.add_argument("--base", help="an earlier CSV of the same work, to compare against")
+ap.add_argument("--step", action="store_true",
+                help="a whole training step (bench --steps 1): skip the setup kernels before the first GEMM, one repeat")
 a = ap.parse_args()
 
+
+def step_only(ks):
+    first = next((i for i, k in enumerate(ks) if k[0].startswith("nvjet")), 0)
+    return ks[first:]
+
+
+if a.step:
+    a.repeats = 1
 ks = load(a.path)
+if a.step:
+    ks = step_only(ks)
 agg = by_name(ks, a.repeats)
 total = sum(us for us, _ in agg.values())
 print(f"{len(ks) // a.repeats} kernels, {total:.0f} us per repeat")
 if a.base:
-    base = by_name(load(a.base), a.repeats)
+    bk = load(a.base)
+    base = by_name(step_only(bk) if a.step else bk, a.repeats)
     print(f"base: {sum(us for us, _ in base.values()):.0f} us per repeat")
 for k, (us, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[: a.top]:
     line = f"{us:9.1f} us {n // a.repeats:4d}x  {k}"

@@ -775,20 +775,23 @@ pub fn kernels<B: BambaAutodiffBackend>(
         for (b, nc, q, h, p, g) in [
             (2, 3, 37, 4, 5, 2),
             (1, 2, 130, 3, 70, 1),
-            (1, 2, 132, 4, 68, 2), // the pipelined kernels' partial tiles
+            (1, 2, 132, 4, 68, 2), // the pipelined kernels' partial tiles (f32 x)
+            (1, 2, 136, 4, 72, 2), // the same with bf16 x, two column tiles
             (1, 16, 256, 64, 64, 1),
         ]
         .into_iter()
         .filter(|s| large || s.3 < 64)
         {
-            // Exact in f32; with bf16-rounded inputs (as training feeds
-            // them) the products run as TF32.
+            // Exact in f32; with bf16 x (as training feeds it, read as
+            // bf16) the products run as TF32.
             let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
             let sc = move |x: &Inputs<B>| f32(x[0].clone()).reshape([b, nc, g, q, q]);
             let cs = move |x: &Inputs<B>| {
                 (-f32(x[1].clone()).reshape([b, nc, q, h]).abs() * 0.1).cumsum(2)
             };
-            let xs = move |x: &Inputs<B>| f32(x[2].clone()).reshape([b, nc, q, h, p]);
+            // Time steps are positive.
+            let dt = move |x: &Inputs<B>| f32(x[2].clone()).reshape([b, nc, q, h]).abs() + 0.01;
+            let xs = move |x: &Inputs<B>| x[3].clone().reshape([b, nc, q, h, p]);
             let n = b * nc * q * h * p;
             let tf32 = dtype != DType::F32;
             check(
@@ -797,10 +800,11 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 &[
                     vec![b, nc, g, q, q],
                     vec![b, nc, q, h],
+                    vec![b, nc, q, h],
                     vec![b, nc, q, h, p],
                 ],
-                Box::new(move |x| ops::ssd_diag(sc(x), cs(x), xs(x), tf32).reshape([n])),
-                Box::new(move |x| reference::ssd_diag(sc(x), cs(x), xs(x)).reshape([n])),
+                Box::new(move |x| ops::ssd_diag(sc(x), cs(x), dt(x), xs(x), tf32).reshape([n])),
+                Box::new(move |x| reference::ssd_diag(sc(x), cs(x), dt(x), xs(x)).reshape([n])),
             );
         }
         for (b, nc, n, h, p) in [(2, 3, 5, 4, 7), (1, 5, 16, 3, 100), (1, 16, 128, 64, 64)]
@@ -900,6 +904,34 @@ pub fn kernels<B: BambaAutodiffBackend>(
                     let s = x[1].clone().cast(DType::F32).reshape([1, rows, h]);
                     reference::scale_rows(view(x[0].clone(), false), s).reshape([n])
                 }),
+            );
+            // The SSD's intra-chunk product reads the same view in place.
+            let q = if rows % 256 == 0 { 256 } else { 3 };
+            let nc = rows / q;
+            let diag = move |x: &Inputs<B>, fused: bool| {
+                let sc = x[1].clone().cast(DType::F32).reshape([1, nc, 1, q, q]);
+                let cs =
+                    (-x[2].clone().cast(DType::F32).reshape([1, nc, q, h]).abs() * 0.1).cumsum(2);
+                let dt = x[3].clone().cast(DType::F32).reshape([1, nc, q, h]).abs() + 0.01;
+                let xv = view(x[0].clone(), fused);
+                if fused {
+                    let xv = ops::reshape_view(xv, [1, nc, q, h, p]);
+                    ops::ssd_diag(sc, cs, dt, xv, dtype != DType::F32).reshape([n])
+                } else {
+                    reference::ssd_diag(sc, cs, dt, xv.reshape([1, nc, q, h, p])).reshape([n])
+                }
+            };
+            check(
+                &format!("ssd_diag_view_{rows}x{h}x{p}_w{w}"),
+                dtype,
+                &[
+                    vec![rows * w],
+                    vec![nc * q * q],
+                    vec![rows * h],
+                    vec![rows * h],
+                ],
+                Box::new(move |x| diag(x, true)),
+                Box::new(move |x| diag(x, false)),
             );
             let f32 = |t: Tensor<B, 1>, d: [usize; 4]| t.cast(DType::F32).reshape(d);
             check(

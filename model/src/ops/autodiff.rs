@@ -301,21 +301,27 @@ impl<B: BambaBackend> Backward<B, 2> for Swiglu {
     }
 }
 
-/// Fused SSD intra-chunk product; parents: scores, log-decays, inputs.
+/// Fused SSD intra-chunk product; parents: scores, log-decays, time
+/// steps, inputs.
 #[derive(Debug)]
 struct SsdDiag {
     tf32: bool,
 }
 
-impl<B: BambaBackend> Backward<B, 3> for SsdDiag {
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+impl<B: BambaBackend> Backward<B, 4> for SsdDiag {
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+    );
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (scores, cs, x) = ops.state;
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (scores, cs, dt, x) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let (ds, dcs, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, x, self.tf32);
-        let [ps, pc, px] = ops.parents;
-        for (parent, grad) in [(ps, ds), (pc, dcs), (px, dx)] {
+        let (ds, dcs, ddt, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, dt, x, self.tf32);
+        let [ps, pc, pd, px] = ops.parents;
+        for (parent, grad) in [(ps, ds), (pc, dcs), (pd, ddt), (px, dx)] {
             if let Some(n) = parent {
                 grads.register::<B>(n.id, grad);
             }
@@ -580,20 +586,27 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_ssd_diag(
         scores: FloatTensor<Self>,
         cs: FloatTensor<Self>,
+        dt: FloatTensor<Self>,
         x: FloatTensor<Self>,
         tf32: bool,
     ) -> FloatTensor<Self> {
         let prep = (SsdDiag { tf32 })
-            .prepare::<C>([scores.node.clone(), cs.node.clone(), x.node.clone()])
+            .prepare::<C>([
+                scores.node.clone(),
+                cs.node.clone(),
+                dt.node.clone(),
+                x.node.clone(),
+            ])
             .compute_bound()
             .stateful();
-        let (sp, cp, xp) = (scores.primitive, cs.primitive, x.primitive);
+        let (sp, cp, dp, xp) = (scores.primitive, cs.primitive, dt.primitive, x.primitive);
         match prep {
             OpsKind::Tracked(prep) => {
-                let out = B::bamba_ssd_diag_fwd(sp.clone(), cp.clone(), xp.clone(), tf32);
-                prep.finish((sp, cp, xp), out)
+                let out =
+                    B::bamba_ssd_diag_fwd(sp.clone(), cp.clone(), dp.clone(), xp.clone(), tf32);
+                prep.finish((sp, cp, dp, xp), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_diag(sp, cp, xp, tf32)),
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_diag(sp, cp, dp, xp, tf32)),
         }
     }
 

@@ -166,12 +166,12 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::swiglu_bwd(dy, g, u)
     }
 
-    fn bamba_ssd_diag_fwd(scores: T, cs: T, x: T, tf32: bool) -> T {
-        super::fused::ssd_diag_fwd(scores, cs, x, tf32)
+    fn bamba_ssd_diag_fwd(scores: T, cs: T, dt: T, x: T, tf32: bool) -> T {
+        super::fused::ssd_diag_fwd(scores, cs, dt, x, tf32)
     }
 
-    fn bamba_ssd_diag_bwd(dy: T, scores: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
-        super::fused::ssd_diag_bwd(dy, scores, cs, x, tf32)
+    fn bamba_ssd_diag_bwd(dy: T, scores: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T) {
+        super::fused::ssd_diag_bwd(dy, scores, cs, dt, x, tf32)
     }
 
     fn bamba_ssd_states_fwd(s: T, a: T) -> T {

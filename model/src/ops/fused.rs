@@ -45,33 +45,34 @@ pub use xent::{cross_entropy_bwd, cross_entropy_fwd};
 /// Column sums of a `[rows, d]` f32 matrix in a fixed order (per-block
 /// partials summed after a kernel, instead of float atomics); launch with
 /// blocks of (32, 8) threads, one block per 32 columns.
-const COLSUM8: &str = r#"
-// out[c] = sum over rows of part[r, c] (part [rows, d] f32). Block (32, 8)
-// per 32 columns: thread (tx, ty) sums rows ty, ty + 8, ..., then the 8
-// partials are added in order (deterministic).
-extern "C" __global__ void colsum8(const float* __restrict__ part, float* __restrict__ out,
-                                   int rows, int d) {
-    __shared__ float s[8][33];
+const COLSUM: &str = r#"
+// out[c] = sum over rows of part[r, c] (part [rows, d] f32). Block (32, 32)
+// per 32 columns: thread (tx, ty) sums rows ty, ty + 32, ..., then the 32
+// partials are added in order (deterministic). 32 row lanes: a norm's
+// 1056 partial rows were a 132-deep dependent chain per thread at 8.
+extern "C" __global__ void colsum(const float* __restrict__ part, float* __restrict__ out,
+                                  int rows, int d) {
+    __shared__ float s[32][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     float a = 0.0f;
     if (c < d)
-        for (int r = threadIdx.y; r < rows; r += 8) a += part[(long long)r * d + c];
+        for (int r = threadIdx.y; r < rows; r += 32) a += part[(long long)r * d + c];
     s[threadIdx.y][threadIdx.x] = a;
     __syncthreads();
     if (threadIdx.y == 0 && c < d) {
         float t = 0.0f;
-        for (int k = 0; k < 8; ++k) t += s[k][threadIdx.x];
+        for (int k = 0; k < 32; ++k) t += s[k][threadIdx.x];
         out[c] = t;
     }
 }
 "#;
 
-/// Launches `colsum8` (in `f`'s module) over `part [rows, d]` into `out [d]`.
+/// Launches `colsum` (in `f`'s module) over `part [rows, d]` into `out [d]`.
 ///
 /// # Safety
 /// `part` and `out` must be live f32 buffers of those sizes, `f` the
-/// `colsum8` of a module built with [`COLSUM8`].
-unsafe fn launch_colsum8(
+/// `colsum` of a module built with [`COLSUM`].
+unsafe fn launch_colsum(
     device: usize,
     f: nvrtc::Kernel,
     stream: nvrtc::Stream,
@@ -89,7 +90,7 @@ unsafe fn launch_colsum8(
             device,
             f,
             (blocks, 1, 1),
-            (32, 8, 1),
+            (32, 32, 1),
             0,
             stream,
             &mut params,

@@ -297,37 +297,47 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused SwiGLU (bamba_fused() is false)")
     }
 
-    /// The SSD's intra-chunk product `y [b, nc, q, h, p]`:
-    /// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} x_j` per chunk and
-    /// head, from scores `C B^T` `S [b, nc, g, q, q]`, cumulative log-decays
-    /// `cs [b, nc, q, h]` and `x [b, nc, q, h, p]`, all f32; the products as
+    /// The SSD's intra-chunk product `y [b, nc, q, h, p]` in f32:
+    /// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} dt_j x_j` per chunk
+    /// and head, from scores `C B^T` `S [b, nc, g, q, q]`, cumulative
+    /// log-decays `cs [b, nc, q, h]` and time steps `dt [b, nc, q, h]` (f32),
+    /// and `x [b, nc, q, h, p]` (f32 or bf16, read as it is); the products as
     /// TF32 when `tf32`. Only called when [`BambaBackend::bamba_fused`].
     fn bamba_ssd_diag(
         scores: FloatTensor<Self>,
         cs: FloatTensor<Self>,
+        dt: FloatTensor<Self>,
         x: FloatTensor<Self>,
         tf32: bool,
     ) -> FloatTensor<Self> {
-        Self::bamba_ssd_diag_fwd(scores, cs, x, tf32)
+        Self::bamba_ssd_diag_fwd(scores, cs, dt, x, tf32)
     }
 
     fn bamba_ssd_diag_fwd(
         _scores: FloatTensor<Self>,
         _cs: FloatTensor<Self>,
+        _dt: FloatTensor<Self>,
         _x: FloatTensor<Self>,
         _tf32: bool,
     ) -> FloatTensor<Self> {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }
 
-    /// `(dscores, dcs, dx)`.
+    /// `(dscores, dcs, ddt, dx)`, `dx` in `x`'s dtype.
+    #[allow(clippy::type_complexity)]
     fn bamba_ssd_diag_bwd(
         _dy: FloatTensor<Self>,
         _scores: FloatTensor<Self>,
         _cs: FloatTensor<Self>,
+        _dt: FloatTensor<Self>,
         _x: FloatTensor<Self>,
         _tf32: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }
 

@@ -163,25 +163,34 @@ pub fn swiglu<B: BambaBackend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3>
 }
 
 /// The SSD's intra-chunk product `y [b, nc, q, h, p]` in f32:
-/// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} x_j` per chunk and head,
-/// from the group scores `C B^T` `S [b, nc, g, q, q]`, the cumulative
-/// log-decays `cs [b, nc, q, h]` and `x [b, nc, q, h, p]` (already `x dt`);
-/// the products may run as TF32 when `tf32` (bf16 training).
+/// `y_i = sum_{j <= i} exp(cs_i - cs_j) S[g(h)]_{ij} dt_j x_j` per chunk and
+/// head, from the group scores `C B^T` `S [b, nc, g, q, q]`, the cumulative
+/// log-decays `cs [b, nc, q, h]`, the time steps `dt [b, nc, q, h]` and
+/// `x [b, nc, q, h, p]`; the products may run as TF32 when `tf32` (bf16
+/// training). Fused backends read `x` as it is (bf16 stays bf16) and fold
+/// `dt` into the decay matrix: `x dt` is never stored, its gradients come
+/// out of the same kernels.
 pub fn ssd_diag<B: BambaBackend>(
     scores: Tensor<B, 5>,
     cs: Tensor<B, 4>,
+    dt: Tensor<B, 4>,
     x: Tensor<B, 5>,
     tf32: bool,
 ) -> Tensor<B, 5> {
     if !B::bamba_fused() {
-        return reference::ssd_diag(scores, cs, x);
+        return reference::ssd_diag(scores, cs, dt, x);
     }
     let p = |t: burn::tensor::TensorPrimitive<B>| t.tensor();
     let f32 = burn::tensor::DType::F32;
+    let x = match x.dtype() {
+        burn::tensor::DType::F32 | burn::tensor::DType::BF16 => x,
+        _ => x.cast(f32),
+    };
     float(B::bamba_ssd_diag(
         p(scores.cast(f32).into_primitive()),
         p(cs.cast(f32).into_primitive()),
-        p(x.cast(f32).into_primitive()),
+        p(dt.cast(f32).into_primitive()),
+        p(x.into_primitive()),
         tf32,
     ))
 }

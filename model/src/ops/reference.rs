@@ -244,8 +244,10 @@ pub fn masked_decay<B: BambaBackend>(cs: Tensor<B, 4>, scores: Tensor<B, 5>) -> 
 pub fn ssd_diag<B: BambaBackend>(
     scores: Tensor<B, 5>,
     cs: Tensor<B, 4>,
+    dt: Tensor<B, 4>,
     x: Tensor<B, 5>,
 ) -> Tensor<B, 5> {
+    let x = scale_rows(x, dt);
     let m = masked_decay(cs.permute([0, 3, 1, 2]), scores); // [b, h, nc, q, q]
     crate::ops::matmul(m, x.permute([0, 3, 1, 2, 4])).permute([0, 2, 3, 1, 4])
 }

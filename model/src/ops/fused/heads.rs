@@ -4,7 +4,7 @@
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 
-use super::{COLSUM8, empty, launch_colsum8, same_dtype, suffix, zeros_f32};
+use super::{COLSUM, empty, launch_colsum, same_dtype, suffix, zeros_f32};
 use crate::kernel_args;
 use crate::ops::nvrtc::{self, T, enqueue, launch, launch_flat};
 
@@ -12,7 +12,7 @@ use crate::ops::nvrtc::{self, T, enqueue, launch, launch_flat};
 /// gradients burn reduces slowly (one block over all rows): `dt =
 /// clamp(softplus(raw + dt_bias))` and `y = x * a[head]` (`A dt`, the `D`
 /// skip). The backward kernels sum the per-head gradients without atomics:
-/// each block sums a run of rows per element position, then `colsum8` adds
+/// each block sums a run of rows per element position, then `colsum` adds
 /// the blocks and `head_sum_inner` a head's positions, in a fixed order, so
 /// the gradients are the same bits on every run.
 const HEADS: &str = r#"
@@ -115,7 +115,7 @@ HEAD_KERNELS(bf16, bf16_t)
 "#;
 
 fn heads_src() -> String {
-    format!("{}{}{}", nvrtc::PRELUDE, COLSUM8, HEADS)
+    format!("{}{}{}", nvrtc::PRELUDE, COLSUM, HEADS)
 }
 
 /// Blocks of the per-head backward kernels (a constant: the sums' order
@@ -188,7 +188,7 @@ pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
     let device = raw.device.index;
     let src = heads_src();
     let f = nvrtc::function(device, "heads", &src, &format!("dt_bwd_{}", suffix(dtype)));
-    let f_sum = nvrtc::function(device, "heads", &src, "colsum8");
+    let f_sum = nvrtc::function(device, "heads", &src, "colsum");
     enqueue(
         [&draw, &g, &raw, &bias, &part, &dbias],
         move |[mut d_p, mut g_p, mut r_p, mut b_p, mut part_p, db_p], stream| {
@@ -208,7 +208,7 @@ pub fn dt_softplus_bwd(g: T, raw: T, bias: T, lo: f64, hi: f64) -> (T, T) {
                     stream,
                     &mut params,
                 );
-                launch_colsum8(device, f_sum, stream, part_p, db_p, parts, h);
+                launch_colsum(device, f_sum, stream, part_p, db_p, parts, h);
             }
         },
     );
@@ -274,7 +274,7 @@ pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
         &src,
         &format!("scale_bwd_{}", suffix(dtype)),
     );
-    let f_sum = nvrtc::function(device, "heads", &src, "colsum8");
+    let f_sum = nvrtc::function(device, "heads", &src, "colsum");
     let f_heads = nvrtc::function(device, "heads", &src, "head_sum_inner");
     enqueue(
         [&dx, &g, &x, &a, &part, &sums, &da],
@@ -304,7 +304,7 @@ pub fn scale_heads_bwd(g: T, x: T, a: T) -> (T, T) {
                     stream,
                     &mut params,
                 );
-                launch_colsum8(device, f_sum, stream, part_p, s_p, parts, m);
+                launch_colsum(device, f_sum, stream, part_p, s_p, parts, m);
                 if inner > 1 {
                     launch(
                         device,

@@ -137,27 +137,29 @@ pub fn narrow_view(t: T, dim: usize, start: usize, len: usize) -> T {
     burn_cubecl::kernel::slice(t, &ranges)
 }
 
-/// `t` reshaped to `shape`, as a view when the reshape only splits a
-/// last dim of unit stride (a [`narrow_view`] with its row stride): the
-/// split dim gets the new inner size as stride, the leading strides stay.
-/// Otherwise burn's reshape (which copies a non-contiguous input).
+/// `t` reshaped to `shape`, as a view when the reshape only splits one dim
+/// in two (a [`narrow_view`]'s last dim into heads, or its sequence into
+/// chunks): the two new dims get strides `inner * s` and `s` from the split
+/// dim's `s`, the others keep theirs. Otherwise burn's reshape (which copies
+/// a non-contiguous input).
 pub fn reshape_view(t: T, shape: burn::tensor::Shape) -> T {
     let (old, strides) = (t.meta.shape().to_vec(), t.meta.strides().to_vec());
     let new = shape.to_vec();
     let r = old.len();
-    let splits_last = r >= 1
-        && new.len() == r + 1
-        && new[..r - 1] == old[..r - 1]
-        && new[r - 1] * new[r] == old[r - 1]
-        && (strides[r - 1] == 1 || old[r - 1] <= 1);
-    if !splits_last || t.is_contiguous() {
+    // The dim split in two: the first where the shapes differ.
+    let k = (0..r).find(|&i| new.get(i) != Some(&old[i])).unwrap_or(r);
+    let splits_one = new.len() == r + 1
+        && k < r
+        && new[k] * new[k + 1] == old[k]
+        && new[k + 2..] == old[k + 1..];
+    if !splits_one || t.is_contiguous() {
         return Cb::float_reshape(t, shape);
     }
     let mut meta = (*t.meta).clone();
     *meta.shape_mut() = new.iter().copied().collect();
-    let mut st = strides;
-    st[r - 1] = new[r];
-    st.push(1);
+    let mut st = strides[..k].to_vec();
+    st.extend([new[k + 1] * strides[k], strides[k]]);
+    st.extend_from_slice(&strides[k + 1..]);
     *meta.strides_mut() = st.iter().copied().collect();
     burn_cubecl::tensor::CubeTensor::new(
         t.client.clone(),

@@ -11,10 +11,11 @@ use crate::ops::nvrtc::{self, T, enqueue, launch};
 /// (mamba_ssm's `chunk_scan` diagonal blocks): 64 x 64 output tiles, the
 /// masked decay built tile by tile in shared memory.
 const SSD_DIAG: &str = r#"
-// Per (batch-chunk, head), with S [bc, g, q, q], cs [bc, q, h], v and out
-// [bc, q, h, p] (rows of h * p):
-//   forward:   out[i] = sum_{j <= i} exp(cs[i] - cs[j]) S[g(h)][i, j] v[j]
-//   transpose: out[i] = sum_{j >= i} exp(cs[j] - cs[i]) S[g(h)][j, i] v[j]
+// Per (batch-chunk, head), with S [bc, g, q, q], cs and dt [bc, q, h], x,
+// y and dy [bc, q, h, p] (rows of h * p), M[i, j] = exp(cs[i] - cs[j]) S[i, j]:
+//   forward:   y[i] = sum_{j <= i} M[i, j] dt[j] x[j]    (x in its own dtype)
+//   transpose: g[i] = sum_{j >= i} M[j, i] dy[j],  dx[i] = dt[i] g[i],
+//              ddt[i] = x[i] . g[i]
 // 64 x 64 output tiles, 256 threads (8 warps). Every thread owns the 16
 // elements of an mma.m16n8k8 accumulator layout: warp w covers rows
 // (w % 4) * 16 + {g, g + 8} and columns (w / 4) * 32 + 8 s + {2 t, 2 t + 1}
@@ -83,18 +84,34 @@ __device__ __forceinline__ void tile_mma(float (&acc)[16], const Frag& f, int kn
     }
 }
 
+// x's element type in a shared tile: `XPad<V>::KP` pads a 32-column row to a
+// 16-byte multiple with conflict-free fragment reads (f32 36, bf16 40).
+template <typename V> struct XPad { static const int KP = 36; };
+template <> struct XPad<bf16_t> { static const int KP = 40; };
+
+// o[i], o[i + 1] = a, b (b only when `both`); one 8- or 4-byte store when
+// `paired` (i even, the row even-aligned).
+__device__ __forceinline__ void st_pair(float* o, long long i, float a, float b, bool both, bool paired) {
+    if (both && paired) *reinterpret_cast<float2*>(o + i) = make_float2(a, b);
+    else { o[i] = a; if (both) o[i + 1] = b; }
+}
+__device__ __forceinline__ void st_pair(bf16_t* o, long long i, float a, float b, bool both, bool paired) {
+    if (both && paired) *reinterpret_cast<unsigned*>(o + i) = (unsigned)f32_to_bf16(a) | ((unsigned)f32_to_bf16(b) << 16);
+    else { o[i] = f32_to_bf16(a); if (both) o[i + 1] = f32_to_bf16(b); }
+}
+
 // One block's (batch-chunk, head, row tile, column tile) of diag_apply:
 // grid (i tiles * bc * h, p tiles). A (chunk, head)'s row tiles run side by
 // side (its v rows stay in L2), the longest (most column tiles) first.
 template <bool TRANS>
 struct ApplyTile {
     int i0, p0, j_begin, j_end;
-    long long rs;
-    const float *Sm, *cm, *vm;
-    float* om;
-    // Also loads the row tile's cs into c_i (shared, read after a barrier).
-    __device__ __forceinline__ ApplyTile(const float* S, const float* cs, const float* v,
-                                         float* out, int q, int h, int g, int p, float* c_i) {
+    long long rs;  // row stride of y, dy, dx [bc, q, h, p] (h * p)
+    long long ro;  // this (chunk, head) in [bc, q, h]: cs[ro + i h]
+    long long t0;  // its first token: row t0 + i, columns c0 .. c0 + p
+    int c0;
+    const float* Sm;
+    __device__ __forceinline__ ApplyTile(const float* S, int q, int h, int g, int p) {
         const int nt = (q + DG_T - 1) / DG_T;
         const int r = (int)(blockIdx.x % (unsigned)nt);
         const int it = TRANS ? r : nt - 1 - r;
@@ -104,50 +121,59 @@ struct ApplyTile {
         i0 = it * DG_T;
         const int gi = hi / (h / g);
         Sm = S + (bc * g + gi) * (long long)q * q;
-        cm = cs + bc * q * (long long)h + hi;
         rs = (long long)h * p;
-        vm = v + bc * q * rs + (long long)hi * p;
-        om = out + bc * q * rs + (long long)hi * p;
+        ro = bc * q * (long long)h + hi;
+        t0 = bc * q;
+        c0 = hi * p;
         j_begin = TRANS ? i0 : 0;
         j_end = TRANS ? q : min(q, i0 + DG_T);
-        const int tid = threadIdx.x;
-        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
     }
-    // The accumulator tile, written out.
-    __device__ __forceinline__ void store(const float (&acc)[16], const Frag& f, int q,
-                                          int p) const {
+    // The accumulator tile times `scale(i)` per row, written out (column
+    // pairs as one store where p is even).
+    template <typename O, typename F>
+    __device__ __forceinline__ void store(const float (&acc)[16], const Frag& f, O* out, int q,
+                                          int p, F scale) const {
+        O* om = out + t0 * rs + c0;
 #pragma unroll
-        for (int e = 0; e < 16; ++e) {
+        for (int e = 0; e < 16; e += 2) {
             const int i = i0 + f.row(e), pc = p0 + f.col(e);
-            if (i < q && pc < p) om[(long long)i * rs + pc] = acc[e];
+            if (i >= q || pc >= p) continue;
+            const float sc = scale(e);
+            st_pair(om, (long long)i * rs + pc, acc[e] * sc, acc[e + 1] * sc, pc + 1 < p, (p & 1) == 0);
         }
     }
 };
 
-// grid (i tiles * bc * h, p tiles).
-template <bool TRANS, bool TC>
-__device__ __forceinline__ void diag_apply(
-    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ v,
-    float* __restrict__ out, int q, int h, int g, int p)
+// The product over one (chunk, head, row tile, column tile) into `acc`:
+//   forward (v = x, V its dtype): acc[i] = sum_{j <= i} exp(cs[i] - cs[j]) S[i, j] dt[j] x[j]
+//   TRANS (v = dy, f32):          acc[i] = sum_{j >= i} exp(cs[j] - cs[i]) S[j, i] dy[j]
+// (`x dt` is never materialised: dt scales M's columns.)
+template <bool TRANS, bool TC, typename V>
+__device__ __forceinline__ void diag_apply(const ApplyTile<TRANS>& a, const float* __restrict__ cs,
+                                           const float* __restrict__ dt, const V* __restrict__ v,
+                                           long long ldv, int q, int h, int p, float (&acc)[16])
 {
     __shared__ float Ms[DG_T][DG_KP];
-    __shared__ float Vs[DG_K][DG_VP];
+    __shared__ V Vs[DG_K][DG_VP];
     __shared__ float c_i[DG_T];
     __shared__ float c_j[DG_K];
+    __shared__ float d_j[DG_K];
     const int tid = threadIdx.x;
     const Frag f;
-    const ApplyTile<TRANS> a(S, cs, v, out, q, h, g, p, c_i);
-    const int i0 = a.i0, p0 = a.p0, j_begin = a.j_begin, j_end = a.j_end;
-    const float *Sm = a.Sm, *cm = a.cm, *vm = a.vm;
-    const long long rs = a.rs;
-    float acc[16] = {};
-    for (int j0 = j_begin; j0 < j_end; j0 += DG_K) {
-        __syncthreads();  // the previous tile is consumed
-        if (tid < DG_K) c_j[tid] = j0 + tid < q ? cm[(long long)(j0 + tid) * h] : 0.0f;
+    const int i0 = a.i0, p0 = a.p0;
+    const float *Sm = a.Sm, *cm = cs + a.ro, *dm = dt + a.ro;
+    const V* vm = v + a.t0 * ldv + a.c0;
+    if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+    for (int j0 = a.j_begin; j0 < a.j_end; j0 += DG_K) {
+        __syncthreads();  // the previous tile is consumed (and c_i written)
+        if (tid < DG_K) {
+            c_j[tid] = j0 + tid < q ? cm[(long long)(j0 + tid) * h] : 0.0f;
+            if (!TRANS) d_j[tid] = j0 + tid < q ? dm[(long long)(j0 + tid) * h] : 0.0f;
+        }
         for (int e = tid; e < DG_K * DG_T; e += 256) {
             const int jj = e / DG_T, pp = e - jj * DG_T;
             const int j = j0 + jj, pc = p0 + pp;
-            Vs[jj][pp] = (j < q && pc < p) ? vm[(long long)j * rs + pc] : 0.0f;
+            Vs[jj][pp] = (j < q && pc < p) ? vm[(long long)j * ldv + pc] : V(0);
         }
         __syncthreads();
         for (int e = tid; e < DG_T * DG_K; e += 256) {
@@ -157,7 +183,7 @@ __device__ __forceinline__ void diag_apply(
             const int i = i0 + ii, j = j0 + jj;
             float m = 0.0f;
             if (i < q && j < q) {
-                if (!TRANS && j <= i) m = __expf(c_i[ii] - c_j[jj]) * Sm[(long long)i * q + j];
+                if (!TRANS && j <= i) m = __expf(c_i[ii] - c_j[jj]) * d_j[jj] * Sm[(long long)i * q + j];
                 if (TRANS && j >= i) m = __expf(c_j[jj] - c_i[ii]) * Sm[(long long)j * q + i];
             }
             Ms[ii][jj] = m;
@@ -165,43 +191,47 @@ __device__ __forceinline__ void diag_apply(
         __syncthreads();
         tile_mma<TC>(acc, f, DG_K,
                      [&](int i, int k) { return Ms[i][k]; },
-                     [&](int k, int j) { return Vs[k][j]; });
+                     [&](int k, int j) { return ld(&Vs[k][0], j); });
     }
-    a.store(acc, f, q, p);
 }
 
-// diag_apply with the next 32-row tile of v, S and cs copied in (cp.async)
-// while this one multiplies: the loop was bound by two dependent global
-// round trips per tile. Needs p and q multiples of 4 (16-byte rows).
+// diag_apply with the next 32-row tile of v, S, cs (and dt) copied in
+// (cp.async) while this one multiplies: the loop was bound by two dependent
+// global round trips per tile. Needs q a multiple of 4 and p of a 16-byte
+// access (4 f32, 8 bf16).
 #define DG_SP 68  // transposed S tile [32][64] rows, padded (16-byte aligned)
-template <bool TRANS, bool TC>
-__device__ __forceinline__ void diag_apply_pipe(
-    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ v,
-    float* __restrict__ out, int q, int h, int g, int p)
+template <bool TRANS, bool TC, typename V>
+__device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
+                                                const float* __restrict__ cs,
+                                                const float* __restrict__ dt,
+                                                const V* __restrict__ v, long long ldv, int q,
+                                                int h, int p, float (&acc)[16])
 {
-    __shared__ __align__(16) float Vs[2][DG_K][DG_VP];
+    const int VE = 16 / sizeof(V), CH = DG_T / VE;  // elements and copies per 64-column row
+    __shared__ __align__(16) V Vs[2][DG_K][DG_VP];
     __shared__ __align__(16) float Sr[2][DG_T * DG_KP];  // [64][36] or [32][68]
     __shared__ float Ms[DG_T][DG_KP];
     __shared__ float c_i[DG_T];
     __shared__ float c_j[2][DG_K];
+    __shared__ float d_j[2][DG_K];
     const int tid = threadIdx.x;
     const Frag f;
-    const ApplyTile<TRANS> a(S, cs, v, out, q, h, g, p, c_i);
-    const int i0 = a.i0, p0 = a.p0, j_begin = a.j_begin, j_end = a.j_end;
-    const float *Sm = a.Sm, *cm = a.cm, *vm = a.vm;
-    const long long rs = a.rs;
-    float acc[16] = {};
-    const int tiles = (j_end - j_begin + DG_K - 1) / DG_K;
+    const int i0 = a.i0, p0 = a.p0, j_begin = a.j_begin;
+    const float *Sm = a.Sm, *cm = cs + a.ro, *dm = dt + a.ro;
+    const V* vm = v + a.t0 * ldv + a.c0;
+    if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
+    const int tiles = (a.j_end - j_begin + DG_K - 1) / DG_K;
     auto issue = [&](int t, int buf) {
         const int j0 = j_begin + t * DG_K;
         if (tid < DG_K) {
             const int j = j0 + tid;
             cp4(&c_j[buf][tid], j < q ? cm + (long long)j * h : cm, j < q);
+            if (!TRANS) cp4(&d_j[buf][tid], j < q ? dm + (long long)j * h : dm, j < q);
         }
-        for (int e = tid; e < DG_K * 16; e += 256) {
-            const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, pc = p0 + c4;
+        for (int e = tid; e < DG_K * CH; e += 256) {
+            const int jj = e / CH, c = (e % CH) * VE, j = j0 + jj, pc = p0 + c;
             const bool ok = j < q && pc < p;
-            cp16(&Vs[buf][jj][c4], ok ? vm + (long long)j * rs + pc : vm, ok);
+            cp16(&Vs[buf][jj][c], ok ? vm + (long long)j * ldv + pc : vm, ok);
         }
         if (!TRANS) {  // S[i0 .. i0 + 64, j0 .. j0 + 32]
             for (int e = tid; e < DG_T * 8; e += 256) {
@@ -242,7 +272,7 @@ __device__ __forceinline__ void diag_apply_pipe(
             float m = 0.0f;
             if (i < q && j < q) {
                 if (!TRANS && j <= i)
-                    m = __expf(c_i[ii] - c_j[buf][jj]) * Sr[buf][ii * DG_KP + jj];
+                    m = __expf(c_i[ii] - c_j[buf][jj]) * d_j[buf][jj] * Sr[buf][ii * DG_KP + jj];
                 if (TRANS && j >= i)
                     m = __expf(c_j[buf][jj] - c_i[ii]) * Sr[buf][jj * DG_SP + ii];
             }
@@ -251,37 +281,95 @@ __device__ __forceinline__ void diag_apply_pipe(
         __syncthreads();
         tile_mma<TC>(acc, f, DG_K,
                      [&](int i, int k) { return Ms[i][k]; },
-                     [&](int k, int j) { return Vs[buf][k][j]; });
+                     [&](int k, int j) { return ld(&Vs[buf][k][0], j); });
         __syncthreads();  // Ms and this buffer consumed before they are refilled
     }
-    a.store(acc, f, q, p);
+}
+
+// The transposed product's epilogue: dx = dt[i] acc (x's dtype) and
+// ddt[i] = sum_c x[i, c] acc[i, c] over this block's columns, into
+// part[blockIdx.y, bc, i, h] (p tiles summed after; one tile: ddt itself).
+template <typename X>
+__device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag& f,
+                                            const float (&acc)[16], const float* __restrict__ dt,
+                                            const X* __restrict__ x, long long ldx,
+                                            X* __restrict__ dx, float* __restrict__ part, int q,
+                                            int h, int p)
+{
+    __shared__ float red[DG_T][2];
+    const int tid = threadIdx.x, w = tid >> 5;
+    const float* dm = dt + a.ro;
+    const X* xm = x + a.t0 * ldx + a.c0;
+    float dtr[2], rsum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = a.i0 + f.rb + f.g + 8 * r;
+        dtr[r] = i < q ? dm[(long long)i * h] : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+        const int i = a.i0 + f.row(e), pc = a.p0 + f.col(e);
+        if (i < q && pc < p) rsum[(e >> 1) & 1] += ld(xm, (long long)i * ldx + pc) * acc[e];
+    }
+    a.store(acc, f, dx, q, p, [&](int e) { return dtr[(e >> 1) & 1]; });
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        rsum[r] += __shfl_xor_sync(0xffffffffu, rsum[r], 1);
+        rsum[r] += __shfl_xor_sync(0xffffffffu, rsum[r], 2);
+    }
+    if (f.t == 0) {
+        red[f.rb + f.g][w >> 2] = rsum[0];
+        red[f.rb + f.g + 8][w >> 2] = rsum[1];
+    }
+    __syncthreads();
+    const long long rows = (long long)(gridDim.x / ((q + DG_T - 1) / DG_T)) * q;  // bc * h * q
+    if (tid < DG_T && a.i0 + tid < q)
+        part[blockIdx.y * rows + a.ro + (long long)(a.i0 + tid) * h] = red[tid][0] + red[tid][1];
 }
 
 // Register caps from ncu on the H100 (1B shapes): the forward at 78
 // registers ran 3 blocks per SM, at 64 four (-30%); the transpose needs 48.
-// APPLY: diag_apply or diag_apply_pipe.
-#define DIAG_ENTRY(name, APPLY, TRANS, TC, MINB)                                         \
-    extern "C" __global__ void __launch_bounds__(256, MINB) name(                        \
-        const float* S, const float* cs, const float* v, float* out, int q, int h, int g, int p) \
-    {                                                                                    \
-        APPLY<TRANS, TC>(S, cs, v, out, q, h, g, p);                                     \
+// APPLY: diag_apply or diag_apply_pipe; X: x's dtype.
+#define DIAG_FWD(name, APPLY, TC, X, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MINB) name(                            \
+        const float* S, const float* cs, const float* dt, const X* x, long long ldx, float* out, \
+        int q, int h, int g, int p)                                                          \
+    {                                                                                        \
+        const ApplyTile<false> a(S, q, h, g, p);                                             \
+        float acc[16] = {};                                                                  \
+        APPLY<false, TC, X>(a, cs, dt, x, ldx, q, h, p, acc);                                \
+        a.store(acc, Frag(), out, q, p, [](int) { return 1.0f; });                            \
     }
-DIAG_ENTRY(ssd_diag_fwd, diag_apply, false, false, 4)
-DIAG_ENTRY(ssd_diag_dx, diag_apply, true, false, 5)
-DIAG_ENTRY(ssd_diag_fwd_tc, diag_apply, false, true, 4)
-DIAG_ENTRY(ssd_diag_dx_tc, diag_apply, true, true, 5)
-DIAG_ENTRY(ssd_diag_fwd_p, diag_apply_pipe, false, false, 4)
-DIAG_ENTRY(ssd_diag_dx_p, diag_apply_pipe, true, false, 4)
-DIAG_ENTRY(ssd_diag_fwd_tc_p, diag_apply_pipe, false, true, 4)
-DIAG_ENTRY(ssd_diag_dx_tc_p, diag_apply_pipe, true, true, 4)
+#define DIAG_DX(name, APPLY, TC, X, MINB)                                                    \
+    extern "C" __global__ void __launch_bounds__(256, MINB) name(                            \
+        const float* S, const float* cs, const float* dt, const X* x, long long ldx,          \
+        const float* dy, X* dx, float* ddt_part, int q, int h, int g, int p)                 \
+    {                                                                                        \
+        const ApplyTile<true> a(S, q, h, g, p);                                              \
+        float acc[16] = {};                                                                  \
+        APPLY<true, TC, float>(a, cs, dt, dy, a.rs, q, h, p, acc);                           \
+        dx_epilogue<X>(a, Frag(), acc, dt, x, ldx, dx, ddt_part, q, h, p);                   \
+    }
+#define DIAG_APPLY_ALL(SUF, X)                                               \
+    DIAG_FWD(ssd_diag_fwd_##SUF, diag_apply, false, X, 4)                    \
+    DIAG_FWD(ssd_diag_fwd_tc_##SUF, diag_apply, true, X, 4)                  \
+    DIAG_FWD(ssd_diag_fwd_p_##SUF, diag_apply_pipe, false, X, 4)             \
+    DIAG_FWD(ssd_diag_fwd_tc_p_##SUF, diag_apply_pipe, true, X, 4)           \
+    DIAG_DX(ssd_diag_dx_##SUF, diag_apply, false, X, 4)                      \
+    DIAG_DX(ssd_diag_dx_tc_##SUF, diag_apply, true, X, 4)                    \
+    DIAG_DX(ssd_diag_dx_p_##SUF, diag_apply_pipe, false, X, 4)               \
+    DIAG_DX(ssd_diag_dx_tc_p_##SUF, diag_apply_pipe, true, X, 4)
+DIAG_APPLY_ALL(f32, float)
+DIAG_APPLY_ALL(bf16, bf16_t)
 
 // One head's share of a (batch-chunk, group) tile's gradients, from its
 // d = dy x^T tile: dS into `ds`; dcs row sums into part slot jt, column sums
 // into slot nt + it.
 __device__ __forceinline__ void grad_head(
     const Frag& f, const float (&d)[16], const float (&s)[16], float (&ds)[16],
-    const float* c_i, const float* c_j, float (*red)[33], float* __restrict__ part,
-    int i0, int j0, int q, int h, int hi, int it, int jt, int nt, long long bcn, long long bc)
+    const float* c_i, const float* c_j, const float* d_j, float (*red)[33],
+    float* __restrict__ part, int i0, int j0, int q, int h, int hi, int it, int jt, int nt,
+    long long bcn, long long bc)
 {
     const int tid = threadIdx.x;
     // Row sums: 4 columns-pairs per thread, 8 contributors per row
@@ -294,7 +382,7 @@ __device__ __forceinline__ void grad_head(
         const int ii = f.row(e), jj = f.col(e);
         const int i = i0 + ii, j = j0 + jj;
         if (i < q && j <= i) {
-            const float ev = __expf(c_i[ii] - c_j[jj]) * d[e];
+            const float ev = __expf(c_i[ii] - c_j[jj]) * d_j[jj] * d[e];
             ds[e] += ev;
             const float gg = s[e] * ev;
             rsum[(e >> 1) & 1] += gg;
@@ -325,7 +413,7 @@ __device__ __forceinline__ void grad_head(
 }
 
 // For one 64 x 64 tile (it, jt) of one (batch-chunk, group), with
-//   G_h[i, j] = exp(cs_h[i] - cs_h[j]) (dy_h[i] . x_h[j])   (j <= i):
+//   G_h[i, j] = exp(cs_h[i] - cs_h[j]) dt_h[j] (dy_h[i] . x_h[j])   (j <= i):
 //   dS[i, j] = sum over the group's heads of G_h[i, j];
 //   dcs_h[i] += sum_j S[i, j] G_h[i, j],  dcs_h[j] -= sum_i S[i, j] G_h[i, j].
 // The dcs sums go to part [2 nt, bc, q, h] (zeroed): row sums in slot jt,
@@ -334,18 +422,21 @@ __device__ __forceinline__ void grad_head(
 // each writing its own dS partial [hs, bc, g, q, q]; tiles above the
 // diagonal write zeros.
 // PIPE: each (head, 32 columns) stage of dy and x is copied in (cp.async)
-// while the previous one multiplies (needs p a multiple of 4); otherwise
-// loaded through registers between two barriers.
-template <bool TC, bool PIPE>
+// while the previous one multiplies (needs p a multiple of a 16-byte access
+// of x); otherwise loaded through registers between two barriers.
+template <bool TC, bool PIPE, typename X>
 __device__ __forceinline__ void diag_grad(
-    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ x,
-    const float* __restrict__ dy, float* __restrict__ dS, float* __restrict__ part,
-    int q, int h, int g, int p, int nt, long long bcn, int hs)
+    const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ dt,
+    const X* __restrict__ x, long long ldx, const float* __restrict__ dy,
+    float* __restrict__ dS, float* __restrict__ part, int q, int h, int g, int p, int nt,
+    long long bcn, int hs)
 {
+    const int XE = 16 / sizeof(X);  // x elements per 16-byte copy
     __shared__ __align__(16) float As[PIPE ? 2 : 1][DG_T][DG_KP];
-    __shared__ __align__(16) float Bs[PIPE ? 2 : 1][DG_T][DG_KP];
+    __shared__ __align__(16) X Bs[PIPE ? 2 : 1][DG_T][XPad<X>::KP];
     __shared__ float c_i[DG_T];
     __shared__ float c_j[DG_T];
+    __shared__ float d_j[DG_T];
     __shared__ float red[DG_T][33];
     const int tid = threadIdx.x;
     const Frag f;
@@ -379,31 +470,39 @@ __device__ __forceinline__ void diag_grad(
     // Stage st: head split * per + st / kst, columns (st % kst) * 32 ..
     auto issue = [&](int st, int buf) {
         const int hi = gi * hg + split * per + st / kst, k0 = (st % kst) * DG_K;
-        const float* xm = x + bc * q * rs + (long long)hi * p;
+        const X* xm = x + bc * q * ldx + (long long)hi * p;
         const float* dym = dy + bc * q * rs + (long long)hi * p;
         if (PIPE) {
             for (int e = tid; e < DG_T * 8; e += 256) {
                 const int rr = e >> 3, c4 = (e & 7) * 4, pc = k0 + c4;
-                const bool oa = i0 + rr < q && pc < p, ob = j0 + rr < q && pc < p;
+                const bool oa = i0 + rr < q && pc < p;
                 cp16(&As[buf][rr][c4], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
-                cp16(&Bs[buf][rr][c4], ob ? xm + (long long)(j0 + rr) * rs + pc : xm, ob);
+            }
+            for (int e = tid; e < DG_T * (DG_K / XE); e += 256) {
+                const int rr = e / (DG_K / XE), c = (e % (DG_K / XE)) * XE, pc = k0 + c;
+                const bool ob = j0 + rr < q && pc < p;
+                cp16(&Bs[buf][rr][c], ob ? xm + (long long)(j0 + rr) * ldx + pc : xm, ob);
             }
             cp_commit();
         } else {
             for (int e = tid; e < DG_T * DG_K; e += 256) {
                 const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
                 As[0][rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : 0.0f;
-                Bs[0][rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * rs + pc] : 0.0f;
+                Bs[0][rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * ldx + pc] : X(0);
             }
         }
     };
     if (PIPE) issue(0, 0);
     for (int k = 0; k < per; ++k) {
         const int hi = gi * hg + split * per + k;
-        const float* cm = cs + bc * q * (long long)h + hi;
-        __syncthreads();  // the previous head's c_i, c_j and red are consumed
-        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
-        else if (tid < 2 * DG_T) c_j[tid - DG_T] = j0 + tid - DG_T < q ? cm[(long long)(j0 + tid - DG_T) * h] : 0.0f;
+        const long long ro = bc * q * (long long)h + hi;
+        __syncthreads();  // the previous head's c_i, c_j, d_j and red are consumed
+        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cs[ro + (long long)(i0 + tid) * h] : 0.0f;
+        else if (tid < 2 * DG_T) {
+            const int j = j0 + tid - DG_T;
+            c_j[tid - DG_T] = j < q ? cs[ro + (long long)j * h] : 0.0f;
+            d_j[tid - DG_T] = j < q ? dt[ro + (long long)j * h] : 0.0f;
+        }
         float d[16];
 #pragma unroll
         for (int e = 0; e < 16; ++e) d[e] = 0.0f;
@@ -423,10 +522,10 @@ __device__ __forceinline__ void diag_grad(
             __syncthreads();
             tile_mma<TC>(d, f, DG_K,
                          [&](int i, int c) { return As[buf][i][c]; },
-                         [&](int c, int j) { return Bs[buf][j][c]; });
+                         [&](int c, int j) { return ld(&Bs[buf][j][0], c); });
             if (PIPE) __syncthreads();  // this buffer consumed before it is refilled
         }
-        grad_head(f, d, s, ds, c_i, c_j, red, part, i0, j0, q, h, hi, it, jt, nt, bcn, bc);
+        grad_head(f, d, s, ds, c_i, c_j, d_j, red, part, i0, j0, q, h, hi, it, jt, nt, bcn, bc);
     }
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
@@ -435,17 +534,23 @@ __device__ __forceinline__ void diag_grad(
     }
 }
 
-#define GRAD_ENTRY(name, TC, PIPE)                                                       \
-    extern "C" __global__ void __launch_bounds__(256, 3) name(                           \
-        const float* S, const float* cs, const float* x, const float* dy, float* dS,     \
-        float* part, int q, int h, int g, int p, int nt, long long bcn, int hs)          \
-    {                                                                                    \
-        diag_grad<TC, PIPE>(S, cs, x, dy, dS, part, q, h, g, p, nt, bcn, hs);            \
+// 2 blocks per SM (128 registers, 48 bytes spilled); 3 (80 registers, 128
+// bytes spilled) ran as fast on the H200.
+#define GRAD_ENTRY(name, TC, PIPE, X)                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 2) name(                               \
+        const float* S, const float* cs, const float* dt, const X* x, long long ldx,         \
+        const float* dy, float* dS, float* part, int q, int h, int g, int p, int nt,         \
+        long long bcn, int hs)                                                               \
+    {                                                                                        \
+        diag_grad<TC, PIPE, X>(S, cs, dt, x, ldx, dy, dS, part, q, h, g, p, nt, bcn, hs);    \
     }
-GRAD_ENTRY(ssd_diag_grad, false, false)
-GRAD_ENTRY(ssd_diag_grad_tc, true, false)
-GRAD_ENTRY(ssd_diag_grad_p, false, true)
-GRAD_ENTRY(ssd_diag_grad_tc_p, true, true)
+#define GRAD_ALL(SUF, X)                                  \
+    GRAD_ENTRY(ssd_diag_grad_##SUF, false, false, X)      \
+    GRAD_ENTRY(ssd_diag_grad_tc_##SUF, true, false, X)    \
+    GRAD_ENTRY(ssd_diag_grad_p_##SUF, false, true, X)     \
+    GRAD_ENTRY(ssd_diag_grad_tc_p_##SUF, true, true, X)
+GRAD_ALL(f32, float)
+GRAD_ALL(bf16, bf16_t)
 "#;
 
 fn diag_src() -> String {
@@ -453,7 +558,7 @@ fn diag_src() -> String {
 }
 
 /// `(b * nc, q, h, p, g)` of the SSD diagonal op's operands.
-fn diag_dims(s: &T, cs: &T, x: &T) -> (usize, usize, usize, usize, usize) {
+fn diag_dims(s: &T, cs: &T, dt: &T, x: &T) -> (usize, usize, usize, usize, usize) {
     let (ss, cd, xs) = (s.meta.shape(), cs.meta.shape(), x.meta.shape());
     assert!(
         ss.len() == 5 && cd.len() == 4 && xs.len() == 5,
@@ -461,67 +566,72 @@ fn diag_dims(s: &T, cs: &T, x: &T) -> (usize, usize, usize, usize, usize) {
     );
     let (b, nc, q, h, p, g) = (xs[0], xs[1], xs[2], xs[3], xs[4], ss[2]);
     assert_eq!(&cd[..], &[b, nc, q, h], "SSD diagonal: cs shape");
+    assert_eq!(dt.meta.shape(), cd, "SSD diagonal: dt shape");
     assert_eq!(&ss[..], &[b, nc, g, q, q], "SSD diagonal: scores shape");
     assert!(g > 0 && h % g == 0, "SSD diagonal: {h} heads in {g} groups");
     (b * nc, q, h, p, g)
 }
 
-/// `y [b, nc, q, h, p]` (f32) from scores, `cs` and `x` (see [`SSD_DIAG`]).
-pub fn ssd_diag_fwd(s: T, cs: T, x: T, tf32: bool) -> T {
-    let (bcn, q, h, p, g) = diag_dims(&s, &cs, &x);
-    let (s, cs, x) = (
-        same_dtype(s, DType::F32),
-        same_dtype(cs, DType::F32),
-        same_dtype(x, DType::F32),
-    );
+/// The kernel `base` for these operands: `_tc` for TF32 products, `_p` for
+/// the pipelined one where `pipe`, then x's dtype.
+fn kernel_name(base: &str, tf32: bool, pipe: bool, x: DType) -> String {
+    let tc = if tf32 { "_tc" } else { "" };
+    let p = if pipe { "_p" } else { "" };
+    format!("{base}{tc}{p}_{}", super::suffix(x))
+}
+
+/// Rows of `x` (`p` per head, tokens `ldx` apart) copied in 16-byte pieces.
+fn x_rows16(p: usize, ldx: usize, x: DType) -> bool {
+    let v = 16 / x.size();
+    p.is_multiple_of(v) && ldx.is_multiple_of(v)
+}
+
+/// `y [b, nc, q, h, p]` (f32) from scores, `cs`, `dt` (f32) and `x` (f32 or
+/// bf16, read as it is) (see [`SSD_DIAG`]).
+pub fn ssd_diag_fwd(s: T, cs: T, dt: T, x: T, tf32: bool) -> T {
+    let (bcn, q, h, p, g) = diag_dims(&s, &cs, &dt, &x);
+    let f32 = |t| same_dtype(t, DType::F32);
+    let (s, cs, dt) = (f32(s), f32(cs), f32(dt));
     let out = empty(&x, x.meta.shape().to_vec(), DType::F32);
+    // A column slice of the conv output is read in place.
+    let (x, ldx) = super::token_rows(x, 1);
     if bcn * q * h * p > 0 {
-        let kernel = if tf32 {
-            "ssd_diag_fwd_tc"
-        } else {
-            "ssd_diag_fwd"
-        };
-        diag_apply(&s, &cs, &x, &out, kernel, (bcn, q, h, p, g));
+        let pipe = q.is_multiple_of(4) && x_rows16(p, ldx, x.dtype);
+        let kernel = kernel_name("ssd_diag_fwd", tf32, pipe, x.dtype);
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_diag", &diag_src(), &kernel);
+        enqueue(
+            [&out, &s, &cs, &dt, &x],
+            move |[mut o_p, mut s_p, mut c_p, mut d_p, mut x_p], stream| {
+                let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
+                let mut ldx64 = ldx as i64;
+                let mut params = kernel_args!(s_p, c_p, d_p, x_p, ldx64, o_p, q32, h32, g32, p32);
+                let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
+                // SAFETY: the kernel's signature; contiguous operands of the checked shapes.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
+        );
     }
-    drop((s, cs, x));
+    drop((s, cs, dt, x));
     out
 }
 
-fn diag_apply(
-    s: &T,
-    cs: &T,
-    v: &T,
-    out: &T,
-    kernel: &str,
-    dims: (usize, usize, usize, usize, usize),
-) {
-    let (bcn, q, h, p, g) = dims;
-    let device = v.device.index;
-    // 16-byte rows of v and S: the pipelined kernel.
-    let kernel = if p % 4 == 0 && q % 4 == 0 {
-        format!("{kernel}_p")
-    } else {
-        kernel.to_string()
-    };
-    let f = nvrtc::function(device, "ssd_diag", &diag_src(), &kernel);
-    enqueue(
-        [out, s, cs, v],
-        move |[mut o_p, mut s_p, mut c_p, mut v_p], stream| {
-            let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
-            let mut params = kernel_args!(s_p, c_p, v_p, o_p, q32, h32, g32, p32);
-            let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
-            // SAFETY: the kernel's signature; contiguous f32 operands of the checked shapes.
-            unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
-        },
-    );
-}
-
-/// `(dscores, dcs, dx)` of [`ssd_diag_fwd`] for the upstream `dy`.
-pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
-    let (bcn, q, h, p, g) = diag_dims(&s, &cs, &x);
+/// `(dscores, dcs, ddt, dx)` of [`ssd_diag_fwd`] for the upstream `dy`;
+/// `dx` in `x`'s dtype.
+pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T) {
+    let (bcn, q, h, p, g) = diag_dims(&s, &cs, &dt, &x);
     let f32 = |t| same_dtype(t, DType::F32);
-    let (dy, s, cs, x) = (f32(dy), f32(s), f32(cs), f32(x));
-    let dx = empty(&x, x.meta.shape().to_vec(), DType::F32);
+    let (dy, s, cs, dt) = (f32(dy), f32(s), f32(cs), f32(dt));
+    let xdt = x.dtype;
+    let dx = empty(&x, x.meta.shape().to_vec(), xdt);
+    let (x, ldx) = super::token_rows(x, 1);
+    let pt = p.div_ceil(64);
+    // ddt per 64-column tile of p, summed after (one tile: ddt itself).
+    let ddt = if p > 0 {
+        empty(&x, vec![pt * bcn * q * h], DType::F32)
+    } else {
+        zeros_f32(&x, vec![bcn * q * h])
+    };
     // The group's heads in `hs` parallel splits (partial dS summed after).
     let hg = h / g;
     let hs = [8, 4, 2, 1].into_iter().find(|s| hg % s == 0).unwrap_or(1);
@@ -530,43 +640,88 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, x: T, tf32: bool) -> (T, T, T) {
     // Flat: a multi-dim allocation may pad its rows (h = 3), the kernel writes flat indices.
     let part = zeros_f32(&x, vec![2 * nt * bcn * q * h]);
     if bcn * q * h * p > 0 {
-        let (dx_kernel, grad_kernel) = if tf32 {
-            ("ssd_diag_dx_tc", "ssd_diag_grad_tc")
-        } else {
-            ("ssd_diag_dx", "ssd_diag_grad")
-        };
-        diag_apply(&s, &cs, &dy, &dx, dx_kernel, (bcn, q, h, p, g));
         let device = x.device.index;
-        let grad_kernel = if p % 4 == 0 {
-            format!("{grad_kernel}_p")
-        } else {
-            grad_kernel.to_string()
-        };
-        let f = nvrtc::function(device, "ssd_diag", &diag_src(), &grad_kernel);
+        let src = diag_src();
+        let dx_pipe = q.is_multiple_of(4) && p.is_multiple_of(4);
+        let f_dx = nvrtc::function(
+            device,
+            "ssd_diag",
+            &src,
+            &kernel_name("ssd_diag_dx", tf32, dx_pipe, xdt),
+        );
+        let f_grad = nvrtc::function(
+            device,
+            "ssd_diag",
+            &src,
+            &kernel_name("ssd_diag_grad", tf32, x_rows16(p, ldx, xdt), xdt),
+        );
         enqueue(
-            [&ds, &s, &cs, &x, &dy, &part],
-            move |[mut ds_p, mut s_p, mut c_p, mut x_p, mut dy_p, mut part_p], stream| {
+            [&dx, &ddt, &ds, &part, &s, &cs, &dt, &x, &dy],
+            move |[
+                mut dx_p,
+                mut ddt_p,
+                mut ds_p,
+                mut part_p,
+                mut s_p,
+                mut c_p,
+                mut d_p,
+                mut x_p,
+                mut dy_p,
+            ],
+                  stream| {
                 let (mut q32, mut h32, mut g32, mut p32, mut nt32, mut bcn64, mut hs32) = (
                     q as i32, h as i32, g as i32, p as i32, nt as i32, bcn as i64, hs as i32,
                 );
-                let mut params = kernel_args!(
-                    s_p, c_p, x_p, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64, hs32
+                let mut ldx64 = ldx as i64;
+                let mut dx_params = kernel_args!(
+                    s_p, c_p, d_p, x_p, ldx64, dy_p, dx_p, ddt_p, q32, h32, g32, p32
                 );
-                let grid = ((nt * nt * hs * bcn * g) as u32, 1, 1);
-                // SAFETY: the kernel's signature; `part` holds `2 nt` slots of `cs`'s size.
-                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+                let dx_grid = ((nt * bcn * h) as u32, pt as u32, 1);
+                let mut grad_params = kernel_args!(
+                    s_p, c_p, d_p, x_p, ldx64, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64,
+                    hs32
+                );
+                let grad_grid = ((nt * nt * hs * bcn * g) as u32, 1, 1);
+                // SAFETY: the kernels' signatures; contiguous operands of the checked
+                // shapes, `ddt` `pt` slots and `part` `2 nt` slots of `cs`'s size.
+                unsafe {
+                    launch(
+                        device,
+                        f_dx,
+                        dx_grid,
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut dx_params,
+                    );
+                    launch(
+                        device,
+                        f_grad,
+                        grad_grid,
+                        (256, 1, 1),
+                        0,
+                        stream,
+                        &mut grad_params,
+                    );
+                }
             },
         );
     }
-    let part = Cb::float_reshape(part, [2 * nt, bcn * q * h].into());
-    let dcs = Cb::float_sum_dim(part, 0);
-    let dcs = Cb::float_reshape(dcs, cs.meta.shape().clone());
+    let rows = bcn * q * h;
+    let part = Cb::float_reshape(part, [2 * nt, rows].into());
+    let dcs = Cb::float_reshape(Cb::float_sum_dim(part, 0), cs.meta.shape().clone());
+    let ddt = if pt == 1 {
+        ddt
+    } else {
+        Cb::float_sum_dim(Cb::float_reshape(ddt, [pt, rows].into()), 0)
+    };
+    let ddt = Cb::float_reshape(ddt, cs.meta.shape().clone());
     let ds = if hs == 1 {
         ds
     } else {
         Cb::float_sum_dim(Cb::float_reshape(ds, [hs, bcn * g * q * q].into()), 0)
     };
     let ds = Cb::float_reshape(ds, s.meta.shape().clone());
-    drop((dy, s, x));
-    (ds, dcs, dx)
+    drop((dy, s, dt, x));
+    (ds, dcs, ddt, dx)
 }
