@@ -169,6 +169,7 @@ fn bench_kernels_compares_every_piece() {
         "scale_heads",
         "scale_rows",
         "ssd_diag",
+        "embedding",
         "ssd_states",
         "ssd_out",
         "causal_softmax",

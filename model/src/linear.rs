@@ -59,6 +59,6 @@ impl<B: BambaBackend> Embedding<B> {
     }
 
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        crate::ops::embedding(self.weight.val(), ids)
     }
 }

@@ -1044,6 +1044,35 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 }),
             );
         }
+        // Embedding gradients: ids repeated (few distinct ids), rows wider
+        // than one pass of the kernel (4096 columns), more than 256 positions.
+        for (b, l, v, d, ids) in [
+            (2, 37, 50, 24, 10),
+            (2, 300, 1000, 5000, 7),
+            (1, 4096, 128256, 2048, 3000),
+        ]
+        .into_iter()
+        .filter(|s| large || s.2 < 10_000)
+        {
+            let t = Tensor::<B, 2, burn::tensor::Int>::random(
+                [b, l],
+                Distribution::Uniform(0.0, ids as f64),
+                device,
+            );
+            let t2 = t.clone();
+            check(
+                &format!("embedding_{b}x{l}_v{v}_d{d}"),
+                dtype,
+                &[vec![v, d]],
+                Box::new(move |x| {
+                    ops::embedding(x[0].clone().reshape([v, d]), t.clone()).reshape([b * l * d])
+                }),
+                Box::new(move |x| {
+                    burn::tensor::module::embedding(x[0].clone().reshape([v, d]), t2.clone())
+                        .reshape([b * l * d])
+                }),
+            );
+        }
         for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)]
             .into_iter()
             .filter(|s| large || s.0 < 1000)

@@ -66,7 +66,7 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
 /// Fused (gated) RMSNorm: the backward kernel takes the saved inputs and
 /// the forward's inverse RMS. Parents: `x`, `w`, and `z` when gated.
 #[derive(Debug)]
-struct RmsNorm;
+struct RmsNorm<C>(std::marker::PhantomData<C>);
 
 type NormState<B> = (
     FloatTensor<B>,
@@ -75,14 +75,17 @@ type NormState<B> = (
     FloatTensor<B>,
 );
 
-impl<B: BambaBackend> Backward<B, 3> for RmsNorm {
+impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 3> for RmsNorm<C> {
     type State = NormState<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = grads.consume::<B>(&ops.node);
+        // The residual stream's gradient so far (the add after this norm
+        // ran its backward first) goes into the kernel, not a separate add.
+        let acc = take_grad::<B, C, _, 3>(grads, &ops, 0, &dout);
         let (x, z, w, rstd) = ops.state;
         let w_dtype = w.dtype();
-        let dout = grads.consume::<B>(&ops.node);
-        let (dx, dz, dw) = B::bamba_rms_norm_bwd(dout, x, z, w, rstd);
+        let (dx, dz, dw) = B::bamba_rms_norm_bwd(dout, x, z, w, rstd, acc);
         let [px, pw, pz] = ops.parents;
         if let Some(n) = px {
             grads.register::<B>(n.id, dx);
@@ -179,6 +182,23 @@ impl<B: BambaBackend> Backward<B, 2> for ScaleHeads {
         }
         if let Some(n) = pa {
             grads.register::<B>(n.id, B::float_cast(da, a_dtype.into()));
+        }
+    }
+}
+
+/// Token embedding; parent: the weight. Keeps the ids and the vocab size.
+#[derive(Debug)]
+struct Embedding;
+
+impl<B: BambaBackend> Backward<B, 1> for Embedding {
+    type State = (IntTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (ids, vocab) = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        let [p] = ops.parents;
+        if let Some(n) = p {
+            grads.register::<B>(n.id, B::bamba_embedding_bwd(dy, ids, vocab));
         }
     }
 }
@@ -405,25 +425,39 @@ type NodeKey<B, C> = FloatTensor<Autodiff<B, C>>;
 #[derive(Debug)]
 struct Narrow<C>(std::marker::PhantomData<C>);
 
+/// The gradient registered so far for parent `i` of `ops`, taken out of
+/// `grads` (to be added inside a kernel and registered again as part of its
+/// output).
+fn take_grad<B: BambaBackend, C: CheckpointStrategy, S, const N: usize>(
+    grads: &mut Gradients,
+    ops: &Ops<S, N>,
+    i: usize,
+    like: &FloatTensor<B>,
+) -> Option<FloatTensor<B>> {
+    let node = ops.parents[i].as_ref()?;
+    // `Gradients::remove` looks the node up by its id; the primitive is unused.
+    let key = NodeKey::<B, C> {
+        primitive: like.clone(),
+        node: node.clone(),
+        rc: std::sync::Arc::new(node.id),
+    };
+    grads.remove::<B>(&key)
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 1> for Narrow<C> {
     /// `(dim, start, parent shape)`.
     type State = (usize, usize, burn::tensor::Shape);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (dim, start, shape) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let [parent] = ops.parents;
-        let Some(parent) = parent else { return };
-        // `Gradients::remove` looks the node up by its id; the primitive is unused.
-        let key = NodeKey::<B, C> {
-            primitive: grad.clone(),
-            node: parent.clone(),
-            rc: std::sync::Arc::new(parent.id),
+        let Some(parent) = ops.parents[0].clone() else {
+            return;
         };
         // Every slice adds into the one buffer (in place where the backend can).
-        let full = grads
-            .remove::<B>(&key)
-            .unwrap_or_else(|| B::bamba_zeros(shape, &B::float_device(&grad), grad.dtype()));
+        let full = take_grad::<B, C, _, 1>(grads, &ops, 0, &grad);
+        let (dim, start, shape) = ops.state;
+        let full =
+            full.unwrap_or_else(|| B::bamba_zeros(shape, &B::float_device(&grad), grad.dtype()));
         grads.register::<B>(parent.id, B::bamba_add_narrow(full, grad, dim, start));
     }
 }
@@ -487,6 +521,21 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
                 prep.finish((xp, ap), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::bamba_scale_heads(xp, ap)),
+        }
+    }
+
+    fn bamba_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        let vocab = weight.shape()[0];
+        let prep = Embedding
+            .prepare::<C>([weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_embedding(weight.primitive, ids.clone());
+                prep.finish((ids, vocab), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_embedding(weight.primitive, ids)),
         }
     }
 
@@ -729,7 +778,7 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         let z_node = z
             .as_ref()
             .map_or_else(|| x.node.clone(), |z| z.node.clone());
-        let prep = RmsNorm
+        let prep = RmsNorm::<C>(std::marker::PhantomData)
             .prepare::<C>([x.node.clone(), w.node.clone(), z_node])
             .compute_bound()
             .stateful();

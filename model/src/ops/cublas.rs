@@ -82,8 +82,15 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::rms_norm_fwd(x, z, w, eps)
     }
 
-    fn bamba_rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>, T) {
-        super::fused::rms_norm_bwd(dout, x, z, w, rstd)
+    fn bamba_rms_norm_bwd(
+        dout: T,
+        x: T,
+        z: Option<T>,
+        w: T,
+        rstd: T,
+        acc: Option<T>,
+    ) -> (T, Option<T>, T) {
+        super::fused::rms_norm_bwd(dout, x, z, w, rstd, acc)
     }
 
     fn bamba_conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
@@ -156,6 +163,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         scale: f64,
     ) -> (T, T, T) {
         super::fused::flash_attention_bwd(dout, q, k, v, out, lse, scale)
+    }
+
+    fn bamba_embedding_bwd(dy: T, ids: T, vocab: usize) -> T {
+        super::fused::embedding_bwd(dy, ids, vocab)
     }
 
     fn bamba_swiglu_fwd(g: T, u: T) -> T {

@@ -14,6 +14,7 @@ type Cb = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
 
 mod attention;
 mod conv;
+mod embed;
 mod heads;
 mod narrow;
 mod norm;
@@ -29,6 +30,7 @@ mod xent;
 
 pub use attention::{FLASH_HEAD_DIMS, flash_attention_bwd, flash_attention_fwd};
 pub use conv::{conv1d_silu_bwd, conv1d_silu_fwd};
+pub use embed::embedding_bwd;
 pub use heads::{dt_softplus_bwd, dt_softplus_fwd, scale_heads_bwd, scale_heads_fwd};
 pub use narrow::{add_narrow, narrow_view, reshape_view};
 pub use norm::{rms_norm_bwd, rms_norm_fwd};

@@ -23,8 +23,8 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive};
 
 pub use pieces::{
-    attention, causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, rms_norm, rope,
-    scale_heads, scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
+    attention, causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, embedding, rms_norm,
+    rope, scale_heads, scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -69,13 +69,16 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused RMSNorm (bamba_fused() is false)")
     }
 
-    /// The backward kernel: `(dx, dz, dw)`; `dw` in f32.
+    /// The backward kernel: `(dx, dz, dw)`; `dw` in f32. `acc`, when given,
+    /// is added into `dx` (`x`'s gradient from its other consumers: the
+    /// residual stream's, which would otherwise cost a separate add).
     fn bamba_rms_norm_bwd(
         _dout: FloatTensor<Self>,
         _x: FloatTensor<Self>,
         _z: Option<FloatTensor<Self>>,
         _w: FloatTensor<Self>,
         _rstd: FloatTensor<Self>,
+        _acc: Option<FloatTensor<Self>>,
     ) -> (
         FloatTensor<Self>,
         Option<FloatTensor<Self>>,
@@ -276,6 +279,24 @@ pub trait BambaBackend: Backend {
         _scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no flash attention")
+    }
+
+    /// The token embedding `weight[ids]`: `[vocab, d]`, `[b, l]` -> `[b, l, d]`.
+    /// Only called when [`BambaBackend::bamba_fused`] (its autodiff takes the
+    /// weight gradient from [`BambaBackend::bamba_embedding_bwd`]).
+    fn bamba_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::embedding(weight, ids)
+    }
+
+    /// The weight gradient `[vocab, d]` of [`BambaBackend::bamba_embedding`]
+    /// for the upstream `dy [b, l, d]`: row `v` sums, in position order, the
+    /// rows of `dy` whose id is `v` (deterministic: no atomics).
+    fn bamba_embedding_bwd(
+        _dy: FloatTensor<Self>,
+        _ids: IntTensor<Self>,
+        _vocab: usize,
+    ) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused embedding (bamba_fused() is false)")
     }
 
     /// SwiGLU's `silu(g) * u`, in `g`'s dtype. Only called when

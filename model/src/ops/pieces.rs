@@ -101,6 +101,20 @@ pub fn cross_entropy_rows<B: BambaBackend>(
     ))
 }
 
+/// The token embedding `weight[ids]` (`[vocab, d]`, `[b, l]` -> `[b, l, d]`);
+/// on fused backends its weight gradient sums each id's rows in position
+/// order in one kernel (deterministic; burn's scatter took 1.5 ms per
+/// 4096 tokens of a 128k-row table).
+pub fn embedding<B: BambaBackend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    if !B::bamba_fused() {
+        return burn::tensor::module::embedding(weight, ids);
+    }
+    float(B::bamba_embedding(
+        weight.into_primitive().tensor(),
+        ids.into_primitive(),
+    ))
+}
+
 /// Attention probabilities `softmax(scores * scale)` over keys `j <= i` for
 /// `scores [b, heads, l, l]`, computed in f32, in the scores' dtype.
 pub fn causal_softmax<B: BambaBackend>(scores: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {

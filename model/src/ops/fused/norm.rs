@@ -58,10 +58,11 @@ __device__ void norm_fwd(const T* x, const T* z, const W* w, T* out, float* rstd
     }
 }
 
-// dx (and dz) of a row: one block per row, as the forward.
+// dx (and dz) of a row: one block per row, as the forward. `dres` (x's
+// gradient from its other consumers, when given) is added into dx.
 template <typename T, typename W>
 __device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, const float* rstd,
-                         T* dx, T* dz, long long rows, int d, long long ldz) {
+                         const T* dres, T* dx, T* dz, long long rows, int d, long long ldz) {
     __shared__ float shared[32];
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const long long o = r * d;
@@ -79,11 +80,12 @@ __device__ void norm_bwd(const T* dout, const T* x, const T* z, const W* w, cons
             if (z) { zv = ld(z + r * ldz, c); sg = sigmoidf(zv); s = zv * sg; g = xv * s; }
             const float dn = ld(dout + o, c) * ld(w, c);
             const float dg = rs * (dn - g * m);
+            const float a = dres ? ld(dres + o, c) : 0.0f;
             if (z) {
-                st(dx + o, c, dg * s);
+                st(dx + o, c, dg * s + a);
                 st(dz + o, c, dg * xv * sg * (1.0f + zv * (1.0f - sg)));
             } else {
-                st(dx + o, c, dg);
+                st(dx + o, c, dg + a);
             }
         }
     }
@@ -176,7 +178,8 @@ __device__ void norm_fwd_v(const T* __restrict__ x, const T* __restrict__ z,
 template <typename T, int NV>
 __device__ void norm_bwd_v(const T* __restrict__ dout, const T* __restrict__ x,
                            const T* __restrict__ z, const T* __restrict__ w,
-                           const float* __restrict__ rstd, T* __restrict__ dx,
+                           const float* __restrict__ rstd, const T* __restrict__ dres,
+                           T* __restrict__ dx,
                            T* __restrict__ dz, float* __restrict__ dw_part, long long rows,
                            int d, int per, long long ldz) {
     const int V = Pack<T>::V;
@@ -210,14 +213,15 @@ __device__ void norm_bwd_v(const T* __restrict__ dout, const T* __restrict__ x,
             const int c = (threadIdx.x + k * blockDim.x) * V;
             if (c < d) {
                 // The row again (from L1): cheaper than holding three packs per thread.
-                float xv[V], g[V], s[V], sg[V], zv[V], dv[V], wv[V], ox[V], oz[V];
+                float xv[V], g[V], s[V], sg[V], zv[V], dv[V], wv[V], ox[V], oz[V], av[V];
                 gate_pack(x, z, o + c, r * ldz + c, xv, g, s, sg, zv);
                 Pack<T>::load(dout, o + c, dv);
                 Pack<T>::load(w, c, wv);
+                if (dres) Pack<T>::load(dres, o + c, av);
 #pragma unroll
                 for (int e = 0; e < V; ++e) {
                     const float dg = rs * (dv[e] * wv[e] - g[e] * m);
-                    ox[e] = dg * s[e];
+                    ox[e] = dg * s[e] + (dres ? av[e] : 0.0f);
                     oz[e] = dg * xv[e] * sg[e] * (1.0f + zv[e] * (1.0f - sg[e]));
                     acc[k][e] += dv[e] * rnd(g[e] * rs, T());
                 }
@@ -241,9 +245,9 @@ extern "C" __global__ void norm_fwd_##SUF(const T* x, const T* z, const W* w, T*
     norm_fwd<T, W>(x, z, w, out, rstd, rows, d, eps, ldz);                                    \
 }                                                                                             \
 extern "C" __global__ void norm_bwd_##SUF(const T* dout, const T* x, const T* z, const W* w,  \
-                                          const float* rstd, T* dx, T* dz, long long rows,    \
-                                          int d, long long ldz) {                             \
-    norm_bwd<T, W>(dout, x, z, w, rstd, dx, dz, rows, d, ldz);                                \
+                                          const float* rstd, const T* dres, T* dx, T* dz,     \
+                                          long long rows, int d, long long ldz) {             \
+    norm_bwd<T, W>(dout, x, z, w, rstd, dres, dx, dz, rows, d, ldz);                          \
 }                                                                                             \
 extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z,               \
                                          const float* rstd, float* dw_part, long long rows,   \
@@ -252,23 +256,25 @@ extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z, 
 }
 NORM_KERNELS(f32, float, float)
 NORM_KERNELS(bf16, bf16_t, bf16_t)
-#define NORM_V(SUF, T, NV)                                                                    \
+// The backward's blocks per SM: 3 (80 registers) where that spills
+// nothing much, 2 for the widest rows.
+#define NORM_V(SUF, T, NV, MINB)                                                                  \
 extern "C" __global__ void __launch_bounds__(256) norm_fwd_v##NV##_##SUF(                     \
     const T* x, const T* z, const T* w, T* out, float* rstd, long long rows, int d, float eps,  \
     long long ldz) {                                                                          \
     norm_fwd_v<T, NV>(x, z, w, out, rstd, rows, d, eps, ldz);                                 \
 }                                                                                             \
-extern "C" __global__ void __launch_bounds__(256) norm_bwd_v##NV##_##SUF(                     \
-    const T* dout, const T* x, const T* z, const T* w, const float* rstd, T* dx, T* dz,       \
-    float* dw_part, long long rows, int d, int per, long long ldz) {                          \
-    norm_bwd_v<T, NV>(dout, x, z, w, rstd, dx, dz, dw_part, rows, d, per, ldz);               \
+extern "C" __global__ void __launch_bounds__(256, MINB) norm_bwd_v##NV##_##SUF(                  \
+    const T* dout, const T* x, const T* z, const T* w, const float* rstd, const T* dres,       \
+    T* dx, T* dz, float* dw_part, long long rows, int d, int per, long long ldz) {            \
+    norm_bwd_v<T, NV>(dout, x, z, w, rstd, dres, dx, dz, dw_part, rows, d, per, ldz);          \
 }
-NORM_V(f32, float, 1)
-NORM_V(f32, float, 2)
-NORM_V(f32, float, 4)
-NORM_V(bf16, bf16_t, 1)
-NORM_V(bf16, bf16_t, 2)
-NORM_V(bf16, bf16_t, 4)
+NORM_V(f32, float, 1, 3)
+NORM_V(f32, float, 2, 3)
+NORM_V(f32, float, 4, 2)
+NORM_V(bf16, bf16_t, 1, 3)
+NORM_V(bf16, bf16_t, 2, 3)
+NORM_V(bf16, bf16_t, 4, 2)
 "#;
 
 const NORM_THREADS: u32 = 256;
@@ -364,17 +370,29 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
 }
 
 /// Backward: `(dx, dz, dw)` (dz when gated; dw in f32, `[d]`, before the
-/// cast to `w`'s dtype the caller does).
-pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>, T) {
+/// cast to `w`'s dtype the caller does). `acc` (x's gradient from its other
+/// consumers) is added into `dx`.
+pub fn rms_norm_bwd(
+    dout: T,
+    x: T,
+    z: Option<T>,
+    w: T,
+    rstd: T,
+    acc: Option<T>,
+) -> (T, Option<T>, T) {
     let shape = x.meta.shape().to_vec();
     let d = *shape.last().expect("a norm over the last dim");
     let rows = shape.iter().product::<usize>() / d.max(1);
     let dtype = x.dtype;
-    let dout = into_contiguous(if dout.dtype == dtype {
-        dout
-    } else {
-        burn_cubecl::kernel::cast(dout, dtype)
-    });
+    let cast = |t: T| {
+        into_contiguous(if t.dtype == dtype {
+            t
+        } else {
+            burn_cubecl::kernel::cast(t, dtype)
+        })
+    };
+    let dout = cast(dout);
+    let acc = acc.map(cast);
     let (x, w, rstd) = (
         into_contiguous(x),
         into_contiguous(w),
@@ -383,7 +401,7 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
     let (z, ldz) = gate_rows(z, d);
     let dx = empty(&x, shape.clone(), dtype);
     let dz = z.as_ref().map(|_| empty(&x, shape, dtype));
-    let nv = packs(d, dtype, z.as_ref(), ldz);
+    let nv = packs(d, dtype, z.as_ref(), ldz).filter(|_| acc.as_ref().is_none_or(aligned16));
     // Weight gradient: one partial row per run of rows, then summed in order.
     let per = match nv {
         Some(_) => rows.div_ceil(NORM_BWD_BLOCKS).max(1),
@@ -428,6 +446,7 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
                 dz.as_ref(),
                 Some(&dw_part),
                 Some(&dw),
+                acc.as_ref(),
             ],
             move |[
                 mut dx_p,
@@ -439,6 +458,7 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
                 mut dz_p,
                 mut part_p,
                 mut dw_p,
+                mut acc_p,
             ],
                   stream| {
                 let (mut rows64, mut d32) = (rows as i64, d as i32);
@@ -450,8 +470,8 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
                     match f_dw {
                         None => {
                             let mut p = kernel_args!(
-                                dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, part_p, rows64, d32, per32,
-                                ldz64
+                                dy_p, x_p, z_p, w_p, r_p, acc_p, dx_p, dz_p, part_p, rows64, d32,
+                                per32, ldz64
                             );
                             launch(
                                 device,
@@ -465,7 +485,7 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
                         }
                         Some(f_dw) => {
                             let mut p1 = kernel_args!(
-                                dy_p, x_p, z_p, w_p, r_p, dx_p, dz_p, rows64, d32, ldz64
+                                dy_p, x_p, z_p, w_p, r_p, acc_p, dx_p, dz_p, rows64, d32, ldz64
                             );
                             let mut p2 = kernel_args!(
                                 dy_p, x_p, z_p, r_p, part_p, rows64, d32, per32, ldz64
@@ -505,6 +525,6 @@ pub fn rms_norm_bwd(dout: T, x: T, z: Option<T>, w: T, rstd: T) -> (T, Option<T>
             },
         );
     }
-    drop((dout, x, z, w, rstd, dw_part));
+    drop((dout, x, z, w, rstd, dw_part, acc));
     (dx, dz, dw)
 }

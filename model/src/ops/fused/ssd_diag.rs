@@ -51,9 +51,11 @@ struct Frag {
 };
 
 // acc += A[rows, 0..kn) B[0..kn), cols) over one shared tile, with
-// A(i, k) and B(k, j) read through the accessors.
-template <bool TC, typename FA, typename FB>
+// A(i, k) and B(k, j) read through the accessors. BX: B's values are bf16
+// (exact in TF32: no rounding instruction between the load and the mma).
+template <bool TC, bool BX = false, typename FA, typename FB>
 __device__ __forceinline__ void tile_mma(float (&acc)[16], const Frag& f, int kn, FA A, FB B) {
+    auto b_bits = [](float v) { return BX ? __float_as_uint(v) : tf32_bits(v); };
     if (TC) {
         for (int k = 0; k < kn; k += 8) {
             unsigned a[4];
@@ -64,7 +66,7 @@ __device__ __forceinline__ void tile_mma(float (&acc)[16], const Frag& f, int kn
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
                 const int j = f.cb + 8 * s + f.g;
-                mma_tf32(acc + 4 * s, a, tf32_bits(B(k + f.t, j)), tf32_bits(B(k + f.t + 4, j)));
+                mma_tf32(acc + 4 * s, a, b_bits(B(k + f.t, j)), b_bits(B(k + f.t + 4, j)));
             }
         }
     } else {
@@ -189,7 +191,7 @@ __device__ __forceinline__ void diag_apply(const ApplyTile<TRANS>& a, const floa
             Ms[ii][jj] = m;
         }
         __syncthreads();
-        tile_mma<TC>(acc, f, DG_K,
+        tile_mma<TC, sizeof(V) == 2>(acc, f, DG_K,
                      [&](int i, int k) { return Ms[i][k]; },
                      [&](int k, int j) { return ld(&Vs[k][0], j); });
     }
@@ -279,7 +281,7 @@ __device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
             Ms[ii][jj] = m;
         }
         __syncthreads();
-        tile_mma<TC>(acc, f, DG_K,
+        tile_mma<TC, sizeof(V) == 2>(acc, f, DG_K,
                      [&](int i, int k) { return Ms[i][k]; },
                      [&](int k, int j) { return ld(&Vs[buf][k][0], j); });
         __syncthreads();  // Ms and this buffer consumed before they are refilled
@@ -367,13 +369,15 @@ DIAG_APPLY_ALL(bf16, bf16_t)
 // into slot nt + it.
 __device__ __forceinline__ void grad_head(
     const Frag& f, const float (&d)[16], const float (&s)[16], float (&ds)[16],
-    const float* c_i, const float* c_j, const float* d_j, float (*red)[33],
+    const float* c_i, const float* c_j, const float* d_j, float (*red)[6],
     float* __restrict__ part, int i0, int j0, int q, int h, int hi, int it, int jt, int nt,
     long long bcn, long long bc)
 {
     const int tid = threadIdx.x;
-    // Row sums: 4 columns-pairs per thread, 8 contributors per row
-    // (4 lanes x 2 column warps); column sums: 32 per column.
+    // Row sums: 8 contributors per row (4 lanes of a quad x 2 column
+    // warps); column sums: 32 per column (8 quads x 4 row warps). Lanes
+    // first (shuffles, a fixed tree), then the warps through `red`:
+    // red[row][0..2) row partials, red[col][2..6) column partials.
     float rsum[2] = {0.0f, 0.0f}, csum[8];
 #pragma unroll
     for (int c = 0; c < 8; ++c) csum[c] = 0.0f;
@@ -389,26 +393,36 @@ __device__ __forceinline__ void grad_head(
             csum[2 * (e >> 2) + (e & 1)] += gg;
         }
     }
-    const int w = tid >> 5;
-    red[f.rb + f.g][(w >> 2) * 4 + f.t] = rsum[0];
-    red[f.rb + f.g + 8][(w >> 2) * 4 + f.t] = rsum[1];
-    __syncthreads();
-    if (tid < DG_T && i0 + tid < q) {
-        float t = 0.0f;
-        for (int k2 = 0; k2 < 8; ++k2) t += red[tid][k2];
-        part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = t;
+    const unsigned all = 0xffffffffu;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        rsum[r] += __shfl_xor_sync(all, rsum[r], 1);
+        rsum[r] += __shfl_xor_sync(all, rsum[r], 2);
     }
-    __syncthreads();
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-        const int jj = f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1);
-        red[jj][(w & 3) * 8 + f.g] = csum[c];
+        csum[c] += __shfl_xor_sync(all, csum[c], 4);
+        csum[c] += __shfl_xor_sync(all, csum[c], 8);
+        csum[c] += __shfl_xor_sync(all, csum[c], 16);
     }
+    const int w = tid >> 5;
+    if (f.t == 0) {
+        red[f.rb + f.g][w >> 2] = rsum[0];
+        red[f.rb + f.g + 8][w >> 2] = rsum[1];
+    }
+    if (f.g == 0)
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+            red[f.cb + 8 * (c >> 1) + 2 * f.t + (c & 1)][2 + (w & 3)] = csum[c];
     __syncthreads();
-    if (tid < DG_T && j0 + tid < q) {
-        float t = 0.0f;
-        for (int k2 = 0; k2 < 32; ++k2) t += red[tid][k2];
-        part[(((long long)(nt + it) * bcn + bc) * q + j0 + tid) * h + hi] = -t;
+    if (tid < DG_T) {
+        if (i0 + tid < q)
+            part[(((long long)jt * bcn + bc) * q + i0 + tid) * h + hi] = red[tid][0] + red[tid][1];
+    } else if (tid < 2 * DG_T) {
+        const int jj = tid - DG_T;
+        if (j0 + jj < q)
+            part[(((long long)(nt + it) * bcn + bc) * q + j0 + jj) * h + hi] =
+                -(((red[jj][2] + red[jj][3]) + red[jj][4]) + red[jj][5]);
     }
 }
 
@@ -437,7 +451,7 @@ __device__ __forceinline__ void diag_grad(
     __shared__ float c_i[DG_T];
     __shared__ float c_j[DG_T];
     __shared__ float d_j[DG_T];
-    __shared__ float red[DG_T][33];
+    __shared__ float red[DG_T][6];
     const int tid = threadIdx.x;
     const Frag f;
     // A (chunk, group, split)'s tiles run side by side (its rows stay in L2).
@@ -520,7 +534,7 @@ __device__ __forceinline__ void diag_grad(
                 issue(st, 0);
             }
             __syncthreads();
-            tile_mma<TC>(d, f, DG_K,
+            tile_mma<TC, sizeof(X) == 2>(d, f, DG_K,
                          [&](int i, int c) { return As[buf][i][c]; },
                          [&](int c, int j) { return ld(&Bs[buf][j][0], c); });
             if (PIPE) __syncthreads();  // this buffer consumed before it is refilled
