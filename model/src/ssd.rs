@@ -7,8 +7,8 @@
 //! product; chunk-final states carry across chunks by the same decay.
 
 use crate::ops::{
-    BambaBackend, matmul, matmul_tf32, reshape_view, scale_heads, scale_rows, ssd_diag, ssd_out,
-    ssd_states,
+    BambaBackend, chunk_cumsum, matmul, matmul_tf32, reshape_view, scale_heads, scale_rows,
+    ssd_diag, ssd_out, ssd_out_chunks, ssd_states,
 };
 use burn::tensor::{DType, Tensor};
 
@@ -46,7 +46,6 @@ pub fn ssd_chunked<B: BambaBackend>(
     // f32 keeps full precision for HF parity.
     let fast = dtype != DType::F32;
     let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
-    let skip = x.clone();
     let (bm, cm) = (f32(bm), f32(cm));
     let (dt, a) = (dt.cast(DType::F32), a.cast(DType::F32));
 
@@ -57,10 +56,10 @@ pub fn ssd_chunked<B: BambaBackend>(
     // Discretise (A dt) and cut into chunks: [b, nc, q, ..]. `x dt` is never
     // stored: dt scales the decay matrix's columns inside `ssd_diag` and the
     // rows' weights of the chunk states, and `x` stays in its own dtype.
+    let unpadded = (pad > 0).then(|| x.clone());
     let x = reshape_view(pad_seq(x, pad), [b, nc, q, h, p]);
-    let cs = pad_seq(scale_heads(dt.clone(), a), pad)
-        .reshape([b, nc, q, h])
-        .cumsum(2); // cumulative log-decay within each chunk
+    // Cumulative log-decay within each chunk.
+    let cs = chunk_cumsum(pad_seq(scale_heads(dt.clone(), a), pad).reshape([b, nc, q, h]));
     let dt = pad_seq(dt, pad).reshape([b, nc, q, h]);
     let bm = pad_seq(bm, pad).reshape([b, nc, q, g * n]);
     let cm = pad_seq(cm, pad).reshape([b, nc, q, g * n]);
@@ -79,7 +78,8 @@ pub fn ssd_chunked<B: BambaBackend>(
     // 2. The state each chunk leaves behind, from its own inputs only:
     //    sum_j exp(cs_last - cs_j) dt_j B_j x_j^T, per group [b, nc, n, hg * p].
     let cs_last = cs.clone().narrow(2, q - 1, 1); // [b, nc, 1, h]
-    let x_end = scale_rows(x, dt * (cs_last.clone() - cs.clone()).exp()).reshape([b, nc, q, h * p]);
+    let x_end =
+        scale_rows(x.clone(), dt * (cs_last.clone() - cs.clone()).exp()).reshape([b, nc, q, h * p]);
     let states = per_group(g, 3, |gi| {
         mm(group(&bm, gi).swap_dims(2, 3), heads(&x_end, gi), fast)
     }); // [b, nc, n, h * p]
@@ -95,7 +95,12 @@ pub fn ssd_chunked<B: BambaBackend>(
     //    to the intra-chunk part together with the skip D x.
     let y_off = per_group(g, 3, |gi| mm(group(&cm, gi), heads(&entering, gi), fast))
         .reshape([b, nc, q, h, p]);
-    ssd_out(y_diag, y_off, cs, skip, d)
+    match unpadded {
+        Some(x) => ssd_out(y_diag, y_off, cs, x, d),
+        // The skip term reads the same view as the products: x's three
+        // gradients add up inside the backward kernels.
+        None => ssd_out_chunks(y_diag, y_off, cs, x, d).reshape([b, l, h, p]),
+    }
 }
 
 /// Columns `start .. start + len` of the last dim; the whole tensor as is

@@ -806,6 +806,39 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 Box::new(move |x| ops::ssd_diag(sc(x), cs(x), dt(x), xs(x), tf32).reshape([n])),
                 Box::new(move |x| reference::ssd_diag(sc(x), cs(x), dt(x), xs(x)).reshape([n])),
             );
+            // x into the intra-chunk product, the row scale and the SSD
+            // output through one view, as the scan runs it: its gradients
+            // add up inside the kernels, and the output's gradient reaches
+            // the product in x's dtype.
+            let xgrads = move |x: &Inputs<B>, fused: bool| {
+                let (s, d) = (f32(x[4].clone()).reshape([b, nc, q, h]), x[5].clone());
+                let x4 = x[3].clone().reshape([b, nc * q, h, p]);
+                if fused {
+                    let x5 = ops::reshape_view(x4, [b, nc, q, h, p]);
+                    let yd = ops::ssd_diag(sc(x), cs(x), dt(x), x5.clone(), tf32);
+                    let xe = ops::scale_rows(x5.clone(), s);
+                    ops::ssd_out_chunks(yd, xe, cs(x), x5, d).reshape([n])
+                } else {
+                    let x5 = x4.reshape([b, nc, q, h, p]);
+                    let yd = reference::ssd_diag(sc(x), cs(x), dt(x), x5.clone());
+                    let xe = reference::scale_rows(x5.clone(), s);
+                    reference::ssd_out(yd, xe, cs(x), x5.reshape([b, nc * q, h, p]), d).reshape([n])
+                }
+            };
+            check(
+                &format!("ssd_x_grads_{b}x{nc}x{q}x{h}x{p}_g{g}"),
+                dtype,
+                &[
+                    vec![b, nc, g, q, q],
+                    vec![b, nc, q, h],
+                    vec![b, nc, q, h],
+                    vec![b, nc, q, h, p],
+                    vec![b, nc, q, h],
+                    vec![h],
+                ],
+                Box::new(move |x| xgrads(x, true)),
+                Box::new(move |x| xgrads(x, false)),
+            );
         }
         for (b, nc, n, h, p) in [(2, 3, 5, 4, 7), (1, 5, 16, 3, 100), (1, 16, 128, 64, 64)]
             .into_iter()
@@ -821,6 +854,25 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 &[vec![b, nc, n, h, p], vec![b, nc, h]],
                 Box::new(move |x| ops::ssd_states(st(x), a(x)).reshape([len])),
                 Box::new(move |x| reference::ssd_states(st(x), a(x)).reshape([len])),
+            );
+        }
+        // Cumulative log-decays: runs of q / 4 rows (q not a multiple of 4),
+        // column blocks of 64 (h not a multiple of 64).
+        for (b, nc, q, h) in [(2, 3, 37, 5), (1, 2, 130, 70), (1, 16, 256, 64)]
+            .into_iter()
+            .filter(|s| large || s.2 < 256)
+        {
+            let n = b * nc * q * h;
+            check(
+                &format!("chunk_cumsum_{b}x{nc}x{q}x{h}"),
+                DType::F32,
+                &[vec![n]],
+                Box::new(move |x| {
+                    ops::chunk_cumsum(x[0].clone().reshape([b, nc, q, h])).reshape([n])
+                }),
+                Box::new(move |x| {
+                    reference::chunk_cumsum(x[0].clone().reshape([b, nc, q, h])).reshape([n])
+                }),
             );
         }
         // The SSD output: row widths not a multiple of 64, padded chunks
@@ -879,7 +931,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
         }
         // x as the Mamba mixer passes it: heads split out of a column slice
         // of a wider row (no copy), into the row scale and the SSD output.
-        for (rows, h, p, w) in [(6, 3, 4, 20), (4096, 64, 64, 4352)]
+        for (rows, h, p, w) in [(6, 3, 4, 20), (6, 3, 16, 56), (4096, 64, 64, 4352)]
             .into_iter()
             .filter(|s| large || s.0 < 1000)
         {
@@ -1073,7 +1125,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 }),
             );
         }
-        for (rows, v, z) in [(37, 1000, 0.0), (4096, 128256, 1e-4)]
+        for (rows, v, z) in [(37, 1000, 0.0), (5, 1001, 1e-4), (4096, 128256, 1e-4)]
             .into_iter()
             .filter(|s| large || s.0 < 1000)
         {

@@ -186,6 +186,23 @@ impl<B: BambaBackend> Backward<B, 2> for ScaleHeads {
     }
 }
 
+/// Fused chunk cumsum (linear: its backward is the reversed sum); parent `x`.
+#[derive(Debug)]
+struct ChunkCumsum {
+    reverse: bool,
+}
+
+impl<B: BambaBackend> Backward<B, 1> for ChunkCumsum {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<B>(&ops.node);
+        if let [Some(n)] = ops.parents {
+            grads.register::<B>(n.id, B::bamba_chunk_cumsum(g, !self.reverse));
+        }
+    }
+}
+
 /// Token embedding; parent: the weight. Keeps the ids and the vocab size.
 #[derive(Debug)]
 struct Embedding;
@@ -324,11 +341,12 @@ impl<B: BambaBackend> Backward<B, 2> for Swiglu {
 /// Fused SSD intra-chunk product; parents: scores, log-decays, time
 /// steps, inputs.
 #[derive(Debug)]
-struct SsdDiag {
+struct SsdDiag<C> {
     tf32: bool,
+    strategy: std::marker::PhantomData<C>,
 }
 
-impl<B: BambaBackend> Backward<B, 4> for SsdDiag {
+impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 4> for SsdDiag<C> {
     type State = (
         FloatTensor<B>,
         FloatTensor<B>,
@@ -337,9 +355,11 @@ impl<B: BambaBackend> Backward<B, 4> for SsdDiag {
     );
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (scores, cs, dt, x) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let (ds, dcs, ddt, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, dt, x, self.tf32);
+        // x's gradient from its other consumers goes into the kernel.
+        let acc = take_grad::<B, C, _, 4>(grads, &ops, 3, &dy);
+        let (scores, cs, dt, x) = ops.state;
+        let (ds, dcs, ddt, dx) = B::bamba_ssd_diag_bwd(dy, scores, cs, dt, x, self.tf32, acc);
         let [ps, pc, pd, px] = ops.parents;
         for (parent, grad) in [(ps, ds), (pc, dcs), (pd, ddt), (px, dx)] {
             if let Some(n) = parent {
@@ -372,15 +392,17 @@ impl<B: BambaBackend> Backward<B, 2> for SsdStates {
 
 /// Fused row scale; parents: x, s.
 #[derive(Debug)]
-struct ScaleRows;
+struct ScaleRows<C>(std::marker::PhantomData<C>);
 
-impl<B: BambaBackend> Backward<B, 2> for ScaleRows {
+impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for ScaleRows<C> {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, s) = ops.state;
         let g = grads.consume::<B>(&ops.node);
-        let (dx, ds) = B::bamba_scale_rows_bwd(g, x, s);
+        // x's gradient from its other consumers goes into the kernel.
+        let acc = take_grad::<B, C, _, 2>(grads, &ops, 0, &g);
+        let (x, s) = ops.state;
+        let (dx, ds) = B::bamba_scale_rows_bwd(g, x, s, acc);
         let [px, ps] = ops.parents;
         for (parent, grad) in [(px, dx), (ps, ds)] {
             if let Some(n) = parent {
@@ -524,6 +546,13 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         }
     }
 
+    fn bamba_chunk_cumsum(x: FloatTensor<Self>, reverse: bool) -> FloatTensor<Self> {
+        ChunkCumsum { reverse }
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateless(B::bamba_chunk_cumsum(x.primitive, reverse))
+    }
+
     fn bamba_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
         let vocab = weight.shape()[0];
         let prep = Embedding
@@ -639,15 +668,18 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         x: FloatTensor<Self>,
         tf32: bool,
     ) -> FloatTensor<Self> {
-        let prep = (SsdDiag { tf32 })
-            .prepare::<C>([
-                scores.node.clone(),
-                cs.node.clone(),
-                dt.node.clone(),
-                x.node.clone(),
-            ])
-            .compute_bound()
-            .stateful();
+        let prep = (SsdDiag::<C> {
+            tf32,
+            strategy: std::marker::PhantomData,
+        })
+        .prepare::<C>([
+            scores.node.clone(),
+            cs.node.clone(),
+            dt.node.clone(),
+            x.node.clone(),
+        ])
+        .compute_bound()
+        .stateful();
         let (sp, cp, dp, xp) = (scores.primitive, cs.primitive, dt.primitive, x.primitive);
         match prep {
             OpsKind::Tracked(prep) => {
@@ -709,7 +741,7 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     }
 
     fn bamba_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prep = ScaleRows
+        let prep = ScaleRows::<C>(std::marker::PhantomData)
             .prepare::<C>([x.node.clone(), s.node.clone()])
             .compute_bound()
             .stateful();

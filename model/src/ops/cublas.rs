@@ -109,6 +109,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::dt_softplus_bwd(g, raw, bias, lo, hi)
     }
 
+    fn bamba_chunk_cumsum(x: T, reverse: bool) -> T {
+        super::fused::chunk_cumsum(x, reverse)
+    }
+
     fn bamba_scale_heads_fwd(x: T, a: T) -> T {
         super::fused::scale_heads_fwd(x, a)
     }
@@ -181,8 +185,16 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::ssd_diag_fwd(scores, cs, dt, x, tf32)
     }
 
-    fn bamba_ssd_diag_bwd(dy: T, scores: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T) {
-        super::fused::ssd_diag_bwd(dy, scores, cs, dt, x, tf32)
+    fn bamba_ssd_diag_bwd(
+        dy: T,
+        scores: T,
+        cs: T,
+        dt: T,
+        x: T,
+        tf32: bool,
+        acc: Option<T>,
+    ) -> (T, T, T, T) {
+        super::fused::ssd_diag_bwd(dy, scores, cs, dt, x, tf32, acc)
     }
 
     fn bamba_ssd_states_fwd(s: T, a: T) -> T {
@@ -205,8 +217,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::scale_rows_fwd(x, s)
     }
 
-    fn bamba_scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
-        super::fused::scale_rows_bwd(g, x, s)
+    fn bamba_scale_rows_bwd(g: T, x: T, s: T, acc: Option<T>) -> (T, T) {
+        super::fused::scale_rows_bwd(g, x, s, acc)
     }
 
     fn bamba_adamw(

@@ -23,8 +23,9 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive};
 
 pub use pieces::{
-    attention, causal_softmax, conv1d_silu, cross_entropy_rows, dt_softplus, embedding, rms_norm,
-    rope, scale_heads, scale_rows, ssd_diag, ssd_out, ssd_states, swiglu,
+    attention, causal_softmax, chunk_cumsum, conv1d_silu, cross_entropy_rows, dt_softplus,
+    embedding, rms_norm, rope, scale_heads, scale_rows, ssd_diag, ssd_out, ssd_out_chunks,
+    ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -167,6 +168,13 @@ pub trait BambaBackend: Backend {
         _a: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no fused per-head scale (bamba_fused() is false)")
+    }
+
+    /// Prefix sums along dim 2 of `x [b, nc, q, h]` in f32 (each chunk on
+    /// its own), suffix sums when `reverse`. Only called when
+    /// [`BambaBackend::bamba_fused`].
+    fn bamba_chunk_cumsum(_x: FloatTensor<Self>, _reverse: bool) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused chunk cumsum (bamba_fused() is false)")
     }
 
     /// Per-row `lse(logits) - logits[target] + z * lse^2` in f32, `logits
@@ -344,7 +352,8 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }
 
-    /// `(dscores, dcs, ddt, dx)`, `dx` in `x`'s dtype.
+    /// `(dscores, dcs, ddt, dx)`, `dx` in `x`'s dtype (plus `acc`, x's
+    /// gradient from its other consumers, when given).
     #[allow(clippy::type_complexity)]
     fn bamba_ssd_diag_bwd(
         _dy: FloatTensor<Self>,
@@ -353,6 +362,7 @@ pub trait BambaBackend: Backend {
         _dt: FloatTensor<Self>,
         _x: FloatTensor<Self>,
         _tf32: bool,
+        _acc: Option<FloatTensor<Self>>,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -393,11 +403,13 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
     }
 
-    /// `(dx, ds)`: `dx` in `x`'s dtype, `ds` in f32.
+    /// `(dx, ds)`: `dx` in `x`'s dtype (plus `acc`, x's gradient from its
+    /// other consumers, when given), `ds` in f32.
     fn bamba_scale_rows_bwd(
         _g: FloatTensor<Self>,
         _x: FloatTensor<Self>,
         _s: FloatTensor<Self>,
+        _acc: Option<FloatTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         unimplemented!("this backend has no fused row scale (bamba_fused() is false)")
     }
@@ -425,7 +437,9 @@ pub trait BambaBackend: Backend {
         unimplemented!("this backend has no fused SSD output (bamba_fused() is false)")
     }
 
-    /// `(dy_diag, dy_off, dcs, dx, dd)`.
+    /// `(dy_diag, dy_off, dcs, dx, dd)`. `dy_diag` may be the output
+    /// gradient as it is, in `x`'s dtype (exact: `y_diag` adds in unscaled);
+    /// [`Self::bamba_ssd_diag_bwd`] takes `dy` in f32 or `x`'s dtype.
     #[allow(clippy::type_complexity)]
     fn bamba_ssd_out_bwd(
         _g: FloatTensor<Self>,

@@ -84,6 +84,16 @@ pub fn scale_heads<B: BambaBackend, const D: usize>(
     ))
 }
 
+/// Prefix sums along dim 2 of `x [b, nc, q, h]` in f32, each chunk on its
+/// own (the SSD's cumulative log-decays).
+pub fn chunk_cumsum<B: BambaBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if !B::bamba_fused() {
+        return reference::chunk_cumsum(x);
+    }
+    let x = x.cast(burn::tensor::DType::F32);
+    float(B::bamba_chunk_cumsum(x.into_primitive().tensor(), false))
+}
+
 /// Per-row next-token loss `lse - logits[target] + z * lse^2` in f32, for
 /// `logits [rows, vocab]` and `targets [rows]`.
 pub fn cross_entropy_rows<B: BambaBackend>(
@@ -219,6 +229,32 @@ pub fn ssd_states<B: BambaBackend>(s: Tensor<B, 5>, a: Tensor<B, 3>) -> Tensor<B
     float(B::bamba_ssd_states(
         s.cast(f32).into_primitive().tensor(),
         a.cast(f32).into_primitive().tensor(),
+    ))
+}
+
+/// [`ssd_out`] in the chunked layout: `x` and the output `[b, nc, q, h, p]`
+/// (nothing padded to crop). The scan passes the same `x` view as to its
+/// products, so that x's three gradients add up inside their kernels.
+pub fn ssd_out_chunks<B: BambaBackend>(
+    y_diag: Tensor<B, 5>,
+    y_off: Tensor<B, 5>,
+    cs: Tensor<B, 4>,
+    x: Tensor<B, 5>,
+    d: Tensor<B, 1>,
+) -> Tensor<B, 5> {
+    let [b, nc, q, h, p] = x.dims();
+    if !B::bamba_fused() || p % 2 != 0 {
+        let x = x.reshape([b, nc * q, h, p]);
+        return reference::ssd_out(y_diag, y_off, cs, x, d).reshape([b, nc, q, h, p]);
+    }
+    let f32 = burn::tensor::DType::F32;
+    let prim = |t: Tensor<B, 5>| t.cast(f32).into_primitive().tensor();
+    float(B::bamba_ssd_out(
+        prim(y_diag),
+        prim(y_off),
+        cs.cast(f32).into_primitive().tensor(),
+        x.into_primitive().tensor(),
+        d.into_primitive().tensor(),
     ))
 }
 

@@ -88,6 +88,11 @@ pub fn scale_heads<B: BambaBackend, const D: usize>(
     (x * a.reshape(shape)).cast(dtype)
 }
 
+/// See [`super::chunk_cumsum`].
+pub fn chunk_cumsum<B: BambaBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    x.cast(DType::F32).cumsum(2)
+}
+
 /// Row-wise `log(sum(exp(x)))` of `[rows, v]`, shifted by the row max for range.
 pub fn logsumexp<B: BambaBackend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let max = x.clone().max_dim(1).detach();

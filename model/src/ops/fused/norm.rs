@@ -172,10 +172,32 @@ __device__ void norm_fwd_v(const T* __restrict__ x, const T* __restrict__ z,
     }
 }
 
+// A row's 16-byte packs as loaded (x, z, dout, dres), unpacked when used.
+__device__ __forceinline__ void unpack(uint4 r, float* v, float) {
+    v[0] = __uint_as_float(r.x); v[1] = __uint_as_float(r.y);
+    v[2] = __uint_as_float(r.z); v[3] = __uint_as_float(r.w);
+}
+__device__ __forceinline__ void unpack(uint4 r, float* v, bf16_t) {
+    const unsigned u[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = __uint_as_float(u[k] << 16);
+        v[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+    }
+}
+template <int NV>
+struct RowPacks {
+    uint4 x[NV], z[NV], d[NV], a[NV];
+};
+
 // Backward over rows [blockIdx.x * per, ..): dx (and dz) per row, and the
 // weight gradient of the block's rows summed in registers (a thread's
-// columns are the same in every row) into dw_part[blockIdx.x, :].
-template <typename T, int NV>
+// columns are the same in every row) into dw_part[blockIdx.x, :]. A row's
+// packs stay in registers between its two passes, and (PRE) the next row's
+// loads are in flight during this row's block sum and stores: one row at a
+// time per block left the loop waiting on memory. G, R: whether z and dres
+// are given (fewer live registers than testing the pointers at run time).
+template <typename T, int NV, bool PRE, bool G, bool R>
 __device__ void norm_bwd_v(const T* __restrict__ dout, const T* __restrict__ x,
                            const T* __restrict__ z, const T* __restrict__ w,
                            const float* __restrict__ rstd, const T* __restrict__ dres,
@@ -191,6 +213,20 @@ __device__ void norm_bwd_v(const T* __restrict__ dout, const T* __restrict__ x,
         for (int e = 0; e < V; ++e) acc[k][e] = 0.0f;
     const long long r0 = (long long)blockIdx.x * per;
     const long long r1 = min(r0 + per, rows);
+    auto fetch = [&](long long r, RowPacks<NV>& rp) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int c = (threadIdx.x + k * blockDim.x) * V;
+            if (c < d) {
+                rp.x[k] = *reinterpret_cast<const uint4*>(x + r * d + c);
+                rp.d[k] = *reinterpret_cast<const uint4*>(dout + r * d + c);
+                if (G) rp.z[k] = *reinterpret_cast<const uint4*>(z + r * ldz + c);
+                if (R) rp.a[k] = *reinterpret_cast<const uint4*>(dres + r * d + c);
+            }
+        }
+    };
+    RowPacks<NV> cur, nxt;
+    if (r0 < r1) fetch(r0, cur);
     for (long long r = r0; r < r1; ++r) {
         const long long o = r * d;
         const float rs = rstd[r];
@@ -199,35 +235,47 @@ __device__ void norm_bwd_v(const T* __restrict__ dout, const T* __restrict__ x,
         for (int k = 0; k < NV; ++k) {
             const int c = (threadIdx.x + k * blockDim.x) * V;
             if (c < d) {
-                float xv[V], g[V], s[V], sg[V], zv[V], dv[V], wv[V];
-                gate_pack(x, z, o + c, r * ldz + c, xv, g, s, sg, zv);
-                Pack<T>::load(dout, o + c, dv);
-                Pack<T>::load(w, c, wv);
+                float xv[V], zv[V], dv[V], wv[V];
+                Pack<T>::load(w, c, wv);  // (L1 hits: cheaper than registers)
+                unpack(cur.x[k], xv, T());
+                unpack(cur.d[k], dv, T());
+                if (G) unpack(cur.z[k], zv, T());
 #pragma unroll
-                for (int e = 0; e < V; ++e) dot += dv[e] * wv[e] * g[e];
+                for (int e = 0; e < V; ++e) {
+                    const float g = G ? xv[e] * (zv[e] * sigmoidf(zv[e])) : xv[e];
+                    dot += dv[e] * wv[e] * g;
+                }
             }
         }
+        if (PRE && r + 1 < r1) fetch(r + 1, nxt);
         const float m = block_sum(dot, shared) * rs * rs / d;
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
             const int c = (threadIdx.x + k * blockDim.x) * V;
             if (c < d) {
-                // The row again (from L1): cheaper than holding three packs per thread.
-                float xv[V], g[V], s[V], sg[V], zv[V], dv[V], wv[V], ox[V], oz[V], av[V];
-                gate_pack(x, z, o + c, r * ldz + c, xv, g, s, sg, zv);
-                Pack<T>::load(dout, o + c, dv);
+                float xv[V], zv[V], dv[V], av[V], wv[V], ox[V], oz[V];
                 Pack<T>::load(w, c, wv);
-                if (dres) Pack<T>::load(dres, o + c, av);
+                unpack(cur.x[k], xv, T());
+                unpack(cur.d[k], dv, T());
+                if (G) unpack(cur.z[k], zv, T());
+                if (R) unpack(cur.a[k], av, T());
 #pragma unroll
                 for (int e = 0; e < V; ++e) {
-                    const float dg = rs * (dv[e] * wv[e] - g[e] * m);
-                    ox[e] = dg * s[e] + (dres ? av[e] : 0.0f);
-                    oz[e] = dg * xv[e] * sg[e] * (1.0f + zv[e] * (1.0f - sg[e]));
-                    acc[k][e] += dv[e] * rnd(g[e] * rs, T());
+                    float s = 1.0f, sg = 0.0f;
+                    if (G) { sg = sigmoidf(zv[e]); s = zv[e] * sg; }
+                    const float g = xv[e] * s;
+                    const float dg = rs * (dv[e] * wv[e] - g * m);
+                    ox[e] = dg * s + (R ? av[e] : 0.0f);
+                    if (G) oz[e] = dg * xv[e] * sg * (1.0f + zv[e] * (1.0f - sg));
+                    acc[k][e] += dv[e] * rnd(g * rs, T());
                 }
                 Pack<T>::store(dx, o + c, ox);
-                if (z) Pack<T>::store(dz, o + c, oz);
+                if (G) Pack<T>::store(dz, o + c, oz);
             }
+        }
+        if (r + 1 < r1) {
+            if (PRE) cur = nxt;
+            else fetch(r + 1, cur);
         }
     }
 #pragma unroll
@@ -256,25 +304,32 @@ extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z, 
 }
 NORM_KERNELS(f32, float, float)
 NORM_KERNELS(bf16, bf16_t, bf16_t)
-// The backward's blocks per SM: 3 (80 registers) where that spills
-// nothing much, 2 for the widest rows.
-#define NORM_V(SUF, T, NV, MINB)                                                                  \
+// The backward's blocks per SM: 2 (128 registers: two rows' packs in
+// flight); the widest rows hold one row at a time.
+#define NORM_BWD_V(SUF, T, NV, MINB, PRE, GR, G, R)                                          \
+extern "C" __global__ void __launch_bounds__(256, MINB) norm_bwd_v##NV##GR##_##SUF(           \
+    const T* dout, const T* x, const T* z, const T* w, const float* rstd, const T* dres,       \
+    T* dx, T* dz, float* dw_part, long long rows, int d, int per, long long ldz) {            \
+    norm_bwd_v<T, NV, PRE, G, R>(dout, x, z, w, rstd, dres, dx, dz, dw_part, rows, d, per,     \
+                                 ldz);                                                        \
+}
+// Backward names: norm_bwd_v{NV}[g][r]_{dtype}, g gated, r a residual gradient.
+#define NORM_V(SUF, T, NV, MINB, PRE)                                                         \
 extern "C" __global__ void __launch_bounds__(256) norm_fwd_v##NV##_##SUF(                     \
     const T* x, const T* z, const T* w, T* out, float* rstd, long long rows, int d, float eps,  \
     long long ldz) {                                                                          \
     norm_fwd_v<T, NV>(x, z, w, out, rstd, rows, d, eps, ldz);                                 \
 }                                                                                             \
-extern "C" __global__ void __launch_bounds__(256, MINB) norm_bwd_v##NV##_##SUF(                  \
-    const T* dout, const T* x, const T* z, const T* w, const float* rstd, const T* dres,       \
-    T* dx, T* dz, float* dw_part, long long rows, int d, int per, long long ldz) {            \
-    norm_bwd_v<T, NV>(dout, x, z, w, rstd, dres, dx, dz, dw_part, rows, d, per, ldz);          \
-}
-NORM_V(f32, float, 1, 3)
-NORM_V(f32, float, 2, 3)
-NORM_V(f32, float, 4, 2)
-NORM_V(bf16, bf16_t, 1, 3)
-NORM_V(bf16, bf16_t, 2, 3)
-NORM_V(bf16, bf16_t, 4, 2)
+NORM_BWD_V(SUF, T, NV, MINB, PRE, , false, false)                                             \
+NORM_BWD_V(SUF, T, NV, MINB, PRE, g, true, false)                                             \
+NORM_BWD_V(SUF, T, NV, MINB, PRE, r, false, true)                                             \
+NORM_BWD_V(SUF, T, NV, MINB, PRE, gr, true, true)
+NORM_V(f32, float, 1, 2, true)
+NORM_V(f32, float, 2, 2, true)
+NORM_V(f32, float, 4, 2, false)
+NORM_V(bf16, bf16_t, 1, 2, true)
+NORM_V(bf16, bf16_t, 2, 2, true)
+NORM_V(bf16, bf16_t, 4, 2, false)
 "#;
 
 const NORM_THREADS: u32 = 256;
@@ -421,7 +476,16 @@ pub fn rms_norm_bwd(
         let sfx = suffix(dtype);
         let (f, f_dw) = match nv {
             Some(nv) => (
-                nvrtc::function(device, "norm", &src, &format!("norm_bwd_v{nv}_{sfx}")),
+                nvrtc::function(
+                    device,
+                    "norm",
+                    &src,
+                    &format!(
+                        "norm_bwd_v{nv}{}{}_{sfx}",
+                        if z.is_some() { "g" } else { "" },
+                        if acc.is_some() { "r" } else { "" }
+                    ),
+                ),
                 None,
             ),
             None => (

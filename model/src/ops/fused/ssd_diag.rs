@@ -2,10 +2,11 @@
 
 use burn::tensor::DType;
 use burn::tensor::ops::FloatTensorOps;
+use burn_cubecl::kernel::into_contiguous;
 
 use super::{Cb, empty, same_dtype, zeros_f32};
 use crate::kernel_args;
-use crate::ops::nvrtc::{self, T, enqueue, launch};
+use crate::ops::nvrtc::{self, T, enqueue, enqueue_opt, launch};
 
 /// The SSD's intra-chunk product without its `[q, q]` matrix per head
 /// (mamba_ssm's `chunk_scan` diagonal blocks): 64 x 64 output tiles, the
@@ -130,18 +131,27 @@ struct ApplyTile {
         j_begin = TRANS ? i0 : 0;
         j_end = TRANS ? q : min(q, i0 + DG_T);
     }
-    // The accumulator tile times `scale(i)` per row, written out (column
-    // pairs as one store where p is even).
+    // The accumulator tile times `scale(i)` per row, plus `add` (same
+    // layout as `out`) where given, written out (column pairs as one store
+    // where p is even).
     template <typename O, typename F>
     __device__ __forceinline__ void store(const float (&acc)[16], const Frag& f, O* out, int q,
-                                          int p, F scale) const {
+                                          int p, F scale, const O* add = nullptr) const {
         O* om = out + t0 * rs + c0;
+        const O* am = add ? add + t0 * rs + c0 : nullptr;
 #pragma unroll
         for (int e = 0; e < 16; e += 2) {
             const int i = i0 + f.row(e), pc = p0 + f.col(e);
             if (i >= q || pc >= p) continue;
             const float sc = scale(e);
-            st_pair(om, (long long)i * rs + pc, acc[e] * sc, acc[e + 1] * sc, pc + 1 < p, (p & 1) == 0);
+            const long long o = (long long)i * rs + pc;
+            const bool both = pc + 1 < p;
+            float v0 = acc[e] * sc, v1 = acc[e + 1] * sc;
+            if (am) {
+                v0 += ld(am, o);
+                if (both) v1 += ld(am, o + 1);
+            }
+            st_pair(om, o, v0, v1, both, (p & 1) == 0);
         }
     }
 };
@@ -288,15 +298,15 @@ __device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
     }
 }
 
-// The transposed product's epilogue: dx = dt[i] acc (x's dtype) and
+// The transposed product's epilogue: dx = dt[i] acc (+ dx_add; x's dtype) and
 // ddt[i] = sum_c x[i, c] acc[i, c] over this block's columns, into
 // part[blockIdx.y, bc, i, h] (p tiles summed after; one tile: ddt itself).
 template <typename X>
 __device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag& f,
                                             const float (&acc)[16], const float* __restrict__ dt,
                                             const X* __restrict__ x, long long ldx,
-                                            X* __restrict__ dx, float* __restrict__ part, int q,
-                                            int h, int p)
+                                            X* __restrict__ dx, const X* __restrict__ dx_add,
+                                            float* __restrict__ part, int q, int h, int p)
 {
     __shared__ float red[DG_T][2];
     const int tid = threadIdx.x, w = tid >> 5;
@@ -313,7 +323,7 @@ __device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag
         const int i = a.i0 + f.row(e), pc = a.p0 + f.col(e);
         if (i < q && pc < p) rsum[(e >> 1) & 1] += ld(xm, (long long)i * ldx + pc) * acc[e];
     }
-    a.store(acc, f, dx, q, p, [&](int e) { return dtr[(e >> 1) & 1]; });
+    a.store(acc, f, dx, q, p, [&](int e) { return dtr[(e >> 1) & 1]; }, dx_add);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         rsum[r] += __shfl_xor_sync(0xffffffffu, rsum[r], 1);
@@ -342,27 +352,32 @@ __device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag
         APPLY<false, TC, X>(a, cs, dt, x, ldx, q, h, p, acc);                                \
         a.store(acc, Frag(), out, q, p, [](int) { return 1.0f; });                            \
     }
-#define DIAG_DX(name, APPLY, TC, X, MINB)                                                    \
+#define DIAG_DX(name, APPLY, TC, X, DY, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(256, MINB) name(                            \
         const float* S, const float* cs, const float* dt, const X* x, long long ldx,          \
-        const float* dy, X* dx, float* ddt_part, int q, int h, int g, int p)                 \
+        const DY* dy, X* dx, const X* dx_add, float* ddt_part, int q, int h, int g, int p)   \
     {                                                                                        \
         const ApplyTile<true> a(S, q, h, g, p);                                              \
         float acc[16] = {};                                                                  \
-        APPLY<true, TC, float>(a, cs, dt, dy, a.rs, q, h, p, acc);                           \
-        dx_epilogue<X>(a, Frag(), acc, dt, x, ldx, dx, ddt_part, q, h, p);                   \
+        APPLY<true, TC, DY>(a, cs, dt, dy, a.rs, q, h, p, acc);                              \
+        dx_epilogue<X>(a, Frag(), acc, dt, x, ldx, dx, dx_add, ddt_part, q, h, p);           \
     }
+// Gradient kernels are named for x's dtype, then dy's where it differs
+// from f32 (a bf16 model's dy is the bf16 output gradient as it is).
+#define DIAG_DX_ALL(SUF, X, DY)                                              \
+    DIAG_DX(ssd_diag_dx_##SUF, diag_apply, false, X, DY, 4)                  \
+    DIAG_DX(ssd_diag_dx_tc_##SUF, diag_apply, true, X, DY, 4)                \
+    DIAG_DX(ssd_diag_dx_p_##SUF, diag_apply_pipe, false, X, DY, 4)           \
+    DIAG_DX(ssd_diag_dx_tc_p_##SUF, diag_apply_pipe, true, X, DY, 4)
 #define DIAG_APPLY_ALL(SUF, X)                                               \
     DIAG_FWD(ssd_diag_fwd_##SUF, diag_apply, false, X, 4)                    \
     DIAG_FWD(ssd_diag_fwd_tc_##SUF, diag_apply, true, X, 4)                  \
     DIAG_FWD(ssd_diag_fwd_p_##SUF, diag_apply_pipe, false, X, 4)             \
     DIAG_FWD(ssd_diag_fwd_tc_p_##SUF, diag_apply_pipe, true, X, 4)           \
-    DIAG_DX(ssd_diag_dx_##SUF, diag_apply, false, X, 4)                      \
-    DIAG_DX(ssd_diag_dx_tc_##SUF, diag_apply, true, X, 4)                    \
-    DIAG_DX(ssd_diag_dx_p_##SUF, diag_apply_pipe, false, X, 4)               \
-    DIAG_DX(ssd_diag_dx_tc_p_##SUF, diag_apply_pipe, true, X, 4)
+    DIAG_DX_ALL(SUF, X, float)
 DIAG_APPLY_ALL(f32, float)
 DIAG_APPLY_ALL(bf16, bf16_t)
+DIAG_DX_ALL(bf16_bf16, bf16_t, bf16_t)
 
 // One head's share of a (batch-chunk, group) tile's gradients, from its
 // d = dy x^T tile: dS into `ds`; dcs row sums into part slot jt, column sums
@@ -438,15 +453,15 @@ __device__ __forceinline__ void grad_head(
 // PIPE: each (head, 32 columns) stage of dy and x is copied in (cp.async)
 // while the previous one multiplies (needs p a multiple of a 16-byte access
 // of x); otherwise loaded through registers between two barriers.
-template <bool TC, bool PIPE, typename X>
+template <bool TC, bool PIPE, typename X, typename DY>
 __device__ __forceinline__ void diag_grad(
     const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ dt,
-    const X* __restrict__ x, long long ldx, const float* __restrict__ dy,
+    const X* __restrict__ x, long long ldx, const DY* __restrict__ dy,
     float* __restrict__ dS, float* __restrict__ part, int q, int h, int g, int p, int nt,
     long long bcn, int hs)
 {
-    const int XE = 16 / sizeof(X);  // x elements per 16-byte copy
-    __shared__ __align__(16) float As[PIPE ? 2 : 1][DG_T][DG_KP];
+    const int XE = 16 / sizeof(X), YE = 16 / sizeof(DY);  // elements per 16-byte copy
+    __shared__ __align__(16) DY As[PIPE ? 2 : 1][DG_T][XPad<DY>::KP];
     __shared__ __align__(16) X Bs[PIPE ? 2 : 1][DG_T][XPad<X>::KP];
     __shared__ float c_i[DG_T];
     __shared__ float c_j[DG_T];
@@ -485,12 +500,12 @@ __device__ __forceinline__ void diag_grad(
     auto issue = [&](int st, int buf) {
         const int hi = gi * hg + split * per + st / kst, k0 = (st % kst) * DG_K;
         const X* xm = x + bc * q * ldx + (long long)hi * p;
-        const float* dym = dy + bc * q * rs + (long long)hi * p;
+        const DY* dym = dy + bc * q * rs + (long long)hi * p;
         if (PIPE) {
-            for (int e = tid; e < DG_T * 8; e += 256) {
-                const int rr = e >> 3, c4 = (e & 7) * 4, pc = k0 + c4;
+            for (int e = tid; e < DG_T * (DG_K / YE); e += 256) {
+                const int rr = e / (DG_K / YE), c = (e % (DG_K / YE)) * YE, pc = k0 + c;
                 const bool oa = i0 + rr < q && pc < p;
-                cp16(&As[buf][rr][c4], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
+                cp16(&As[buf][rr][c], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
             }
             for (int e = tid; e < DG_T * (DG_K / XE); e += 256) {
                 const int rr = e / (DG_K / XE), c = (e % (DG_K / XE)) * XE, pc = k0 + c;
@@ -501,7 +516,7 @@ __device__ __forceinline__ void diag_grad(
         } else {
             for (int e = tid; e < DG_T * DG_K; e += 256) {
                 const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
-                As[0][rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : 0.0f;
+                As[0][rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : DY(0);
                 Bs[0][rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * ldx + pc] : X(0);
             }
         }
@@ -535,7 +550,7 @@ __device__ __forceinline__ void diag_grad(
             }
             __syncthreads();
             tile_mma<TC, sizeof(X) == 2>(d, f, DG_K,
-                         [&](int i, int c) { return As[buf][i][c]; },
+                         [&](int i, int c) { return ld(&As[buf][i][0], c); },
                          [&](int c, int j) { return ld(&Bs[buf][j][0], c); });
             if (PIPE) __syncthreads();  // this buffer consumed before it is refilled
         }
@@ -550,21 +565,22 @@ __device__ __forceinline__ void diag_grad(
 
 // 2 blocks per SM (128 registers, 48 bytes spilled); 3 (80 registers, 128
 // bytes spilled) ran as fast on the H200.
-#define GRAD_ENTRY(name, TC, PIPE, X)                                                        \
+#define GRAD_ENTRY(name, TC, PIPE, X, DY)                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) name(                               \
         const float* S, const float* cs, const float* dt, const X* x, long long ldx,         \
-        const float* dy, float* dS, float* part, int q, int h, int g, int p, int nt,         \
+        const DY* dy, float* dS, float* part, int q, int h, int g, int p, int nt,            \
         long long bcn, int hs)                                                               \
     {                                                                                        \
-        diag_grad<TC, PIPE, X>(S, cs, dt, x, ldx, dy, dS, part, q, h, g, p, nt, bcn, hs);    \
+        diag_grad<TC, PIPE, X, DY>(S, cs, dt, x, ldx, dy, dS, part, q, h, g, p, nt, bcn, hs); \
     }
-#define GRAD_ALL(SUF, X)                                  \
-    GRAD_ENTRY(ssd_diag_grad_##SUF, false, false, X)      \
-    GRAD_ENTRY(ssd_diag_grad_tc_##SUF, true, false, X)    \
-    GRAD_ENTRY(ssd_diag_grad_p_##SUF, false, true, X)     \
-    GRAD_ENTRY(ssd_diag_grad_tc_p_##SUF, true, true, X)
-GRAD_ALL(f32, float)
-GRAD_ALL(bf16, bf16_t)
+#define GRAD_ALL(SUF, X, DY)                                  \
+    GRAD_ENTRY(ssd_diag_grad_##SUF, false, false, X, DY)      \
+    GRAD_ENTRY(ssd_diag_grad_tc_##SUF, true, false, X, DY)    \
+    GRAD_ENTRY(ssd_diag_grad_p_##SUF, false, true, X, DY)     \
+    GRAD_ENTRY(ssd_diag_grad_tc_p_##SUF, true, true, X, DY)
+GRAD_ALL(f32, float, float)
+GRAD_ALL(bf16, bf16_t, float)
+GRAD_ALL(bf16_bf16, bf16_t, bf16_t)
 "#;
 
 fn diag_src() -> String {
@@ -630,13 +646,31 @@ pub fn ssd_diag_fwd(s: T, cs: T, dt: T, x: T, tf32: bool) -> T {
     out
 }
 
-/// `(dscores, dcs, ddt, dx)` of [`ssd_diag_fwd`] for the upstream `dy`;
-/// `dx` in `x`'s dtype.
-pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T) {
+/// `(dscores, dcs, ddt, dx)` of [`ssd_diag_fwd`] for the upstream `dy`
+/// (f32, or x's dtype as it is: a bf16 model's output gradient, exact);
+/// `dx` in `x`'s dtype, plus `acc` (x's gradient from its other consumers)
+/// when given.
+pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool, acc: Option<T>) -> (T, T, T, T) {
     let (bcn, q, h, p, g) = diag_dims(&s, &cs, &dt, &x);
     let f32 = |t| same_dtype(t, DType::F32);
-    let (dy, s, cs, dt) = (f32(dy), f32(s), f32(cs), f32(dt));
     let xdt = x.dtype;
+    let dy = if dy.dtype == xdt {
+        into_contiguous(dy)
+    } else {
+        f32(dy)
+    };
+    let (s, cs, dt) = (f32(s), f32(cs), f32(dt));
+    let acc = acc.map(|a| same_dtype(a, xdt));
+    if let Some(a) = &acc {
+        assert_eq!(a.meta.shape(), x.meta.shape(), "SSD diagonal: x's gradient");
+    }
+    // Kernels named for x's dtype, then dy's where it is not f32.
+    let dy_sfx = match dy.dtype {
+        DType::F32 => String::new(),
+        d => format!("_{}", super::suffix(d)),
+    };
+    // dy's rows (h * p) copied in 16-byte pieces as x's are.
+    let dy16 = x_rows16(p, h * p, dy.dtype);
     let dx = empty(&x, x.meta.shape().to_vec(), xdt);
     let (x, ldx) = super::token_rows(x, 1);
     let pt = p.div_ceil(64);
@@ -656,21 +690,32 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T)
     if bcn * q * h * p > 0 {
         let device = x.device.index;
         let src = diag_src();
-        let dx_pipe = q.is_multiple_of(4) && p.is_multiple_of(4);
+        let dx_pipe = q.is_multiple_of(4) && dy16;
         let f_dx = nvrtc::function(
             device,
             "ssd_diag",
             &src,
-            &kernel_name("ssd_diag_dx", tf32, dx_pipe, xdt),
+            &(kernel_name("ssd_diag_dx", tf32, dx_pipe, xdt) + &dy_sfx),
         );
         let f_grad = nvrtc::function(
             device,
             "ssd_diag",
             &src,
-            &kernel_name("ssd_diag_grad", tf32, x_rows16(p, ldx, xdt), xdt),
+            &(kernel_name("ssd_diag_grad", tf32, x_rows16(p, ldx, xdt) && dy16, xdt) + &dy_sfx),
         );
-        enqueue(
-            [&dx, &ddt, &ds, &part, &s, &cs, &dt, &x, &dy],
+        enqueue_opt(
+            [
+                Some(&dx),
+                Some(&ddt),
+                Some(&ds),
+                Some(&part),
+                Some(&s),
+                Some(&cs),
+                Some(&dt),
+                Some(&x),
+                Some(&dy),
+                acc.as_ref(),
+            ],
             move |[
                 mut dx_p,
                 mut ddt_p,
@@ -681,6 +726,7 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T)
                 mut d_p,
                 mut x_p,
                 mut dy_p,
+                mut acc_p,
             ],
                   stream| {
                 let (mut q32, mut h32, mut g32, mut p32, mut nt32, mut bcn64, mut hs32) = (
@@ -688,7 +734,7 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T)
                 );
                 let mut ldx64 = ldx as i64;
                 let mut dx_params = kernel_args!(
-                    s_p, c_p, d_p, x_p, ldx64, dy_p, dx_p, ddt_p, q32, h32, g32, p32
+                    s_p, c_p, d_p, x_p, ldx64, dy_p, dx_p, acc_p, ddt_p, q32, h32, g32, p32
                 );
                 let dx_grid = ((nt * bcn * h) as u32, pt as u32, 1);
                 let mut grad_params = kernel_args!(
@@ -736,6 +782,6 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool) -> (T, T, T, T)
         Cb::float_sum_dim(Cb::float_reshape(ds, [hs, bcn * g * q * q].into()), 0)
     };
     let ds = Cb::float_reshape(ds, s.meta.shape().clone());
-    drop((dy, s, dt, x));
+    drop((dy, s, dt, x, acc));
     (ds, dcs, ddt, dx)
 }

@@ -1,8 +1,9 @@
 //! The SSD's output: `y_diag + exp(cs) y_off + D x` in one pass.
 
 use burn::tensor::DType;
+use burn::tensor::ops::FloatTensorOps;
 
-use super::{empty, same_dtype, suffix, zeros_f32};
+use super::{Cb, empty, same_dtype, suffix, zeros_f32};
 use crate::kernel_args;
 use crate::ops::nvrtc::{self, T, enqueue, launch};
 
@@ -49,7 +50,7 @@ __device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, c
 
 template <typename T>
 __device__ void ssd_out_bwd(const T* g, const float* yo, const float* cs, const T* x, const T* d,
-                            float* dyd, float* dyo, float* dcs, T* dx, float* dd_rows,
+                            float* dyo, float* dcs, T* dx, float* dd_rows,
                             long long rows, int h, int p, long long ldx) {
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
@@ -59,7 +60,6 @@ __device__ void ssd_out_bwd(const T* g, const float* yo, const float* cs, const 
         for (int j = 2 * lane; j < p; j += 64) {
             const long long i = r * p + j, xi = (r / h) * ldx + (r % h) * p + j;
             const float2 gv = ld2(g, i), o = ld2(yo, i), xv = ld2(x, xi);
-            st2(dyd, i, gv.x, gv.y);
             st2(dyo, i, gv.x * e, gv.y * e);
             st2(dx, i, gv.x * dh, gv.y * dh);
             s_cs += gv.x * o.x + gv.y * o.y;
@@ -100,10 +100,10 @@ extern "C" __global__ void ssd_out_fwd_##SUF(const float* yd, const float* yo, c
     ssd_out_fwd<T>(yd, yo, cs, x, d, y, rows, h, p, ldx);                                         \
 }                                                                                                 \
 extern "C" __global__ void ssd_out_bwd_##SUF(const T* g, const float* yo, const float* cs,       \
-                                             const T* x, const T* d, float* dyd, float* dyo,      \
-                                             float* dcs, T* dx, float* dd_rows, long long rows,   \
-                                             int h, int p, long long ldx) {                       \
-    ssd_out_bwd<T>(g, yo, cs, x, d, dyd, dyo, dcs, dx, dd_rows, rows, h, p, ldx);                 \
+                                             const T* x, const T* d, float* dyo, float* dcs,      \
+                                             T* dx, float* dd_rows, long long rows, int h, int p, \
+                                             long long ldx) {                                     \
+    ssd_out_bwd<T>(g, yo, cs, x, d, dyo, dcs, dx, dd_rows, rows, h, p, ldx);                      \
 }
 SSD_OUT_KERNELS(f32, float)
 SSD_OUT_KERNELS(bf16, bf16_t)
@@ -184,7 +184,9 @@ unsafe fn launch_warp_rows(
     unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, params) }
 }
 
-/// `(dy_diag, dy_off, dcs, dx, dd)`: f32 except `dx` (`x`'s dtype).
+/// `(dy_diag, dy_off, dcs, dx, dd)`: `dy_diag` is the output gradient
+/// itself in `x`'s dtype (no copy: `y_diag` adds in unscaled), `dx` in
+/// `x`'s dtype, the rest f32.
 pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
     let dtype = x.dtype;
     let (yo, cs) = (f32_dense(yo), f32_dense(cs));
@@ -195,9 +197,8 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
     );
     let (rows, h, p) = ssd_out_dims(&yo, &yo, &cs, &x, &d);
     let shape = x.meta.shape().to_vec();
-    let dyd = empty(&x, shape.clone(), DType::F32);
     let dyo = empty(&x, shape.clone(), DType::F32);
-    let dx = empty(&x, shape, dtype);
+    let dx = empty(&x, shape.clone(), dtype);
     let dcs = empty(&x, cs.meta.shape().to_vec(), DType::F32);
     let dd_rows = empty(&x, vec![rows], DType::F32);
     let dd = empty(&x, vec![h], DType::F32);
@@ -210,14 +211,13 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
             &format!("ssd_out_bwd_{}", suffix(dtype)),
         );
         enqueue(
-            [&g, &yo, &cs, &x, &d, &dyd, &dyo, &dcs, &dx, &dd_rows],
+            [&g, &yo, &cs, &x, &d, &dyo, &dcs, &dx, &dd_rows],
             move |[
                 mut g_p,
                 mut yo_p,
                 mut cs_p,
                 mut x_p,
                 mut d_p,
-                mut dyd_p,
                 mut dyo_p,
                 mut dcs_p,
                 mut dx_p,
@@ -227,7 +227,7 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
                 let (mut r64, mut h32, mut p32) = (rows as i64, h as i32, p as i32);
                 let mut ld64 = ldx as i64;
                 let mut params = kernel_args!(
-                    g_p, yo_p, cs_p, x_p, d_p, dyd_p, dyo_p, dcs_p, dx_p, dd_p, r64, h32, p32, ld64
+                    g_p, yo_p, cs_p, x_p, d_p, dyo_p, dcs_p, dx_p, dd_p, r64, h32, p32, ld64
                 );
                 // SAFETY: the kernel's signature; a warp per row, 8 rows per block.
                 unsafe { launch_warp_rows(device, f, rows, stream, &mut params) };
@@ -252,8 +252,9 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
         });
     } else {
         drop(dd);
+        let dyd = Cb::float_reshape(g, shape.into());
         return (dyd, dyo, dcs, dx, zeros_f32(&x, vec![h]));
     }
-    drop((g, yo, cs, x, d, dd_rows));
-    (dyd, dyo, dcs, dx, dd)
+    drop((yo, cs, x, d, dd_rows));
+    (Cb::float_reshape(g, shape.into()), dyo, dcs, dx, dd)
 }

@@ -3,9 +3,9 @@
 use burn::tensor::DType;
 use burn::tensor::ops::FloatTensorOps;
 
-use super::{Cb, empty, same_dtype, suffix};
+use super::{Cb, aligned16, empty, same_dtype, suffix};
 use crate::kernel_args;
-use crate::ops::nvrtc::{self, T, enqueue, grid_for, launch, launch_flat};
+use crate::ops::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch, launch_flat};
 
 /// The chunk-to-chunk recurrence of the SSD states and a per-row scale,
 /// in the scan's own layout (no per-head copies).
@@ -70,6 +70,33 @@ extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const fl
     }
 }
 
+// Sums along q of x [bc, q, h] (f32) within each chunk bc, per column:
+// prefix sums, or suffix sums when `rev` (the backward of either is the
+// other). grid (bc, ceil(h / 64)), 256 threads: 64 columns x 4 runs of
+// q / 4 rows, each summed in order and then offset by the earlier runs'
+// totals (a fixed order: reproducible).
+extern "C" __global__ void chunk_cumsum(const float* __restrict__ x, float* __restrict__ y,
+                                        int q, int h, int rev)
+{
+    __shared__ float tot[4][64];
+    const int col = threadIdx.x & 63, s = threadIdx.x >> 6, c = blockIdx.y * 64 + col;
+    const long long base = (long long)blockIdx.x * q * h + c;
+    const int len = (q + 3) / 4, r0 = s * len, r1 = min(q, r0 + len);
+    float acc = 0.0f;
+    if (c < h)
+        for (int k = r0; k < r1; ++k) acc += x[base + (long long)(rev ? q - 1 - k : k) * h];
+    tot[s][col] = acc;
+    __syncthreads();
+    if (c >= h) return;
+    acc = 0.0f;
+    for (int k = 0; k < s; ++k) acc += tot[k][col];
+    for (int k = r0; k < r1; ++k) {
+        const long long i = base + (long long)(rev ? q - 1 - k : k) * h;
+        acc += x[i];
+        y[i] = acc;
+    }
+}
+
 // y = x * s[row] in f32 for x [rows, p] (f32 or bf16), s [rows]. Rows
 // come in tokens of h: row r of x at (r / h) * ldx + (r % h) * p.
 template <typename T>
@@ -88,23 +115,86 @@ __device__ void scale_rows_fwd(const T* __restrict__ x, const float* __restrict_
 // warp per row.
 template <typename T>
 __device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict__ x,
-                               const float* __restrict__ s, T* __restrict__ dx,
-                               float* __restrict__ ds, long long rows, int p, int h, long long ldx)
+                               const float* __restrict__ s, const T* __restrict__ acc,
+                               T* __restrict__ dx, float* __restrict__ ds, long long rows, int p,
+                               int h, long long ldx)
 {
     const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
     for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
          r += warps) {
         const float sr = s[r];
         const long long xr = (r / h) * ldx + (r % h) * p;
-        float acc = 0.0f;
+        float sum = 0.0f;
         for (int k = threadIdx.x & 31; k < p; k += 32) {
             const long long i = r * p + k;
             const float gi = g[i];
-            st(dx, i, gi * sr);
-            acc += gi * ld(x, xr + k);
+            st(dx, i, gi * sr + (acc ? ld(acc, i) : 0.0f));
+            sum += gi * ld(x, xr + k);
         }
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if ((threadIdx.x & 31) == 0) ds[r] = acc;
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if ((threadIdx.x & 31) == 0) ds[r] = sum;
+    }
+}
+
+// The same, vectorised (16-byte accesses of x, p a multiple of V = Pack<T>::V
+// with p / V a power of two up to 32, ldx of V, x 16-byte aligned): one
+// thread per pack, 32-bit index arithmetic (rows * p < 2^32).
+template <typename T>
+__device__ void scale_rows_fwd_v(const T* __restrict__ x, const float* __restrict__ s,
+                                 float* __restrict__ y, unsigned packs, int p, int h,
+                                 long long ldx)
+{
+    const int V = Pack<T>::V;
+    const unsigned pr = (unsigned)(p / V);  // packs per row
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += gridDim.x * blockDim.x) {
+        const unsigned r = i / pr, c = (i - r * pr) * V;
+        const long long xi = (long long)(r / (unsigned)h) * ldx + (r % (unsigned)h) * p + c;
+        float v[V];
+        Pack<T>::load(x, xi, v);
+        const float sr = s[r];
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] *= sr;
+#pragma unroll
+        for (int k = 0; k < V; k += 4) Pack<float>::store(y, (long long)i * V + k, v + k);
+    }
+}
+
+// p / V lanes per row: dx = g * s[row] (+ acc), ds[row] by shuffles within
+// the lanes.
+template <typename T>
+__device__ void scale_rows_bwd_v(const float* __restrict__ g, const T* __restrict__ x,
+                                 const float* __restrict__ s, const T* __restrict__ acc,
+                                 T* __restrict__ dx,
+                                 float* __restrict__ ds, unsigned packs, int p, int h,
+                                 long long ldx)
+{
+    const int V = Pack<T>::V;
+    const unsigned pr = (unsigned)(p / V);
+    const unsigned stride = gridDim.x * blockDim.x;
+    // Warp-uniform trip count: every lane joins the shuffles.
+    for (unsigned base = blockIdx.x * blockDim.x + (threadIdx.x & ~31u); base < packs; base += stride) {
+        const unsigned i = base + (threadIdx.x & 31);
+        float sum = 0.0f;
+        unsigned r = 0;
+        if (i < packs) {
+            r = i / pr;
+            const unsigned c = (i - r * pr) * V;
+            const long long xi = (long long)(r / (unsigned)h) * ldx + (r % (unsigned)h) * p + c;
+            float gv[V], xv[V], av[V];
+#pragma unroll
+            for (int k = 0; k < V; k += 4) Pack<float>::load(g, (long long)i * V + k, gv + k);
+            Pack<T>::load(x, xi, xv);
+            if (acc) Pack<T>::load(acc, (long long)i * V, av);
+            const float sr = s[r];
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                sum += gv[e] * xv[e];
+                gv[e] = gv[e] * sr + (acc ? av[e] : 0.0f);
+            }
+            Pack<T>::store(dx, (long long)i * V, gv);
+        }
+        for (unsigned o = 1; o < pr; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (i < packs && i % pr == 0) ds[r] = sum;
     }
 }
 
@@ -114,9 +204,18 @@ extern "C" __global__ void scale_rows_fwd_##SUF(const T* x, const float* s, floa
     scale_rows_fwd<T>(x, s, y, n, p, h, ldx);                                                   \
 }                                                                                               \
 extern "C" __global__ void scale_rows_bwd_##SUF(const float* g, const T* x, const float* s,      \
-                                                T* dx, float* ds, long long rows, int p, int h, \
-                                                long long ldx) {                                \
-    scale_rows_bwd<T>(g, x, s, dx, ds, rows, p, h, ldx);                                        \
+                                                const T* acc, T* dx, float* ds, long long rows, \
+                                                int p, int h, long long ldx) {                  \
+    scale_rows_bwd<T>(g, x, s, acc, dx, ds, rows, p, h, ldx);                                   \
+}                                                                                               \
+extern "C" __global__ void scale_rows_fwd_v_##SUF(const T* x, const float* s, float* y,         \
+                                                  unsigned packs, int p, int h, long long ldx) { \
+    scale_rows_fwd_v<T>(x, s, y, packs, p, h, ldx);                                             \
+}                                                                                               \
+extern "C" __global__ void scale_rows_bwd_v_##SUF(const float* g, const T* x, const float* s,   \
+                                                  const T* acc, T* dx, float* ds, unsigned packs, \
+                                                  int p, int h, long long ldx) {                \
+    scale_rows_bwd_v<T>(g, x, s, acc, dx, ds, packs, p, h, ldx);                                \
 }
 SCALE_ROWS(f32, float)
 SCALE_ROWS(bf16, bf16_t)
@@ -212,6 +311,22 @@ fn heads_of(x: &T) -> usize {
     }
 }
 
+/// Elements per 16-byte access of the vectorised row-scale kernels, where
+/// `x` (rows of `p`, tokens `ldx` apart) and `others` allow them: `p / v`
+/// lanes a power of two up to 32, 16-byte aligned, 32-bit indices.
+fn scale_pack(x: &T, p: usize, ldx: usize, n: usize, others: &[&T]) -> Option<usize> {
+    let v = 16 / x.dtype.size();
+    let lanes = p / v.max(1);
+    let ok = p.is_multiple_of(v)
+        && lanes.is_power_of_two()
+        && lanes <= 32
+        && ldx.is_multiple_of(v)
+        && n < u32::MAX as usize
+        && aligned16(x)
+        && others.iter().all(|t| aligned16(t));
+    ok.then_some(v)
+}
+
 /// `x * s[.., None]` in f32.
 pub fn scale_rows_fwd(x: T, s: T) -> T {
     let (rows, p) = rows_dims(&x, &s);
@@ -221,17 +336,31 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
     let y = empty(&x, vec![n], DType::F32);
     if n > 0 {
         let device = x.device.index;
+        let vec = scale_pack(&x, p, ldx, n, &[]);
+        let kind = if vec.is_some() { "v_" } else { "" };
         let f = nvrtc::function(
             device,
             "ssd_aux",
             &aux_src(),
-            &format!("scale_rows_fwd_{}", suffix(x.dtype)),
+            &format!("scale_rows_fwd_{kind}{}", suffix(x.dtype)),
         );
         enqueue([&y, &x, &s], move |[mut y_p, mut x_p, mut s_p], stream| {
-            let (mut n64, mut p32, mut h32, mut ld64) = (n as i64, p as i32, h as i32, ldx as i64);
-            let mut params = kernel_args!(x_p, s_p, y_p, n64, p32, h32, ld64);
-            // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
-            unsafe { launch_flat(device, f, n, stream, &mut params) };
+            let (mut p32, mut h32, mut ld64) = (p as i32, h as i32, ldx as i64);
+            match vec {
+                Some(v) => {
+                    let mut packs = (n / v) as u32;
+                    let mut params = kernel_args!(x_p, s_p, y_p, packs, p32, h32, ld64);
+                    // SAFETY: the kernel's signature; x, y `[n]` in packs of
+                    // `v`, s `[rows]`, alignment checked by `scale_pack`.
+                    unsafe { launch_flat(device, f, n / v, stream, &mut params) };
+                }
+                None => {
+                    let mut n64 = n as i64;
+                    let mut params = kernel_args!(x_p, s_p, y_p, n64, p32, h32, ld64);
+                    // SAFETY: the kernel's signature; x, y `[n]`, s `[rows]`.
+                    unsafe { launch_flat(device, f, n, stream, &mut params) };
+                }
+            }
         });
     }
     let shape = x.meta.shape().clone();
@@ -239,44 +368,100 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
     Cb::float_reshape(y, shape)
 }
 
-/// `(dx, ds)`: `dx` in `x`'s dtype, `ds` in f32.
-pub fn scale_rows_bwd(g: T, x: T, s: T) -> (T, T) {
+/// `(dx, ds)`: `dx` in `x`'s dtype (plus `acc`, x's gradient from its other
+/// consumers, when given), `ds` in f32.
+pub fn scale_rows_bwd(g: T, x: T, s: T, acc: Option<T>) -> (T, T) {
     let (rows, p) = rows_dims(&x, &s);
     let f32 = |t| same_dtype(t, DType::F32);
     let (g, (x, ldx), s) = (f32(g), super::token_rows(x, 1), f32(s));
+    let acc = acc.map(|a| same_dtype(a, x.dtype));
+    if let Some(a) = &acc {
+        assert_eq!(
+            a.meta.shape().num_elements(),
+            rows * p,
+            "row scale: x's gradient"
+        );
+    }
     let h = heads_of(&x);
     let dx = empty(&x, vec![rows * p], x.dtype);
     let ds = empty(&x, vec![rows], DType::F32);
-    if rows * p > 0 {
+    let n = rows * p;
+    if n > 0 {
         let device = x.device.index;
+        let others: Vec<&T> = [Some(&g), acc.as_ref()].into_iter().flatten().collect();
+        let vec = scale_pack(&x, p, ldx, n, &others);
+        let kind = if vec.is_some() { "v_" } else { "" };
         let f = nvrtc::function(
             device,
             "ssd_aux",
             &aux_src(),
-            &format!("scale_rows_bwd_{}", suffix(x.dtype)),
+            &format!("scale_rows_bwd_{kind}{}", suffix(x.dtype)),
         );
-        enqueue(
-            [&dx, &g, &x, &s, &ds],
-            move |[mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p], stream| {
-                let (mut r64, mut p32, mut h32, mut ld64) =
-                    (rows as i64, p as i32, h as i32, ldx as i64);
-                let mut params = kernel_args!(g_p, x_p, s_p, dx_p, ds_p, r64, p32, h32, ld64);
-                // SAFETY: the kernel's signature; one warp per row (8 per block).
-                unsafe {
-                    launch(
-                        device,
-                        f,
-                        grid_for(rows * 32, 256),
-                        (256, 1, 1),
-                        0,
-                        stream,
-                        &mut params,
-                    )
-                };
+        enqueue_opt(
+            [
+                Some(&dx),
+                Some(&g),
+                Some(&x),
+                Some(&s),
+                Some(&ds),
+                acc.as_ref(),
+            ],
+            move |[mut dx_p, mut g_p, mut x_p, mut s_p, mut ds_p, mut a_p], stream| {
+                let (mut p32, mut h32, mut ld64) = (p as i32, h as i32, ldx as i64);
+                match vec {
+                    Some(v) => {
+                        let mut packs = (n / v) as u32;
+                        let mut params =
+                            kernel_args!(g_p, x_p, s_p, a_p, dx_p, ds_p, packs, p32, h32, ld64);
+                        // SAFETY: the kernel's signature; `p / v` lanes per row,
+                        // alignment checked by `scale_pack`.
+                        unsafe { launch_flat(device, f, n / v, stream, &mut params) };
+                    }
+                    None => {
+                        let mut r64 = rows as i64;
+                        let mut params =
+                            kernel_args!(g_p, x_p, s_p, a_p, dx_p, ds_p, r64, p32, h32, ld64);
+                        // SAFETY: the kernel's signature; one warp per row (8 per block).
+                        unsafe {
+                            launch(
+                                device,
+                                f,
+                                grid_for(rows * 32, 256),
+                                (256, 1, 1),
+                                0,
+                                stream,
+                                &mut params,
+                            )
+                        };
+                    }
+                }
             },
         );
     }
     let (xs, ss) = (x.meta.shape().clone(), s.meta.shape().clone());
-    drop((g, x, s));
+    drop((g, x, s, acc));
     (Cb::float_reshape(dx, xs), Cb::float_reshape(ds, ss))
+}
+
+/// Prefix sums along dim 2 of `x [b, nc, q, h]` (f32), within each chunk;
+/// suffix sums when `reverse`.
+pub fn chunk_cumsum(x: T, reverse: bool) -> T {
+    let shape = x.meta.shape().to_vec();
+    assert_eq!(shape.len(), 4, "chunk cumsum: x [b, nc, q, h]");
+    let (bc, q, h) = (shape[0] * shape[1], shape[2], shape[3]);
+    let x = same_dtype(x, DType::F32);
+    let y = empty(&x, shape, DType::F32);
+    if bc * q * h > 0 {
+        let device = x.device.index;
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "chunk_cumsum");
+        enqueue([&y, &x], move |[mut y_p, mut x_p], stream| {
+            let (mut q32, mut h32, mut rev) = (q as i32, h as i32, reverse as i32);
+            let mut params = kernel_args!(x_p, y_p, q32, h32, rev);
+            let grid = (bc as u32, h.div_ceil(64) as u32, 1);
+            // SAFETY: the kernel's signature; x, y `[bc, q, h]` contiguous.
+            unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+        });
+    }
+    drop(x);
+    y
 }

@@ -67,6 +67,71 @@ __device__ void xent_bwd(const float* g, const T* logits, const int* targets, co
     }
 }
 
+// The same with 16-byte loads (v a multiple of Pack<T>::V, rows 16-byte
+// aligned): the scalar loop's 2-byte loads and per-element rescaling left
+// it at a third of the memory bandwidth. Per pack: its max, then one merge.
+template <typename T>
+__device__ void xent_fwd_v(const T* __restrict__ logits, const int* __restrict__ targets,
+                           float* __restrict__ loss, float* __restrict__ lse_out, long long rows,
+                           int v, float z) {
+    const int V = Pack<T>::V, np = v / V;
+    __shared__ float sm[32], ss[32];
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* x = logits + r * v;
+        float m = NEG_INF, s = 0.0f;
+#pragma unroll 4
+        for (int j = threadIdx.x; j < np; j += blockDim.x) {
+            float xv[V];
+            Pack<T>::load(x, (long long)j * V, xv);
+            float pm = xv[0];
+#pragma unroll
+            for (int e = 1; e < V; ++e) pm = fmaxf(pm, xv[e]);
+            if (pm == NEG_INF) continue;
+            float ps = 0.0f;
+#pragma unroll
+            for (int e = 0; e < V; ++e) ps += __expf(xv[e] - pm);
+            lse_merge(m, s, pm, ps);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            lse_merge(m, s, m2, s2);
+        }
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        __syncthreads();
+        if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float M = sm[0], S = ss[0];
+            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) lse_merge(M, S, sm[w], ss[w]);
+            const float lse = M + logf(S);
+            const int t = targets[r];
+            loss[r] = lse - ld(x, t) + z * lse * lse;
+            lse_out[r] = lse;
+        }
+    }
+}
+
+template <typename T>
+__device__ void xent_bwd_v(const float* __restrict__ g, const T* __restrict__ logits,
+                           const int* __restrict__ targets, const float* __restrict__ lse,
+                           T* __restrict__ dlogits, long long rows, int v, float z) {
+    const int V = Pack<T>::V, np = v / V;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long o = r * v;
+        const float gr = g[r], l = lse[r], scale = gr * (1.0f + 2.0f * z * l);
+        const int t = targets[r];
+#pragma unroll 4
+        for (int j = threadIdx.x; j < np; j += blockDim.x) {
+            float xv[V];
+            Pack<T>::load(logits, o + (long long)j * V, xv);
+#pragma unroll
+            for (int e = 0; e < V; ++e)
+                xv[e] = scale * __expf(xv[e] - l) - (j * V + e == t ? gr : 0.0f);
+            Pack<T>::store(dlogits, o + (long long)j * V, xv);
+        }
+    }
+}
+
 #define XENT_KERNELS(SUF, T)                                                                  \
 extern "C" __global__ void xent_fwd_##SUF(const T* logits, const int* targets, float* loss,  \
                                           float* lse, long long rows, int v, float z) {      \
@@ -76,6 +141,15 @@ extern "C" __global__ void xent_bwd_##SUF(const float* g, const T* logits, const
                                           const float* lse, T* dlogits, long long rows, int v,\
                                           float z) {                                          \
     xent_bwd<T>(g, logits, targets, lse, dlogits, rows, v, z);                                \
+}                                                                                             \
+extern "C" __global__ void xent_fwd_v_##SUF(const T* logits, const int* targets, float* loss,\
+                                            float* lse, long long rows, int v, float z) {    \
+    xent_fwd_v<T>(logits, targets, loss, lse, rows, v, z);                                    \
+}                                                                                             \
+extern "C" __global__ void xent_bwd_v_##SUF(const float* g, const T* logits,                 \
+                                            const int* targets, const float* lse,            \
+                                            T* dlogits, long long rows, int v, float z) {    \
+    xent_bwd_v<T>(g, logits, targets, lse, dlogits, rows, v, z);                              \
 }
 XENT_KERNELS(f32, float)
 XENT_KERNELS(bf16, bf16_t)
@@ -83,6 +157,14 @@ XENT_KERNELS(bf16, bf16_t)
 
 fn xent_src() -> String {
     format!("{}{}", nvrtc::PRELUDE, XENT)
+}
+
+/// The kernel `base` for these logits: the 16-byte-load one (`_v`) where
+/// rows are whole packs and aligned.
+fn xent_kernel(base: &str, logits: &T, v: usize) -> String {
+    let dtype = logits.dtype;
+    let vec = v.is_multiple_of(16 / dtype.size()) && super::aligned16(logits);
+    format!("{base}{}_{}", if vec { "_v" } else { "" }, suffix(dtype))
 }
 
 fn xent_dims(logits: &T, targets: &T) -> (usize, usize) {
@@ -108,7 +190,6 @@ fn xent_dims(logits: &T, targets: &T) -> (usize, usize) {
 /// Per row `(loss, lse)`, both f32 `[rows]`.
 pub fn cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
     let (rows, v) = xent_dims(&logits, &targets);
-    let dtype = logits.dtype;
     let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
     let loss = empty(&logits, vec![rows], DType::F32);
     let lse = empty(&logits, vec![rows], DType::F32);
@@ -120,7 +201,7 @@ pub fn cross_entropy_fwd(logits: T, targets: T, z: f64) -> (T, T) {
         device,
         "xent",
         &xent_src(),
-        &format!("xent_fwd_{}", suffix(dtype)),
+        &xent_kernel("xent_fwd", &logits, v),
     );
     enqueue(
         [&loss, &logits, &targets, &lse],
@@ -158,7 +239,7 @@ pub fn cross_entropy_bwd(g: T, logits: T, targets: T, lse: T, z: f64) -> T {
             device,
             "xent",
             &xent_src(),
-            &format!("xent_bwd_{}", suffix(dtype)),
+            &xent_kernel("xent_bwd", &logits, v),
         );
         enqueue(
             [&dx, &g, &logits, &targets, &lse],
