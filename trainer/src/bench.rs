@@ -1174,8 +1174,14 @@ pub fn kernels<B: BambaAutodiffBackend>(
                         .reshape([b * l * d])
                 }),
             );
-            for (k, bias) in [(4, true), (3, false), (4, false), (3, true)] {
-                let c = d + 3;
+            // Odd channel counts one per thread, even ones in pairs.
+            for (k, bias, c) in [
+                (4, true, d + 3),
+                (3, false, d + 3),
+                (4, false, d + 2),
+                (3, true, d + 2),
+                (4, true, d + 2),
+            ] {
                 let w = move |x: &Inputs<B>| x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
                 let bs = move |x: &Inputs<B>| bias.then(|| x[2].clone());
                 check(
@@ -1220,22 +1226,24 @@ pub fn kernels<B: BambaAutodiffBackend>(
                             .reshape([b * l * d])
                     }),
                 );
-                let (c, k) = (d + 3, 4);
-                check(
-                    &format!("conv1d_silu_x_slice_{b}x{l}x{c}"),
-                    dtype,
-                    &[vec![b, l, wide], vec![c * k], vec![c]],
-                    Box::new(move |x| {
-                        let w = x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
-                        ops::conv1d_silu(cut(x, true, c), w, Some(x[2].clone()))
-                            .reshape([b * l * c])
-                    }),
-                    Box::new(move |x| {
-                        let w = x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
-                        reference::conv1d_silu(cut(x, false, c), w, Some(x[2].clone()))
-                            .reshape([b * l * c])
-                    }),
-                );
+                for c in [d + 3, d + 2] {
+                    let k = 4;
+                    check(
+                        &format!("conv1d_silu_x_slice_{b}x{l}x{c}"),
+                        dtype,
+                        &[vec![b, l, wide], vec![c * k], vec![c]],
+                        Box::new(move |x| {
+                            let w = x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
+                            ops::conv1d_silu(cut(x, true, c), w, Some(x[2].clone()))
+                                .reshape([b * l * c])
+                        }),
+                        Box::new(move |x| {
+                            let w = x[1].clone().reshape([c, 1, k]).div_scalar(k as f64);
+                            reference::conv1d_silu(cut(x, false, c), w, Some(x[2].clone()))
+                                .reshape([b * l * c])
+                        }),
+                    );
+                }
             }
             for (lo, hi) in [(0.0, f64::INFINITY), (0.001, 0.6)] {
                 check(

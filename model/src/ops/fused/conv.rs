@@ -24,40 +24,75 @@ const CONV: &str = r#"
 // x's rows are `ldx` apart (a column slice of a wider tensor reads in place).
 // grid (ceil(c / blockDim.x), ceil(l / steps), b)
 #define PF 8
-template <typename T, int K>
+// V consecutive channels as f32 (V = 2: one 4-byte bf16 / 8-byte f32 access;
+// a warp's row then fills whole cache lines).
+__device__ __forceinline__ void ldn(const float* p, long long i, float (&o)[1]) { o[0] = p[i]; }
+__device__ __forceinline__ void ldn(const bf16_t* p, long long i, float (&o)[1]) { o[0] = ld(p, i); }
+__device__ __forceinline__ void ldn(const float* p, long long i, float (&o)[2]) {
+    const float2 v = *reinterpret_cast<const float2*>(p + i);
+    o[0] = v.x; o[1] = v.y;
+}
+__device__ __forceinline__ void ldn(const bf16_t* p, long long i, float (&o)[2]) {
+    const unsigned u = *reinterpret_cast<const unsigned*>(p + i);
+    o[0] = __uint_as_float(u << 16); o[1] = __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ void stn(float* p, long long i, const float (&v)[1]) { p[i] = v[0]; }
+__device__ __forceinline__ void stn(bf16_t* p, long long i, const float (&v)[1]) { st(p, i, v[0]); }
+__device__ __forceinline__ void stn(float* p, long long i, const float (&v)[2]) {
+    *reinterpret_cast<float2*>(p + i) = make_float2(v[0], v[1]);
+}
+__device__ __forceinline__ void stn(bf16_t* p, long long i, const float (&v)[2]) {
+    *reinterpret_cast<unsigned*>(p + i) = (unsigned)f32_to_bf16(v[0]) | ((unsigned)f32_to_bf16(v[1]) << 16);
+}
+
+// Each thread covers V channels (c a multiple of V).
+template <typename T, int K, int V>
 __device__ void conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ bias, T* __restrict__ y, int l, int c,
                          long long ldx, int steps) {
-    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    const int ch = (blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (ch >= c) return;
     const long long base = (long long)blockIdx.z * l;
     const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
-    float wv[K], xw[K];
+    float wv[V][K], xw[V][K], bv[V];
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-        wv[j] = ld(w, (long long)ch * K + j);
         // xw[j] = x[t - (K-1) + j] for the first t; the last slot is filled in the loop.
         const int tt = t0 - (K - 1) + j;
-        xw[j] = (j < K - 1 && tt >= 0) ? ld(x, (base + tt) * ldx + ch) : 0.0f;
-    }
-    const float bv = bias ? ld(bias, ch) : 0.0f;
-    for (int tb = t0; tb < t1; tb += PF) {
-        float xs[PF];
+        float xj[V];
+        if (j < K - 1 && tt >= 0) ldn(x, (base + tt) * ldx + ch, xj);
 #pragma unroll
-        for (int s = 0; s < PF; ++s) xs[s] = tb + s < t1 ? ld(x, (base + tb + s) * ldx + ch) : 0.0f;
+        for (int v = 0; v < V; ++v) {
+            wv[v][j] = ld(w, (long long)(ch + v) * K + j);
+            xw[v][j] = (j < K - 1 && tt >= 0) ? xj[v] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) bv[v] = bias ? ld(bias, ch + v) : 0.0f;
+    for (int tb = t0; tb < t1; tb += PF) {
+        float xs[PF][V];
+#pragma unroll
+        for (int s = 0; s < PF; ++s) {
+            if (tb + s < t1) ldn(x, (base + tb + s) * ldx + ch, xs[s]);
+        }
 #pragma unroll
         for (int s = 0; s < PF; ++s) {
             if (tb + s < t1) {
-                float u = bv;
+                float out[V];
 #pragma unroll
-                for (int j = 0; j < K; ++j) {
-                    if (j == K - 1) xw[j] = xs[s];
-                    u += wv[j] * xw[j];
+                for (int v = 0; v < V; ++v) {
+                    float u = bv[v];
+#pragma unroll
+                    for (int j = 0; j < K; ++j) {
+                        if (j == K - 1) xw[v][j] = xs[s][v];
+                        u += wv[v][j] * xw[v][j];
+                    }
+                    u = rnd(u, T());
+                    out[v] = u / (1.0f + __expf(-u));
+#pragma unroll
+                    for (int j = 0; j + 1 < K; ++j) xw[v][j] = xw[v][j + 1];
                 }
-                u = rnd(u, T());
-                st(y, (base + tb + s) * c + ch, u / (1.0f + __expf(-u)));
-#pragma unroll
-                for (int j = 0; j + 1 < K; ++j) xw[j] = xw[j + 1];
+                stn(y, (base + tb + s) * c + ch, out);
             }
         }
     }
@@ -68,70 +103,88 @@ __device__ void conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
 // K du in registers (the run first computes the K-1 du above its end), and
 // per-run weight and bias gradient sums written to `dwp [runs, c, K]`,
 // `dbp [runs, c]` (summed after in a fixed order: deterministic). Loads
-// are issued PF steps at a time, as in the forward.
-// grid (ceil(c / blockDim.x), ceil(l / steps), b)
-template <typename T, int K>
+// are issued PF steps at a time, as in the forward; V channels per thread.
+// grid (ceil(c / (V blockDim.x)), ceil(l / steps), b)
+template <typename T, int K, int V>
 __device__ void conv_bwd(const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ bias, const T* __restrict__ dy,
                          T* __restrict__ dx, float* __restrict__ dwp, float* __restrict__ dbp,
                          int l, int c, long long ldx, int steps) {
-    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    const int ch = (blockIdx.x * blockDim.x + threadIdx.x) * V;
     if (ch >= c) return;
     const long long base = (long long)blockIdx.z * l;
     const int t0 = blockIdx.y * steps, t1 = min(t0 + steps, l);
     const long long run = (long long)blockIdx.z * gridDim.y + blockIdx.y;
-    float wv[K], xw[K], dus[K], acc[K];
+    float wv[V][K], xw[V][K], dus[V][K], acc[V][K], bv[V], accb[V];
     const int top = min(t1 + K - 1, l) - 1;  // the highest step whose du we need
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-        wv[j] = ld(w, (long long)ch * K + j);
-        acc[j] = 0.0f;
-        dus[j] = 0.0f;  // du[t + j]; zero past the end
         // xw[j] = x[top - (K-1) + j]; slot 0 is filled in the loop.
         const int tt = top - (K - 1) + j;
-        xw[j] = (j >= 1 && j < K && tt >= 0) ? ld(x, (base + tt) * ldx + ch) : 0.0f;
+        float xj[V];
+        if (j >= 1 && tt >= 0) ldn(x, (base + tt) * ldx + ch, xj);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            wv[v][j] = ld(w, (long long)(ch + v) * K + j);
+            acc[v][j] = 0.0f;
+            dus[v][j] = 0.0f;  // du[t + j]; zero past the end
+            xw[v][j] = (j >= 1 && tt >= 0) ? xj[v] : 0.0f;
+        }
     }
-    const float bv = bias ? ld(bias, ch) : 0.0f;
-    float accb = 0.0f;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+        bv[v] = bias ? ld(bias, ch + v) : 0.0f;
+        accb[v] = 0.0f;
+    }
     for (int tb = top; tb >= t0; tb -= PF) {
-        float xs[PF], dys[PF];
+        float xs[PF][V], dys[PF][V];
 #pragma unroll
         for (int s = 0; s < PF; ++s) {
             const int t = tb - s, first = t - (K - 1);
-            xs[s] = (t >= t0 && first >= 0) ? ld(x, (base + first) * ldx + ch) : 0.0f;
-            dys[s] = t >= t0 ? ld(dy, (base + t) * c + ch) : 0.0f;
+#pragma unroll
+            for (int v = 0; v < V; ++v) xs[s][v] = dys[s][v] = 0.0f;
+            if (t >= t0 && first >= 0) ldn(x, (base + first) * ldx + ch, xs[s]);
+            if (t >= t0) ldn(dy, (base + t) * c + ch, dys[s]);
         }
 #pragma unroll
         for (int s = 0; s < PF; ++s) {
             const int t = tb - s;
             if (t >= t0) {
-                xw[0] = xs[s];
-                float u = bv;
+                float out[V];
 #pragma unroll
-                for (int j = 0; j < K; ++j) u += wv[j] * xw[j];
-                u = rnd(u, T());
-                const float sg = 1.0f / (1.0f + __expf(-u));
-                const float d = dys[s] * sg * (1.0f + u * (1.0f - sg));
+                for (int v = 0; v < V; ++v) {
+                    xw[v][0] = xs[s][v];
+                    float u = bv[v];
 #pragma unroll
-                for (int j = K - 1; j > 0; --j) dus[j] = dus[j - 1];
-                dus[0] = d;
-                if (t < t1) {
+                    for (int j = 0; j < K; ++j) u += wv[v][j] * xw[v][j];
+                    u = rnd(u, T());
+                    const float sg = 1.0f / (1.0f + __expf(-u));
+                    const float d = dys[s][v] * sg * (1.0f + u * (1.0f - sg));
+#pragma unroll
+                    for (int j = K - 1; j > 0; --j) dus[v][j] = dus[v][j - 1];
+                    dus[v][0] = d;
                     float sum = 0.0f;
 #pragma unroll
-                    for (int j = 0; j < K; ++j) sum += wv[j] * dus[(K - 1) - j];
-                    st(dx, (base + t) * c + ch, sum);
+                    for (int j = 0; j < K; ++j) sum += wv[v][j] * dus[v][(K - 1) - j];
+                    out[v] = sum;
+                    if (t < t1) {
 #pragma unroll
-                    for (int j = 0; j < K; ++j) acc[j] += d * xw[j];
-                    accb += d;
+                        for (int j = 0; j < K; ++j) acc[v][j] += d * xw[v][j];
+                        accb[v] += d;
+                    }
+#pragma unroll
+                    for (int j = K - 1; j > 0; --j) xw[v][j] = xw[v][j - 1];
                 }
-#pragma unroll
-                for (int j = K - 1; j > 0; --j) xw[j] = xw[j - 1];
+                if (t < t1) stn(dx, (base + t) * c + ch, out);
             }
         }
     }
 #pragma unroll
-    for (int j = 0; j < K; ++j) dwp[(run * c + ch) * K + j] = acc[j];
-    if (dbp) dbp[run * c + ch] = accb;
+    for (int v = 0; v < V; ++v) {
+#pragma unroll
+        for (int j = 0; j < K; ++j) dwp[(run * c + ch + v) * K + j] = acc[v][j];
+        if (dbp) dbp[run * c + ch + v] = accb[v];
+    }
 }
 
 // out[j] = sum over rows of part[row, j], rows in order.
@@ -148,15 +201,17 @@ extern "C" __global__ void conv_colsum(const float* part, float* out, int rows, 
 
 // One entry per kernel width K (compile-time: the register windows are
 // indexed statically).
-#define CONV_KERNELS(SUF, T, K)                                                                \
-extern "C" __global__ void conv_fwd##K##_##SUF(const T* x, const T* w, const T* bias, T* y,    \
-                                               int l, int c, long long ldx, int steps) {        \
-    conv_fwd<T, K>(x, w, bias, y, l, c, ldx, steps);                                                 \
+// Names: conv_{fwd,bwd}{K}[v2]_{dtype}, v2 with two channels per thread.
+#define CONV_KERNELS_V(SUF, T, K, V, VN)                                                         \
+extern "C" __global__ void conv_fwd##K##VN##_##SUF(const T* x, const T* w, const T* bias, T* y, \
+                                                   int l, int c, long long ldx, int steps) {    \
+    conv_fwd<T, K, V>(x, w, bias, y, l, c, ldx, steps);                                         \
 }                                                                                               \
-extern "C" __global__ void conv_bwd##K##_##SUF(const T* x, const T* w, const T* bias,          \
+extern "C" __global__ void conv_bwd##K##VN##_##SUF(const T* x, const T* w, const T* bias,      \
         const T* dy, T* dx, float* dwp, float* dbp, int l, int c, long long ldx, int steps) {  \
-    conv_bwd<T, K>(x, w, bias, dy, dx, dwp, dbp, l, c, ldx, steps);                                  \
+    conv_bwd<T, K, V>(x, w, bias, dy, dx, dwp, dbp, l, c, ldx, steps);                          \
 }
+#define CONV_KERNELS(SUF, T, K) CONV_KERNELS_V(SUF, T, K, 1, ) CONV_KERNELS_V(SUF, T, K, 2, v2)
 #define CONV_WIDTHS(SUF, T) \
     CONV_KERNELS(SUF, T, 1) CONV_KERNELS(SUF, T, 2) CONV_KERNELS(SUF, T, 3) CONV_KERNELS(SUF, T, 4) \
     CONV_KERNELS(SUF, T, 5) CONV_KERNELS(SUF, T, 6) CONV_KERNELS(SUF, T, 7) CONV_KERNELS(SUF, T, 8)
@@ -170,13 +225,36 @@ const CONV_STEPS_FWD: usize = 32;
 const CONV_STEPS_BWD: usize = 64;
 const CONV_THREADS: u32 = 128;
 
-/// Channels across the grid's x, runs of `steps` across y, the batch across z.
-fn conv_grid(b: usize, l: usize, c: usize, steps: usize) -> (u32, u32, u32) {
+/// Channels across the grid's x (`v` per thread), runs of `steps` across
+/// y, the batch across z.
+fn conv_grid(b: usize, l: usize, c: usize, v: usize, steps: usize) -> (u32, u32, u32) {
     (
-        c.div_ceil(CONV_THREADS as usize) as u32,
+        c.div_ceil(CONV_THREADS as usize * v) as u32,
         l.div_ceil(steps) as u32,
         b as u32,
     )
+}
+
+/// Channels per thread: 2 (paired accesses) where every row starts on a
+/// pair, else 1.
+fn conv_pack(c: usize, ldx: usize, ts: &[&T]) -> usize {
+    let paired = |t: &&T| {
+        t.handle
+            .offset_start
+            .unwrap_or(0)
+            .is_multiple_of(2 * t.dtype.size() as u64)
+    };
+    if c.is_multiple_of(2) && ldx.is_multiple_of(2) && ts.iter().all(paired) {
+        2
+    } else {
+        1
+    }
+}
+
+/// The kernel `conv_{dir}{k}[v2]_{dtype}`.
+fn conv_kernel(dir: &str, k: usize, v: usize, dtype: DType) -> String {
+    let vn = if v == 2 { "v2" } else { "" };
+    format!("conv_{dir}{k}{vn}_{}", suffix(dtype))
 }
 
 fn conv_src() -> String {
@@ -213,11 +291,12 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
         return y;
     }
     let device = x.device.index;
+    let v = conv_pack(c, ldx, &[&x]);
     let f = nvrtc::function(
         device,
         "conv",
         &conv_src(),
-        &format!("conv_fwd{k}_{}", suffix(dtype)),
+        &conv_kernel("fwd", k, v, dtype),
     );
     enqueue_opt(
         [Some(&y), Some(&x), Some(&w), bias.as_ref()],
@@ -230,7 +309,7 @@ pub fn conv1d_silu_fwd(x: T, w: T, bias: Option<T>) -> T {
                 launch(
                     device,
                     f,
-                    conv_grid(b, l, c, CONV_STEPS_FWD),
+                    conv_grid(b, l, c, v, CONV_STEPS_FWD),
                     (CONV_THREADS, 1, 1),
                     0,
                     stream,
@@ -268,12 +347,8 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
         let dbp = bias.as_ref().map(|_| empty(&x, vec![runs, c], DType::F32));
         let device = x.device.index;
         let src = conv_src();
-        let f = nvrtc::function(
-            device,
-            "conv",
-            &src,
-            &format!("conv_bwd{k}_{}", suffix(dtype)),
-        );
+        let v = conv_pack(c, ldx, &[&x, &dy]);
+        let f = nvrtc::function(device, "conv", &src, &conv_kernel("bwd", k, v, dtype));
         let f_sum = nvrtc::function(device, "conv", &src, "conv_colsum");
         let (mut l32, mut c32, mut ld64) = (l as i32, c as i32, ldx as i64);
         let (mut steps, mut runs32) = (CONV_STEPS_BWD as i32, runs as i32);
@@ -315,7 +390,7 @@ pub fn conv1d_silu_bwd(dy: T, x: T, w: T, bias: Option<T>) -> (T, T, Option<T>) 
                     launch(
                         device,
                         f,
-                        conv_grid(b, l, c, CONV_STEPS_BWD),
+                        conv_grid(b, l, c, v, CONV_STEPS_BWD),
                         (CONV_THREADS, 1, 1),
                         0,
                         stream,
