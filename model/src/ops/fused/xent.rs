@@ -23,6 +23,28 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mm;
 }
 
+// Row loss and lse from each thread's (max, sum of exp) pair: lanes, then
+// warps through `sm`, `ss` in a fixed order.
+template <typename T>
+__device__ __forceinline__ void row_loss(float m, float s, float* sm, float* ss, const T* x,
+                                         int t, float* loss, float* lse_out, float z) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = sm[0], S = ss[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) lse_merge(M, S, sm[w], ss[w]);
+        const float lse = M + logf(S);
+        *loss = lse - ld(x, t) + z * lse * lse;
+        *lse_out = lse;
+    }
+}
+
 template <typename T>
 __device__ void xent_fwd(const T* logits, const int* targets, float* loss, float* lse_out,
                          long long rows, int v, float z) {
@@ -34,22 +56,7 @@ __device__ void xent_fwd(const T* logits, const int* targets, float* loss, float
             const float xv = ld(x, j);
             if (xv > m) { s = s * __expf(m - xv) + 1.0f; m = xv; } else { s += __expf(xv - m); }
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            lse_merge(m, s, m2, s2);
-        }
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        __syncthreads();
-        if (lane == 0) { sm[warp] = m; ss[warp] = s; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float M = sm[0], S = ss[0];
-            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) lse_merge(M, S, sm[w], ss[w]);
-            const float lse = M + logf(S);
-            const int t = targets[r];
-            loss[r] = lse - ld(x, t) + z * lse * lse;
-            lse_out[r] = lse;
-        }
+        row_loss(m, s, sm, ss, x, targets[r], loss + r, lse_out + r, z);
     }
 }
 
@@ -92,22 +99,7 @@ __device__ void xent_fwd_v(const T* __restrict__ logits, const int* __restrict__
             for (int e = 0; e < V; ++e) ps += __expf(xv[e] - pm);
             lse_merge(m, s, pm, ps);
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            lse_merge(m, s, m2, s2);
-        }
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        __syncthreads();
-        if (lane == 0) { sm[warp] = m; ss[warp] = s; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float M = sm[0], S = ss[0];
-            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) lse_merge(M, S, sm[w], ss[w]);
-            const float lse = M + logf(S);
-            const int t = targets[r];
-            loss[r] = lse - ld(x, t) + z * lse * lse;
-            lse_out[r] = lse;
-        }
+        row_loss(m, s, sm, ss, x, targets[r], loss + r, lse_out + r, z);
     }
 }
 
