@@ -11,7 +11,8 @@ or of one whole step (`bench --warmup 0 --steps 1 --profile-steps 0`) with
 
 Per kernel name: total us per repeat, launches per repeat. `--seq` lists one
 repeat's kernels in order (grid sizes tell the tensors apart); `--base`
-prints the change against an earlier CSV.
+prints the change against an earlier CSV; `--groups` sums by kind (GEMMs,
+SSD, attention, norms, ...) as the README's step breakdown reads.
 """
 import argparse
 import collections
@@ -50,9 +51,36 @@ ap.add_argument("--repeats", type=int, default=3, help="how many times the CSV r
 ap.add_argument("--top", type=int, default=30)
 ap.add_argument("--seq", action="store_true", help="one repeat's kernels in launch order")
 ap.add_argument("--base", help="an earlier CSV of the same work, to compare against")
+ap.add_argument("--groups", action="store_true", help="totals by kind of kernel")
 ap.add_argument("--step", action="store_true",
                 help="a whole training step (bench --steps 1): skip the setup kernels before the first GEMM, one repeat")
 a = ap.parse_args()
+
+
+# Kind of a kernel by name prefix, first match wins (cuBLAS's TF32 kernels
+# name their types; its bf16 ones are nvjet).
+GROUPS = [
+    ("TF32/f32 GEMMs", ("sm90_xmma_gemm_f32", "void cutlass", "cutlass")),
+    ("bf16 GEMMs", ("nvjet",)),
+    ("SSD intra-chunk", ("ssd_diag",)),
+    ("SSD other", ("ssd_", "scale_rows", "chunk_cumsum", "head_sum", "scale_fwd", "scale_bwd", "dt_")),
+    ("flash attention", ("flash",)),
+    ("norms", ("norm_", "colsum")),
+    ("conv", ("conv",)),
+    ("SwiGLU", ("swiglu",)),
+    ("split gradients", ("add_narrow",)),
+    ("elementwise (burn)", ("kernel_binop", "kernel_scalar", "unary_float", "cast_element", "full_kernel",
+                            "copy_kernel", "slice", "mask_", "flip", "cumulative")),
+    ("reductions (burn)", ("reduce_kernel",)),
+    ("gradient norm", ("sum_squares", "sum_parts")),
+    ("loss", ("xent",)),
+    ("embedding", ("embed",)),
+    ("rope", ("rope",)),
+]
+
+
+def group_of(name):
+    return next((g for g, pre in GROUPS if name.startswith(pre)), "other")
 
 
 def step_only(ks):
@@ -84,3 +112,10 @@ if a.seq:
     print()
     for j, (k, us, grid) in enumerate(ks[: len(ks) // a.repeats]):
         print(f"{j:4d} {us:8.1f} us  {k} {grid}")
+if a.groups:
+    print()
+    tot = collections.defaultdict(float)
+    for k, (us, _) in agg.items():
+        tot[group_of(k)] += us
+    for g, us in sorted(tot.items(), key=lambda kv: -kv[1]):
+        print(f"{us / 1e3:8.2f} ms  {g}")
