@@ -252,13 +252,13 @@ impl BambaConfig {
     }
 
     fn from_hf_map(m: &Map<String, Value>) -> Result<Self, ModelError> {
-        if let Some(t) = m.get("model_type").and_then(Value::as_str) {
-            if t != "bamba" {
-                return Err(ModelError::config(
-                    "model_type",
-                    format!("expected \"bamba\", found \"{t}\""),
-                ));
-            }
+        if let Some(t) = m.get("model_type").and_then(Value::as_str)
+            && t != "bamba"
+        {
+            return Err(ModelError::config(
+                "model_type",
+                format!("expected \"bamba\", found \"{t}\""),
+            ));
         }
         let d = Self::bamba_9b();
         let r = Reader(m);
@@ -288,13 +288,12 @@ impl BambaConfig {
         if let Some(t) = rope
             .and_then(|p| p.get("rope_type"))
             .and_then(Value::as_str)
+            && t != "default"
         {
-            if t != "default" {
-                return Err(ModelError::config(
-                    "rope_parameters.rope_type",
-                    format!("only \"default\" is supported, found \"{t}\""),
-                ));
-            }
+            return Err(ModelError::config(
+                "rope_parameters.rope_type",
+                format!("only \"default\" is supported, found \"{t}\""),
+            ));
         }
         // transformers hard-codes 0.5 for Bamba; an explicit value wins.
         let partial_rotary_factor = match rope.and_then(|p| p.get("partial_rotary_factor")) {
@@ -327,13 +326,13 @@ impl BambaConfig {
                 ));
             }
         };
-        if let Some(act) = m.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(ModelError::config(
-                    "hidden_act",
-                    format!("only \"silu\" is supported, found \"{act}\""),
-                ));
-            }
+        if let Some(act) = m.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(ModelError::config(
+                "hidden_act",
+                format!("only \"silu\" is supported, found \"{act}\""),
+            ));
         }
         let cfg = Self {
             vocab_size: r.usize("vocab_size", 128000)?,
@@ -392,13 +391,16 @@ impl BambaConfig {
         pos(self.mamba_d_conv, "mamba_d_conv")?;
         pos(self.mamba_expand, "mamba_expand")?;
         pos(self.mamba_chunk_size, "mamba_chunk_size")?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::config(
                 "num_attention_heads",
                 format!("must divide hidden_size {}", self.hidden_size),
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ModelError::config(
                 "num_key_value_heads",
                 format!(
@@ -417,7 +419,7 @@ impl BambaConfig {
                 ),
             ));
         }
-        if self.mamba_n_heads % self.mamba_n_groups != 0 {
+        if !self.mamba_n_heads.is_multiple_of(self.mamba_n_groups) {
             return Err(ModelError::config(
                 "mamba_n_groups",
                 format!("must divide mamba_n_heads {}", self.mamba_n_heads),
@@ -437,7 +439,7 @@ impl BambaConfig {
             ));
         }
         if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0)
-            || self.rotary_dim() % 2 != 0
+            || !self.rotary_dim().is_multiple_of(2)
         {
             return Err(ModelError::config(
                 "partial_rotary_factor",

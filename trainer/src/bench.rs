@@ -490,7 +490,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
             lp.cast(DType::F32).into_data().to_vec::<f32>().unwrap(),
             sum.into_data().to_vec::<f32>().unwrap(),
         );
-        let mut want = vec![0f32; 40];
+        let mut want = [0f32; 40];
         want[8..23].copy_from_slice(&ha);
         want[29..36].copy_from_slice(&hb);
         let max_abs = (0..40)

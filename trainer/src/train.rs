@@ -162,7 +162,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             cfg: cfg.optimizer.clone(),
         };
         let decays = |n: &str| opt.cfg.decays(n);
-        let inner_dev: burn::tensor::Device<Inner<B>> = device.clone().into();
+        let inner_dev: burn::tensor::Device<Inner<B>> = device.clone();
 
         let resume = match &resume_from {
             Some(dir) => Some((dir.clone(), format::read_meta(dir)?)),
@@ -388,7 +388,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 vec![0.0f32, stop_requested as u8 as f32, save_done as u8 as f32],
                 [3],
             ),
-            &self.device.clone().into(),
+            &self.device.clone(),
         );
         let packed = Tensor::cat(
             vec![
@@ -621,12 +621,12 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
     }
 
     fn eval_due(&self, step: u64) -> bool {
-        self.cfg.eval.every_steps > 0 && step % self.cfg.eval.every_steps == 0
+        self.cfg.eval.every_steps > 0 && step.is_multiple_of(self.cfg.eval.every_steps)
     }
 
     /// Whether `step` writes a metrics row (evaluation steps always do).
     fn row_due(&self, step: u64, total: u64) -> bool {
-        step % self.cfg.logging.every_steps == 0 || step == total || self.eval_due(step)
+        step.is_multiple_of(self.cfg.logging.every_steps) || step == total || self.eval_due(step)
     }
 
     /// Rank 0, `logging.wandb` set: the W&B run, continuing the checkpoint's
@@ -745,7 +745,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 preempted = true;
                 break;
             }
-            if (every > 0 && self.step % every == 0)
+            if (every > 0 && self.step.is_multiple_of(every))
                 || (self.step == total && self.cfg.checkpoint.save_final)
             {
                 last_ckpt = Some(self.save()?);

@@ -205,10 +205,7 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
                 (lo, hi, col) = (i, i + 1, lines[i].len() - rest.len());
             }
         }
-        for idx in indices
-            .split(|c| c == '[' || c == ']')
-            .filter(|s| !s.is_empty())
-        {
+        for idx in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
             let n: usize = idx.parse().ok()?;
             // Block list items: lines starting with `-` at the list's indent.
             let items: Vec<usize> = (lo..hi.min(lines.len()))
@@ -401,16 +398,16 @@ fn validate(c: &TrainConfig) -> Result<(), ConfigError> {
             ),
         );
     }
-    if let crate::optim::Decay::Wsd { decay_steps } = c.schedule.decay {
-        if decay_steps + c.schedule.warmup_steps > total {
-            return bad(
-                "schedule.decay.decay_steps",
-                format!(
-                    "warmup + decay ({}) exceed the run ({total} steps)",
-                    decay_steps + c.schedule.warmup_steps
-                ),
-            );
-        }
+    if let crate::optim::Decay::Wsd { decay_steps } = c.schedule.decay
+        && decay_steps + c.schedule.warmup_steps > total
+    {
+        return bad(
+            "schedule.decay.decay_steps",
+            format!(
+                "warmup + decay ({}) exceed the run ({total} steps)",
+                decay_steps + c.schedule.warmup_steps
+            ),
+        );
     }
     if !(0.0..=1.0).contains(&c.parallelism.activation_checkpointing) {
         return bad(
@@ -436,10 +433,10 @@ fn validate(c: &TrainConfig) -> Result<(), ConfigError> {
             "eval.every_steps is set but no held-out datasets are given".into(),
         );
     }
-    if let Some(p) = c.logging.peak_tflops {
-        if !(p > 0.0) {
-            return bad("logging.peak_tflops", "must be positive".into());
-        }
+    if let Some(p) = c.logging.peak_tflops
+        && !(p > 0.0)
+    {
+        return bad("logging.peak_tflops", "must be positive".into());
     }
     c.model_config()?;
     Ok(())

@@ -70,7 +70,7 @@ impl TrainConfig {
     pub fn grad_accumulation(&self, world: usize) -> Result<u64, ConfigError> {
         let per_rank = self.global_batch_sequences() as usize;
         let mb = self.training.micro_batch;
-        if per_rank % (world * mb) != 0 {
+        if !per_rank.is_multiple_of(world * mb) {
             return Err(ConfigError::invalid(
                 "training.micro_batch",
                 format!(
