@@ -207,19 +207,57 @@ __device__ __forceinline__ void diag_apply(const ApplyTile<TRANS>& a, const floa
     }
 }
 
+#define DG_SP 68  // transposed S tile [32][64] rows, padded (16-byte aligned)
+
+// Copies stage j0 .. j0 + 32 of v, S, cs (and dt) into one buffer (cp.async,
+// one commit group). S's tile: forward [64][SKP] (S[i0 + ii, j0 + jj]),
+// transposed [32][DG_SP] (S[j0 + jj, i0 + ii]).
+template <bool TRANS, int SKP, typename V>
+__device__ __forceinline__ void diag_issue(const ApplyTile<TRANS>& a, const float* cm,
+                                           const float* dm, const V* vm, long long ldv, int q,
+                                           int h, int p, int j0, V (*Vs)[DG_VP], float* Sr,
+                                           float* c_j, float* d_j)
+{
+    const int VE = 16 / sizeof(V), CH = DG_T / VE;  // elements and copies per 64-column row
+    const int tid = threadIdx.x, i0 = a.i0, p0 = a.p0;
+    if (tid < DG_K) {
+        const int j = j0 + tid;
+        cp4(&c_j[tid], j < q ? cm + (long long)j * h : cm, j < q);
+        if (!TRANS) cp4(&d_j[tid], j < q ? dm + (long long)j * h : dm, j < q);
+    }
+    for (int e = tid; e < DG_K * CH; e += 256) {
+        const int jj = e / CH, c = (e % CH) * VE, j = j0 + jj, pc = p0 + c;
+        const bool ok = j < q && pc < p;
+        cp16(&Vs[jj][c], ok ? vm + (long long)j * ldv + pc : vm, ok);
+    }
+    const float* Sm = a.Sm;
+    if (!TRANS) {
+        for (int e = tid; e < DG_T * 8; e += 256) {
+            const int ii = e >> 3, c4 = (e & 7) * 4, i = i0 + ii, j = j0 + c4;
+            const bool ok = i < q && j < q;
+            cp16(&Sr[ii * SKP + c4], ok ? Sm + (long long)i * q + j : Sm, ok);
+        }
+    } else {
+        for (int e = tid; e < DG_K * 16; e += 256) {
+            const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, i = i0 + c4;
+            const bool ok = j < q && i < q;
+            cp16(&Sr[jj * DG_SP + c4], ok ? Sm + (long long)j * q + i : Sm, ok);
+        }
+    }
+    cp_commit();
+}
+
 // diag_apply with the next 32-row tile of v, S, cs (and dt) copied in
 // (cp.async) while this one multiplies: the loop was bound by two dependent
 // global round trips per tile. Needs q a multiple of 4 and p of a 16-byte
 // access (4 f32, 8 bf16).
-#define DG_SP 68  // transposed S tile [32][64] rows, padded (16-byte aligned)
 template <bool TRANS, bool TC, typename V>
-__device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
-                                                const float* __restrict__ cs,
-                                                const float* __restrict__ dt,
-                                                const V* __restrict__ v, long long ldv, int q,
-                                                int h, int p, float (&acc)[16])
+__device__ __forceinline__ void diag_apply_staged(const ApplyTile<TRANS>& a,
+                                                  const float* __restrict__ cs,
+                                                  const float* __restrict__ dt,
+                                                  const V* __restrict__ v, long long ldv, int q,
+                                                  int h, int p, float (&acc)[16])
 {
-    const int VE = 16 / sizeof(V), CH = DG_T / VE;  // elements and copies per 64-column row
     __shared__ __align__(16) V Vs[2][DG_K][DG_VP];
     __shared__ __align__(16) float Sr[2][DG_T * DG_KP];  // [64][36] or [32][68]
     __shared__ float Ms[DG_T][DG_KP];
@@ -228,37 +266,14 @@ __device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
     __shared__ float d_j[2][DG_K];
     const int tid = threadIdx.x;
     const Frag f;
-    const int i0 = a.i0, p0 = a.p0, j_begin = a.j_begin;
-    const float *Sm = a.Sm, *cm = cs + a.ro, *dm = dt + a.ro;
+    const int i0 = a.i0, j_begin = a.j_begin;
+    const float *cm = cs + a.ro, *dm = dt + a.ro;
     const V* vm = v + a.t0 * ldv + a.c0;
     if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
     const int tiles = (a.j_end - j_begin + DG_K - 1) / DG_K;
     auto issue = [&](int t, int buf) {
-        const int j0 = j_begin + t * DG_K;
-        if (tid < DG_K) {
-            const int j = j0 + tid;
-            cp4(&c_j[buf][tid], j < q ? cm + (long long)j * h : cm, j < q);
-            if (!TRANS) cp4(&d_j[buf][tid], j < q ? dm + (long long)j * h : dm, j < q);
-        }
-        for (int e = tid; e < DG_K * CH; e += 256) {
-            const int jj = e / CH, c = (e % CH) * VE, j = j0 + jj, pc = p0 + c;
-            const bool ok = j < q && pc < p;
-            cp16(&Vs[buf][jj][c], ok ? vm + (long long)j * ldv + pc : vm, ok);
-        }
-        if (!TRANS) {  // S[i0 .. i0 + 64, j0 .. j0 + 32]
-            for (int e = tid; e < DG_T * 8; e += 256) {
-                const int ii = e >> 3, c4 = (e & 7) * 4, i = i0 + ii, j = j0 + c4;
-                const bool ok = i < q && j < q;
-                cp16(&Sr[buf][ii * DG_KP + c4], ok ? Sm + (long long)i * q + j : Sm, ok);
-            }
-        } else {  // S[j0 .. j0 + 32, i0 .. i0 + 64]
-            for (int e = tid; e < DG_K * 16; e += 256) {
-                const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, i = i0 + c4;
-                const bool ok = j < q && i < q;
-                cp16(&Sr[buf][jj * DG_SP + c4], ok ? Sm + (long long)j * q + i : Sm, ok);
-            }
-        }
-        cp_commit();
+        diag_issue<TRANS, DG_KP, V>(a, cm, dm, vm, ldv, q, h, p, j_begin + t * DG_K, Vs[buf],
+                                    Sr[buf], c_j[buf], d_j[buf]);
     };
     issue(0, 0);
     for (int t = 0; t < tiles; ++t) {
@@ -296,6 +311,106 @@ __device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
                      [&](int k, int j) { return ld(&Vs[buf][k][0], j); });
         __syncthreads();  // Ms and this buffer consumed before they are refilled
     }
+}
+
+// The staged product for bf16 v on tensor cores, as mamba_ssm's chunk_scan
+// runs it: each thread builds its own elements of M straight into the bf16
+// A fragments of mma.m16n8k16 (M rounded to bf16, v exact), v's fragments
+// come through ldmatrix.trans, one barrier per stage (no shared M tile and
+// its two barriers). The two column warps of a row block both build its M
+// fragments: cheaper than a shared tile.
+#define DG_FKP 40  // forward S tile rows: conflict-free 8-byte fragment reads
+template <bool TRANS>
+__device__ __forceinline__ void diag_apply_mma(const ApplyTile<TRANS>& a,
+                                               const float* __restrict__ cs,
+                                               const float* __restrict__ dt,
+                                               const bf16_t* __restrict__ v, long long ldv,
+                                               int q, int h, int p, float (&acc)[16])
+{
+    __shared__ __align__(16) bf16_t Vs[2][DG_K][DG_VP];
+    __shared__ __align__(16) float Sr[2][DG_T * DG_FKP];  // [64][40] or [32][68]
+    __shared__ float c_j[2][DG_K];
+    __shared__ float d_j[2][DG_K];
+    const int lane = threadIdx.x & 31;
+    const Frag f;
+    const int j_begin = a.j_begin;
+    const float *cm = cs + a.ro, *dm = dt + a.ro;
+    const bf16_t* vm = v + a.t0 * ldv + a.c0;
+    // This thread's two rows (tile rows ri[r] = rb + g + 8 r).
+    int ri[2];
+    float ci[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        ri[r] = f.rb + f.g + 8 * r;
+        const int i = a.i0 + ri[r];
+        ci[r] = i < q ? cm[(long long)i * h] : 0.0f;
+    }
+    // ldmatrix.trans row addresses: lane l reads k row (l & 7) + 8 ((l >> 3) & 1),
+    // columns cb + 8 (l >> 4) (+ 16 per column pair).
+    const int lk = (lane & 7) + 8 * ((lane >> 3) & 1), ln = f.cb + 8 * (lane >> 4);
+    const int tiles = (a.j_end - j_begin + DG_K - 1) / DG_K;
+    diag_issue<TRANS, DG_FKP, bf16_t>(a, cm, dm, vm, ldv, q, h, p, j_begin, Vs[0], Sr[0], c_j[0],
+                                      d_j[0]);
+    for (int t = 0; t < tiles; ++t) {
+        const int buf = t & 1, j0 = j_begin + t * DG_K;
+        cp_wait<0>();
+        __syncthreads();  // stage t landed for every thread; stage t - 1 consumed
+        if (t + 1 < tiles)
+            diag_issue<TRANS, DG_FKP, bf16_t>(a, cm, dm, vm, ldv, q, h, p, j0 + DG_K,
+                                              Vs[buf ^ 1], Sr[buf ^ 1], c_j[buf ^ 1],
+                                              d_j[buf ^ 1]);
+        const float* S = Sr[buf];
+#pragma unroll
+        for (int kk = 0; kk < DG_K; kk += 16) {
+            // A fragment: rows ri[0], ri[1]; columns kk + 2t + {0, 1} (+ 8).
+            unsigned af[4];
+#pragma unroll
+            for (int hc = 0; hc < 2; ++hc) {
+                const int jj = kk + 2 * f.t + 8 * hc, j = j0 + jj;
+                const float cj0 = c_j[buf][jj], cj1 = c_j[buf][jj + 1];
+                const float dj0 = TRANS ? 1.0f : d_j[buf][jj], dj1 = TRANS ? 1.0f : d_j[buf][jj + 1];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = a.i0 + ri[r];
+                    float s0, s1, m0, m1;
+                    if (TRANS) {
+                        s0 = S[jj * DG_SP + ri[r]];
+                        s1 = S[(jj + 1) * DG_SP + ri[r]];
+                        m0 = (j >= i && j < q) ? __expf(cj0 - ci[r]) * s0 : 0.0f;
+                        m1 = (j + 1 >= i && j + 1 < q) ? __expf(cj1 - ci[r]) * s1 : 0.0f;
+                    } else {
+                        const float2 sv = *reinterpret_cast<const float2*>(S + ri[r] * DG_FKP + jj);
+                        s0 = sv.x;
+                        s1 = sv.y;
+                        m0 = (j <= i && i < q) ? __expf(ci[r] - cj0) * dj0 * s0 : 0.0f;
+                        m1 = (j + 1 <= i && i < q) ? __expf(ci[r] - cj1) * dj1 * s1 : 0.0f;
+                    }
+                    af[r + 2 * hc] = pack2(m0, m1);
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                unsigned b[4];
+                ldsm4t(b, &Vs[buf][kk + lk][ln + 16 * s]);
+                mma16816(acc + 8 * s, af, b[0], b[1]);
+                mma16816(acc + 8 * s + 4, af, b[2], b[3]);
+            }
+        }
+    }
+}
+
+// The staged product: bf16 v on tensor cores through diag_apply_mma.
+template <bool TRANS, bool TC, typename V>
+__device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
+                                                const float* __restrict__ cs,
+                                                const float* __restrict__ dt,
+                                                const V* __restrict__ v, long long ldv, int q,
+                                                int h, int p, float (&acc)[16])
+{
+    if constexpr (TC && sizeof(V) == 2)
+        diag_apply_mma<TRANS>(a, cs, dt, v, ldv, q, h, p, acc);
+    else
+        diag_apply_staged<TRANS, TC, V>(a, cs, dt, v, ldv, q, h, p, acc);
 }
 
 // The transposed product's epilogue: dx = dt[i] acc (+ dx_add; x's dtype) and
@@ -441,6 +556,28 @@ __device__ __forceinline__ void grad_head(
     }
 }
 
+// d += dy x^T over one 32-column stage with both in bf16: mma.m16n8k16 with
+// ldmatrix fragments (exact products, as the TF32 form, at twice its rate).
+// As [64 rows i][c], Bs [64 rows j][c], rows of XPad<bf16_t>::KP.
+__device__ __forceinline__ void grad_mma(float (&d)[16], const Frag& f,
+                                         const bf16_t (*As)[XPad<bf16_t>::KP],
+                                         const bf16_t (*Bs)[XPad<bf16_t>::KP])
+{
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < DG_K; k += 16) {
+        unsigned a[4];
+        ldsm4(a, &As[f.rb + (lane & 15)][k + 8 * (lane >> 4)]);
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+            unsigned b[4];
+            ldsm4(b, &Bs[f.cb + 16 * s + (lane & 7) + 8 * (lane >> 4)][k + 8 * ((lane >> 3) & 1)]);
+            mma16816(d + 8 * s, a, b[0], b[1]);
+            mma16816(d + 8 * s + 4, a, b[2], b[3]);
+        }
+    }
+}
+
 // For one 64 x 64 tile (it, jt) of one (batch-chunk, group), with
 //   G_h[i, j] = exp(cs_h[i] - cs_h[j]) dt_h[j] (dy_h[i] . x_h[j])   (j <= i):
 //   dS[i, j] = sum over the group's heads of G_h[i, j];
@@ -549,9 +686,12 @@ __device__ __forceinline__ void diag_grad(
                 issue(st, 0);
             }
             __syncthreads();
-            tile_mma<TC, sizeof(X) == 2>(d, f, DG_K,
-                         [&](int i, int c) { return ld(&As[buf][i][0], c); },
-                         [&](int c, int j) { return ld(&Bs[buf][j][0], c); });
+            if constexpr (TC && sizeof(X) == 2 && sizeof(DY) == 2)
+                grad_mma(d, f, As[buf], Bs[buf]);
+            else
+                tile_mma<TC, sizeof(X) == 2>(d, f, DG_K,
+                             [&](int i, int c) { return ld(&As[buf][i][0], c); },
+                             [&](int c, int j) { return ld(&Bs[buf][j][0], c); });
             if (PIPE) __syncthreads();  // this buffer consumed before it is refilled
         }
         grad_head(f, d, s, ds, c_i, c_j, d_j, red, part, i0, j0, q, h, hi, it, jt, nt, bcn, bc);
