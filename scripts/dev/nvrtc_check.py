@@ -3,13 +3,18 @@
 (no GPU needed): `python3 scripts/dev/nvrtc_check.py [path/to/libnvrtc.so]`.
 NVRTC comes from PyPI's nvidia-cuda-nvrtc wheel (unzip it anywhere).
 With `--ptxas PATH [--only NAME]` (ptxas from the nvidia-cuda-nvcc wheel) it
-also assembles each source's PTX and prints registers and spills per kernel."""
+also assembles each source's PTX and prints registers and spills per kernel;
+`--cubin DIR` keeps each source's cubin there (DIR/NAME.cubin, for nvdisasm
+from the nvidia-cuda-nvdisasm wheel: `nvdisasm -fun KERNEL -c FILE`)."""
 import ctypes, re, subprocess, sys, tempfile, pathlib
 
 args = sys.argv[1:]
 ptxas = only = None
 if "--ptxas" in args:
     i = args.index("--ptxas"); ptxas = args[i + 1]; del args[i:i + 2]
+cubin = None
+if "--cubin" in args:
+    i = args.index("--cubin"); cubin = args[i + 1]; del args[i:i + 2]
 if "--only" in args:
     i = args.index("--only"); only = args[i + 1]; del args[i:i + 2]
 lib = ctypes.CDLL(args[0] if args else "libnvrtc.so.13")
@@ -46,7 +51,8 @@ for name, body in srcs.items():
         with tempfile.NamedTemporaryFile(suffix=".ptx") as f:
             f.write(ptx.value)
             f.flush()
-            out = subprocess.run([ptxas, "-v", "-arch=sm_90", f.name, "-o", "/dev/null"],
+            dst = f"{cubin}/{name}.cubin" if cubin else "/dev/null"
+            out = subprocess.run([ptxas, "-v", "-arch=sm_90", f.name, "-o", dst],
                                  capture_output=True, text=True)
         fn = None
         for line in out.stderr.splitlines():

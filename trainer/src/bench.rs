@@ -777,6 +777,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
             (1, 2, 130, 3, 70, 1),
             (1, 2, 132, 4, 68, 2), // the pipelined kernels' partial tiles (f32 x)
             (1, 2, 136, 4, 72, 2), // the same with bf16 x, two column tiles
+            (1, 2, 64, 3, 64, 1),  // bf16 pipelined, one head per block (3 per group)
             (1, 16, 256, 64, 64, 1),
         ]
         .into_iter()

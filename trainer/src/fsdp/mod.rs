@@ -526,7 +526,6 @@ mod tests {
     use super::*;
     use crate::optim::adamw::AdamWConfig;
     use bamba_model::BambaConfig;
-    use burn::backend::Flex;
 
     /// Each unit's no-decay ranges cover exactly the elements of its
     /// no-decay parameters on that rank, in a few runs; the embedding and

@@ -164,7 +164,17 @@ __device__ __forceinline__ void sum_sq(const Parts& xp, float* part, long long n
     const long long n4 = xp.vec ? n / 4 : 0;
     float s = 0.0f;
     GradAt<X> x4(xp);
-    for (long long i = tid; i < n4; i += stride) {
+    // Four passes' loads in flight per thread (one 8-byte bf16 load each
+    // fell short of the memory's bandwidth); the sum's order is fixed.
+    long long i = tid;
+    for (; i + 3 * stride < n4; i += 4 * stride) {
+        float4 q[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) q[u] = x4.four(i + u * stride);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) s += q[u].x * q[u].x + q[u].y * q[u].y + q[u].z * q[u].z + q[u].w * q[u].w;
+    }
+    for (; i < n4; i += stride) {
         const float4 q = x4.four(i);
         s += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
     }

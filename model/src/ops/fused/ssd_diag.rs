@@ -42,9 +42,10 @@ __device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, unsigned b
 
 struct Frag {
     int rb, cb, g, t;
-    __device__ Frag() {
+    // wide: the warp covers all 64 columns (32 accumulators, two-head blocks).
+    __device__ Frag(bool wide = false) {
         const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-        rb = (w & 3) * 16; cb = (w >> 2) * 32; g = lane >> 2; t = lane & 3;
+        rb = (w & 3) * 16; cb = wide ? 0 : (w >> 2) * 32; g = lane >> 2; t = lane & 3;
     }
     // Accumulator element e (s = e / 4, k = e % 4) -> tile row and column.
     __device__ int row(int e) const { return rb + g + ((e & 2) ? 8 : 0); }
@@ -113,13 +114,16 @@ struct ApplyTile {
     long long ro;  // this (chunk, head) in [bc, q, h]: cs[ro + i h]
     long long t0;  // its first token: row t0 + i, columns c0 .. c0 + p
     int c0;
+    long long nrows;  // bc * q * h
     const float* Sm;
-    __device__ __forceinline__ ApplyTile(const float* S, int q, int h, int g, int p) {
-        const int nt = (q + DG_T - 1) / DG_T;
+    // hpb heads per block (1 or 2): the block's first head.
+    __device__ __forceinline__ ApplyTile(const float* S, int q, int h, int g, int p, int hpb = 1) {
+        const int nt = (q + DG_T - 1) / DG_T, hb = h / hpb;
         const int r = (int)(blockIdx.x % (unsigned)nt);
         const int it = TRANS ? r : nt - 1 - r;
-        const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)h);
-        const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)h);
+        const int hi = (int)((blockIdx.x / (unsigned)nt) % (unsigned)hb) * hpb;
+        const long long bc = blockIdx.x / ((unsigned)nt * (unsigned)hb);
+        nrows = (long long)(gridDim.x / ((unsigned)nt * (unsigned)hb)) * q * h;
         p0 = blockIdx.y * DG_T;
         i0 = it * DG_T;
         const int gi = hi / (h / g);
@@ -131,16 +135,23 @@ struct ApplyTile {
         j_begin = TRANS ? i0 : 0;
         j_end = TRANS ? q : min(q, i0 + DG_T);
     }
+    // The same tile for the next head (`k` heads on).
+    __device__ __forceinline__ ApplyTile head(int k, int p) const {
+        ApplyTile a = *this;
+        a.ro += k;
+        a.c0 += k * p;
+        return a;
+    }
     // The accumulator tile times `scale(i)` per row, plus `add` (same
     // layout as `out`) where given, written out (column pairs as one store
     // where p is even).
-    template <typename O, typename F>
-    __device__ __forceinline__ void store(const float (&acc)[16], const Frag& f, O* out, int q,
+    template <int NE, typename O, typename F>
+    __device__ __forceinline__ void store(const float (&acc)[NE], const Frag& f, O* out, int q,
                                           int p, F scale, const O* add = nullptr) const {
         O* om = out + t0 * rs + c0;
         const O* am = add ? add + t0 * rs + c0 : nullptr;
 #pragma unroll
-        for (int e = 0; e < 16; e += 2) {
+        for (int e = 0; e < NE; e += 2) {
             const int i = i0 + f.row(e), pc = p0 + f.col(e);
             if (i >= q || pc >= p) continue;
             const float sc = scale(e);
@@ -210,42 +221,76 @@ __device__ __forceinline__ void diag_apply(const ApplyTile<TRANS>& a, const floa
 #define DG_SP 68  // transposed S tile [32][64] rows, padded (16-byte aligned)
 
 // Copies stage j0 .. j0 + 32 of v, S, cs (and dt) into one buffer (cp.async,
-// one commit group). S's tile: forward [64][SKP] (S[i0 + ii, j0 + jj]),
-// transposed [32][DG_SP] (S[j0 + jj, i0 + ii]).
-template <bool TRANS, int SKP, typename V>
-__device__ __forceinline__ void diag_issue(const ApplyTile<TRANS>& a, const float* cm,
-                                           const float* dm, const V* vm, long long ldv, int q,
-                                           int h, int p, int j0, V (*Vs)[DG_VP], float* Sr,
-                                           float* c_j, float* d_j)
-{
-    const int VE = 16 / sizeof(V), CH = DG_T / VE;  // elements and copies per 64-column row
-    const int tid = threadIdx.x, i0 = a.i0, p0 = a.p0;
-    if (tid < DG_K) {
-        const int j = j0 + tid;
-        cp4(&c_j[tid], j < q ? cm + (long long)j * h : cm, j < q);
-        if (!TRANS) cp4(&d_j[tid], j < q ? dm + (long long)j * h : dm, j < q);
-    }
-    for (int e = tid; e < DG_K * CH; e += 256) {
-        const int jj = e / CH, c = (e % CH) * VE, j = j0 + jj, pc = p0 + c;
-        const bool ok = j < q && pc < p;
-        cp16(&Vs[jj][c], ok ? vm + (long long)j * ldv + pc : vm, ok);
-    }
-    const float* Sm = a.Sm;
-    if (!TRANS) {
-        for (int e = tid; e < DG_T * 8; e += 256) {
-            const int ii = e >> 3, c4 = (e & 7) * 4, i = i0 + ii, j = j0 + c4;
-            const bool ok = i < q && j < q;
-            cp16(&Sr[ii * SKP + c4], ok ? Sm + (long long)i * q + j : Sm, ok);
+// one commit group) for NH heads from a's: v rows [NH * 32] (head k's at
+// 32 k), c_j and d_j [NH * 32]; S (the group's, shared) as [64][SKP]
+// (S[i0 + ii, j0 + jj]) forward, [32][DG_SP] (S[j0 + jj, i0 + ii])
+// transposed. Each thread's copies are worked out once (32-bit offsets
+// from the stage's first row, and the stage limit below which each is in
+// bounds): recomputing them per stage took more instructions than the
+// products.
+template <bool TRANS, int SKP, int NH, typename V>
+struct Stager {
+    static constexpr int VE = 16 / sizeof(V), CH = DG_T / VE;  // elements, copies per 64-column row
+    static constexpr int VN = NH * DG_K * CH / 256, SN = 2;    // copies per thread (S: 512)
+    int vg[VN], vs[VN], vl[VN], sg[SN], ss[SN], sl[SN], cg, cl;
+    const V* vm;
+    const float *Sm, *cm, *dm;
+    long long ldv;
+    int q, h;
+    __device__ __forceinline__ Stager(const ApplyTile<TRANS>& a, const float* cs, const float* dt,
+                                      const V* v, long long ldv_, int q_, int h_, int p)
+        : vm(v + a.t0 * ldv_ + a.c0), cm(cs + a.ro), dm(dt + a.ro), ldv(ldv_), q(q_), h(h_) {
+        const int tid = threadIdx.x;
+        Sm = TRANS ? a.Sm + a.i0 : a.Sm + (long long)a.i0 * q;
+#pragma unroll
+        for (int u = 0; u < VN; ++u) {
+            const int e = tid + 256 * u, k = e / (DG_K * CH), r = e % (DG_K * CH);
+            const int jj = r / CH, c = (r % CH) * VE, pc = a.p0 + c;
+            vg[u] = k * p + jj * (int)ldv + pc;
+            vs[u] = (k * DG_K + jj) * DG_VP + c;
+            vl[u] = pc < p ? q - jj : -1;
         }
-    } else {
-        for (int e = tid; e < DG_K * 16; e += 256) {
-            const int jj = e >> 4, c4 = (e & 15) * 4, j = j0 + jj, i = i0 + c4;
-            const bool ok = j < q && i < q;
-            cp16(&Sr[jj * DG_SP + c4], ok ? Sm + (long long)j * q + i : Sm, ok);
+#pragma unroll
+        for (int u = 0; u < SN; ++u) {
+            const int e = tid + 256 * u;
+            if (!TRANS) {
+                const int ii = e >> 3, c4 = (e & 7) * 4;
+                sg[u] = ii * q + c4;
+                ss[u] = ii * SKP + c4;
+                sl[u] = a.i0 + ii < q ? q - c4 : -1;
+            } else {
+                const int jj = e >> 4, c4 = (e & 15) * 4;
+                sg[u] = jj * q + c4;
+                ss[u] = jj * DG_SP + c4;
+                sl[u] = a.i0 + c4 < q ? q - jj : -1;
+            }
         }
+        cg = tid / DG_K + (tid % DG_K) * h;
+        cl = tid < NH * DG_K ? q - tid % DG_K : -1;
     }
-    cp_commit();
-}
+    __device__ __forceinline__ void issue(int j0, V (*Vs)[DG_VP], float* Sr, float* c_j,
+                                          float* d_j) const {
+        const V* vb = vm + (long long)j0 * ldv;
+#pragma unroll
+        for (int u = 0; u < VN; ++u) {
+            const bool ok = j0 < vl[u];
+            cp16(&Vs[0][0] + vs[u], ok ? vb + vg[u] : vm, ok);
+        }
+        const float* sb = TRANS ? Sm + (long long)j0 * q : Sm + j0;
+#pragma unroll
+        for (int u = 0; u < SN; ++u) {
+            const bool ok = j0 < sl[u];
+            cp16(Sr + ss[u], ok ? sb + sg[u] : Sm, ok);
+        }
+        if (threadIdx.x < NH * DG_K) {
+            const bool ok = j0 < cl;
+            const long long o = (long long)j0 * h + cg;
+            cp4(c_j + threadIdx.x, ok ? cm + o : cm, ok);
+            if (!TRANS) cp4(d_j + threadIdx.x, ok ? dm + o : dm, ok);
+        }
+        cp_commit();
+    }
+};
 
 // diag_apply with the next 32-row tile of v, S, cs (and dt) copied in
 // (cp.async) while this one multiplies: the loop was bound by two dependent
@@ -267,13 +312,12 @@ __device__ __forceinline__ void diag_apply_staged(const ApplyTile<TRANS>& a,
     const int tid = threadIdx.x;
     const Frag f;
     const int i0 = a.i0, j_begin = a.j_begin;
-    const float *cm = cs + a.ro, *dm = dt + a.ro;
-    const V* vm = v + a.t0 * ldv + a.c0;
+    const float* cm = cs + a.ro;
     if (tid < DG_T) c_i[tid] = i0 + tid < q ? cm[(long long)(i0 + tid) * h] : 0.0f;
     const int tiles = (a.j_end - j_begin + DG_K - 1) / DG_K;
+    const Stager<TRANS, DG_KP, 1, V> st(a, cs, dt, v, ldv, q, h, p);
     auto issue = [&](int t, int buf) {
-        diag_issue<TRANS, DG_KP, V>(a, cm, dm, vm, ldv, q, h, p, j_begin + t * DG_K, Vs[buf],
-                                    Sr[buf], c_j[buf], d_j[buf]);
+        st.issue(j_begin + t * DG_K, Vs[buf], Sr[buf], c_j[buf], d_j[buf]);
     };
     issue(0, 0);
     for (int t = 0; t < tiles; ++t) {
@@ -316,50 +360,50 @@ __device__ __forceinline__ void diag_apply_staged(const ApplyTile<TRANS>& a,
 // The staged product for bf16 v on tensor cores, as mamba_ssm's chunk_scan
 // runs it: each thread builds its own elements of M straight into the bf16
 // A fragments of mma.m16n8k16 (M rounded to bf16, v exact), v's fragments
-// come through ldmatrix.trans, one barrier per stage (no shared M tile and
-// its two barriers). The two column warps of a row block both build its M
-// fragments: cheaper than a shared tile.
+// come through ldmatrix.trans, one barrier per stage (no shared M tile).
+// NH heads per block (1, or 2 of one group): with two, warp w computes head
+// w / 4's rows (w % 4) * 16 .. + 16 over all 64 columns (Frag(true), 32
+// accumulators), so each element of M is built once and each S tile
+// serves both heads; with one, the two column warps of a row block both
+// build its M fragments. `a` is the block's first head.
 #define DG_FKP 40  // forward S tile rows: conflict-free 8-byte fragment reads
-template <bool TRANS>
+template <bool TRANS, int NH>
 __device__ __forceinline__ void diag_apply_mma(const ApplyTile<TRANS>& a,
                                                const float* __restrict__ cs,
                                                const float* __restrict__ dt,
                                                const bf16_t* __restrict__ v, long long ldv,
-                                               int q, int h, int p, float (&acc)[16])
+                                               int q, int h, int p, float (&acc)[16 * NH])
 {
-    __shared__ __align__(16) bf16_t Vs[2][DG_K][DG_VP];
+    __shared__ __align__(16) bf16_t Vs[2][NH * DG_K][DG_VP];
     __shared__ __align__(16) float Sr[2][DG_T * DG_FKP];  // [64][40] or [32][68]
-    __shared__ float c_j[2][DG_K];
-    __shared__ float d_j[2][DG_K];
-    const int lane = threadIdx.x & 31;
-    const Frag f;
+    __shared__ float c_j[2][NH * DG_K];
+    __shared__ float d_j[2][NH * DG_K];
+    const int lane = threadIdx.x & 31, hw = NH == 2 ? threadIdx.x >> 7 : 0;  // the warp's head
+    const Frag f(NH == 2);
     const int j_begin = a.j_begin;
-    const float *cm = cs + a.ro, *dm = dt + a.ro;
-    const bf16_t* vm = v + a.t0 * ldv + a.c0;
+    const float* cm = cs + a.ro + hw;
     // This thread's two rows (tile rows ri[r] = rb + g + 8 r).
     int ri[2];
     float ci[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2; ++r) {  // in log2 units (exp as ex2)
         ri[r] = f.rb + f.g + 8 * r;
         const int i = a.i0 + ri[r];
-        ci[r] = i < q ? cm[(long long)i * h] : 0.0f;
+        ci[r] = i < q ? cm[(long long)i * h] * LOG2E : 0.0f;
     }
     // ldmatrix.trans row addresses: lane l reads k row (l & 7) + 8 ((l >> 3) & 1),
     // columns cb + 8 (l >> 4) (+ 16 per column pair).
-    const int lk = (lane & 7) + 8 * ((lane >> 3) & 1), ln = f.cb + 8 * (lane >> 4);
+    const int lk = hw * DG_K + (lane & 7) + 8 * ((lane >> 3) & 1), ln = f.cb + 8 * (lane >> 4);
     const int tiles = (a.j_end - j_begin + DG_K - 1) / DG_K;
-    diag_issue<TRANS, DG_FKP, bf16_t>(a, cm, dm, vm, ldv, q, h, p, j_begin, Vs[0], Sr[0], c_j[0],
-                                      d_j[0]);
+    const Stager<TRANS, DG_FKP, NH, bf16_t> st(a, cs, dt, v, ldv, q, h, p);
+    st.issue(j_begin, Vs[0], Sr[0], c_j[0], d_j[0]);
     for (int t = 0; t < tiles; ++t) {
         const int buf = t & 1, j0 = j_begin + t * DG_K;
         cp_wait<0>();
         __syncthreads();  // stage t landed for every thread; stage t - 1 consumed
-        if (t + 1 < tiles)
-            diag_issue<TRANS, DG_FKP, bf16_t>(a, cm, dm, vm, ldv, q, h, p, j0 + DG_K,
-                                              Vs[buf ^ 1], Sr[buf ^ 1], c_j[buf ^ 1],
-                                              d_j[buf ^ 1]);
+        if (t + 1 < tiles) st.issue(j0 + DG_K, Vs[buf ^ 1], Sr[buf ^ 1], c_j[buf ^ 1], d_j[buf ^ 1]);
         const float* S = Sr[buf];
+        const float *cj = c_j[buf] + hw * DG_K, *dj = d_j[buf] + hw * DG_K;
 #pragma unroll
         for (int kk = 0; kk < DG_K; kk += 16) {
             // A fragment: rows ri[0], ri[1]; columns kk + 2t + {0, 1} (+ 8).
@@ -367,29 +411,32 @@ __device__ __forceinline__ void diag_apply_mma(const ApplyTile<TRANS>& a,
 #pragma unroll
             for (int hc = 0; hc < 2; ++hc) {
                 const int jj = kk + 2 * f.t + 8 * hc, j = j0 + jj;
-                const float cj0 = c_j[buf][jj], cj1 = c_j[buf][jj + 1];
-                const float dj0 = TRANS ? 1.0f : d_j[buf][jj], dj1 = TRANS ? 1.0f : d_j[buf][jj + 1];
+                const float cj0 = cj[jj], cj1 = cj[jj + 1];
+                const float dj0 = TRANS ? 1.0f : dj[jj], dj1 = TRANS ? 1.0f : dj[jj + 1];
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
+                    // Computed everywhere, then selected (no branches; a
+                    // masked exponent may overflow, its product is dropped).
                     const int i = a.i0 + ri[r];
-                    float s0, s1, m0, m1;
+                    float m0, m1;
                     if (TRANS) {
-                        s0 = S[jj * DG_SP + ri[r]];
-                        s1 = S[(jj + 1) * DG_SP + ri[r]];
-                        m0 = (j >= i && j < q) ? __expf(cj0 - ci[r]) * s0 : 0.0f;
-                        m1 = (j + 1 >= i && j + 1 < q) ? __expf(cj1 - ci[r]) * s1 : 0.0f;
+                        const float s0 = S[jj * DG_SP + ri[r]], s1 = S[(jj + 1) * DG_SP + ri[r]];
+                        const float e0 = ex2(fmaf(cj0, LOG2E, -ci[r])) * s0;
+                        const float e1 = ex2(fmaf(cj1, LOG2E, -ci[r])) * s1;
+                        m0 = (j >= i && j < q) ? e0 : 0.0f;
+                        m1 = (j + 1 >= i && j + 1 < q) ? e1 : 0.0f;
                     } else {
                         const float2 sv = *reinterpret_cast<const float2*>(S + ri[r] * DG_FKP + jj);
-                        s0 = sv.x;
-                        s1 = sv.y;
-                        m0 = (j <= i && i < q) ? __expf(ci[r] - cj0) * dj0 * s0 : 0.0f;
-                        m1 = (j + 1 <= i && i < q) ? __expf(ci[r] - cj1) * dj1 * s1 : 0.0f;
+                        const float e0 = ex2(fmaf(cj0, -LOG2E, ci[r])) * dj0 * sv.x;
+                        const float e1 = ex2(fmaf(cj1, -LOG2E, ci[r])) * dj1 * sv.y;
+                        m0 = (j <= i && i < q) ? e0 : 0.0f;
+                        m1 = (j + 1 <= i && i < q) ? e1 : 0.0f;
                     }
                     af[r + 2 * hc] = pack2(m0, m1);
                 }
             }
 #pragma unroll
-            for (int s = 0; s < 2; ++s) {
+            for (int s = 0; s < 2 * NH; ++s) {
                 unsigned b[4];
                 ldsm4t(b, &Vs[buf][kk + lk][ln + 16 * s]);
                 mma16816(acc + 8 * s, af, b[0], b[1]);
@@ -408,7 +455,7 @@ __device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
                                                 int h, int p, float (&acc)[16])
 {
     if constexpr (TC && sizeof(V) == 2)
-        diag_apply_mma<TRANS>(a, cs, dt, v, ldv, q, h, p, acc);
+        diag_apply_mma<TRANS, 1>(a, cs, dt, v, ldv, q, h, p, acc);
     else
         diag_apply_staged<TRANS, TC, V>(a, cs, dt, v, ldv, q, h, p, acc);
 }
@@ -416,9 +463,9 @@ __device__ __forceinline__ void diag_apply_pipe(const ApplyTile<TRANS>& a,
 // The transposed product's epilogue: dx = dt[i] acc (+ dx_add; x's dtype) and
 // ddt[i] = sum_c x[i, c] acc[i, c] over this block's columns, into
 // part[blockIdx.y, bc, i, h] (p tiles summed after; one tile: ddt itself).
-template <typename X>
+template <typename X, int NE>
 __device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag& f,
-                                            const float (&acc)[16], const float* __restrict__ dt,
+                                            const float (&acc)[NE], const float* __restrict__ dt,
                                             const X* __restrict__ x, long long ldx,
                                             X* __restrict__ dx, const X* __restrict__ dx_add,
                                             float* __restrict__ part, int q, int h, int p)
@@ -434,7 +481,7 @@ __device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag
         dtr[r] = i < q ? dm[(long long)i * h] : 0.0f;
     }
 #pragma unroll
-    for (int e = 0; e < 16; ++e) {
+    for (int e = 0; e < NE; ++e) {
         const int i = a.i0 + f.row(e), pc = a.p0 + f.col(e);
         if (i < q && pc < p) rsum[(e >> 1) & 1] += ld(xm, (long long)i * ldx + pc) * acc[e];
     }
@@ -444,14 +491,22 @@ __device__ __forceinline__ void dx_epilogue(const ApplyTile<true>& a, const Frag
         rsum[r] += __shfl_xor_sync(0xffffffffu, rsum[r], 1);
         rsum[r] += __shfl_xor_sync(0xffffffffu, rsum[r], 2);
     }
+    if constexpr (NE == 32) {  // the warp covers the rows' 64 columns
+        if (f.t == 0)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = a.i0 + f.rb + f.g + 8 * r;
+                if (i < q) part[blockIdx.y * a.nrows + a.ro + (long long)i * h] = rsum[r];
+            }
+        return;
+    }
     if (f.t == 0) {
         red[f.rb + f.g][w >> 2] = rsum[0];
         red[f.rb + f.g + 8][w >> 2] = rsum[1];
     }
     __syncthreads();
-    const long long rows = (long long)(gridDim.x / ((q + DG_T - 1) / DG_T)) * q;  // bc * h * q
     if (tid < DG_T && a.i0 + tid < q)
-        part[blockIdx.y * rows + a.ro + (long long)(a.i0 + tid) * h] = red[tid][0] + red[tid][1];
+        part[blockIdx.y * a.nrows + a.ro + (long long)(a.i0 + tid) * h] = red[tid][0] + red[tid][1];
 }
 
 // Register caps from ncu on the H100 (1B shapes): the forward at 78
@@ -494,6 +549,29 @@ DIAG_APPLY_ALL(f32, float)
 DIAG_APPLY_ALL(bf16, bf16_t)
 DIAG_DX_ALL(bf16_bf16, bf16_t, bf16_t)
 
+// Two heads per block (diag_apply_mma<_, 2>; bf16 x and dy, heads per group
+// even): 85 registers for the 32 accumulators, 3 blocks per SM.
+extern "C" __global__ void __launch_bounds__(256, 3) ssd_diag_fwd_tc_p2_bf16(
+    const float* S, const float* cs, const float* dt, const bf16_t* x, long long ldx,
+    float* out, int q, int h, int g, int p)
+{
+    const ApplyTile<false> a(S, q, h, g, p, 2);
+    float acc[32] = {};
+    diag_apply_mma<false, 2>(a, cs, dt, x, ldx, q, h, p, acc);
+    a.head(threadIdx.x >> 7, p).store(acc, Frag(true), out, q, p, [](int) { return 1.0f; });
+}
+extern "C" __global__ void __launch_bounds__(256, 3) ssd_diag_dx_tc_p2_bf16_bf16(
+    const float* S, const float* cs, const float* dt, const bf16_t* x, long long ldx,
+    const bf16_t* dy, bf16_t* dx, const bf16_t* dx_add, float* ddt_part, int q, int h, int g,
+    int p)
+{
+    const ApplyTile<true> a(S, q, h, g, p, 2);
+    float acc[32] = {};
+    diag_apply_mma<true, 2>(a, cs, dt, dy, a.rs, q, h, p, acc);
+    dx_epilogue<bf16_t>(a.head(threadIdx.x >> 7, p), Frag(true), acc, dt, x, ldx, dx, dx_add,
+                        ddt_part, q, h, p);
+}
+
 // One head's share of a (batch-chunk, group) tile's gradients, from its
 // d = dy x^T tile: dS into `ds`; dcs row sums into part slot jt, column sums
 // into slot nt + it.
@@ -516,7 +594,7 @@ __device__ __forceinline__ void grad_head(
         const int ii = f.row(e), jj = f.col(e);
         const int i = i0 + ii, j = j0 + jj;
         if (i < q && j <= i) {
-            const float ev = __expf(c_i[ii] - c_j[jj]) * d_j[jj] * d[e];
+            const float ev = ex2((c_i[ii] - c_j[jj]) * LOG2E) * d_j[jj] * d[e];
             ds[e] += ev;
             const float gg = s[e] * ev;
             rsum[(e >> 1) & 1] += gg;
@@ -750,6 +828,12 @@ fn kernel_name(base: &str, tf32: bool, pipe: bool, x: DType) -> String {
     format!("{base}{tc}{p}_{}", super::suffix(x))
 }
 
+/// The two-heads-per-block kernels apply: bf16 operands on tensor cores,
+/// pipelined, an even number of heads per group.
+fn head_pairs(tf32: bool, pipe: bool, x: DType, h: usize, g: usize) -> bool {
+    tf32 && pipe && x == DType::BF16 && (h / g).is_multiple_of(2)
+}
+
 /// Rows of `x` (`p` per head, tokens `ldx` apart) copied in 16-byte pieces.
 fn x_rows16(p: usize, ldx: usize, x: DType) -> bool {
     let v = 16 / x.size();
@@ -767,7 +851,13 @@ pub fn ssd_diag_fwd(s: T, cs: T, dt: T, x: T, tf32: bool) -> T {
     let (x, ldx) = super::token_rows(x, 1);
     if bcn * q * h * p > 0 {
         let pipe = q.is_multiple_of(4) && x_rows16(p, ldx, x.dtype);
-        let kernel = kernel_name("ssd_diag_fwd", tf32, pipe, x.dtype);
+        let pairs = head_pairs(tf32, pipe, x.dtype, h, g);
+        let kernel = if pairs {
+            "ssd_diag_fwd_tc_p2_bf16".to_string()
+        } else {
+            kernel_name("ssd_diag_fwd", tf32, pipe, x.dtype)
+        };
+        let hpb = if pairs { 2 } else { 1 };
         let device = x.device.index;
         let f = nvrtc::function(device, "ssd_diag", &diag_src(), &kernel);
         enqueue(
@@ -776,7 +866,11 @@ pub fn ssd_diag_fwd(s: T, cs: T, dt: T, x: T, tf32: bool) -> T {
                 let (mut q32, mut h32, mut g32, mut p32) = (q as i32, h as i32, g as i32, p as i32);
                 let mut ldx64 = ldx as i64;
                 let mut params = kernel_args!(s_p, c_p, d_p, x_p, ldx64, o_p, q32, h32, g32, p32);
-                let grid = ((q.div_ceil(64) * bcn * h) as u32, p.div_ceil(64) as u32, 1);
+                let grid = (
+                    (q.div_ceil(64) * bcn * h / hpb) as u32,
+                    p.div_ceil(64) as u32,
+                    1,
+                );
                 // SAFETY: the kernel's signature; contiguous operands of the checked shapes.
                 unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
             },
@@ -831,12 +925,14 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool, acc: Option<T>)
         let device = x.device.index;
         let src = diag_src();
         let dx_pipe = q.is_multiple_of(4) && dy16;
-        let f_dx = nvrtc::function(
-            device,
-            "ssd_diag",
-            &src,
-            &(kernel_name("ssd_diag_dx", tf32, dx_pipe, xdt) + &dy_sfx),
-        );
+        let pairs = head_pairs(tf32, dx_pipe, xdt, h, g) && dy.dtype == xdt;
+        let dx_kernel = if pairs {
+            "ssd_diag_dx_tc_p2_bf16_bf16".to_string()
+        } else {
+            kernel_name("ssd_diag_dx", tf32, dx_pipe, xdt) + &dy_sfx
+        };
+        let hpb = if pairs { 2 } else { 1 };
+        let f_dx = nvrtc::function(device, "ssd_diag", &src, &dx_kernel);
         let f_grad = nvrtc::function(
             device,
             "ssd_diag",
@@ -876,7 +972,7 @@ pub fn ssd_diag_bwd(dy: T, s: T, cs: T, dt: T, x: T, tf32: bool, acc: Option<T>)
                 let mut dx_params = kernel_args!(
                     s_p, c_p, d_p, x_p, ldx64, dy_p, dx_p, acc_p, ddt_p, q32, h32, g32, p32
                 );
-                let dx_grid = ((nt * bcn * h) as u32, pt as u32, 1);
+                let dx_grid = ((nt * bcn * h / hpb) as u32, pt as u32, 1);
                 let mut grad_params = kernel_args!(
                     s_p, c_p, d_p, x_p, ldx64, dy_p, ds_p, part_p, q32, h32, g32, p32, nt32, bcn64,
                     hs32
