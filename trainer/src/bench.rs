@@ -27,7 +27,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub profile_steps: u64,
     /// Instead of training steps, time forward and backward of each piece of
-    /// the model (layers, conv, SSD scan, projections, head) at the config's shape.
+    /// the model (layers, conv, SSD scan, projections, head) at the config's
+    /// shape, and the fused AdamW's memory bandwidth (GPU only).
     #[arg(long)]
     pub ops: bool,
     /// Instead of training steps, check each fused kernel (forward and
@@ -232,6 +233,9 @@ pub fn ops<B: BambaAutodiffBackend>(
                 "fused_plus_burn_op_us": fused_us, "ops": n})
         );
     }
+    if only.is_empty() || only.iter().any(|o| o == "adamw") {
+        adamw_bandwidth::<B>(device);
+    }
     #[cfg(feature = "cuda")]
     if only.iter().any(|o| o == "allocator") {
         allocator_presets();
@@ -307,6 +311,64 @@ pub fn ops<B: BambaAutodiffBackend>(
         causal_lm_loss(head.forward(x.clone()), targets.clone(), 0.0)
     });
     Ok(())
+}
+
+/// `--ops --only adamw`: the fused AdamW alone, in place over 2^28 f32
+/// parameters with a bf16 gradient and the bf16 copy (as a bf16 model on one
+/// GPU steps): 28 bytes of memory traffic per parameter, so its time against
+/// the memory's bandwidth. Nothing on a backend without the fused kernel.
+fn adamw_bandwidth<B: BambaAutodiffBackend>(device: &B::Device) {
+    use bamba_model::BambaBackend;
+    use bamba_model::ops::{AdamWHyper, AdamWState};
+    use burn::tensor::{DType, Distribution, Tensor};
+    type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+    if !<I<B> as BambaBackend>::bamba_fused() {
+        return; // no fused kernel: nothing to time (and 3.5 GB not to allocate)
+    }
+    let n = 1usize << 28;
+    let rnd =
+        |lo: f64, hi: f64| Tensor::<I<B>, 1>::random([n], Distribution::Uniform(lo, hi), device);
+    let prim = |t: Tensor<I<B>, 1>| t.into_primitive().tensor();
+    let grad = prim(rnd(-1.0, 1.0).cast(DType::BF16));
+    let (mut p, mut m, mut v) = (
+        prim(rnd(-1.0, 1.0)),
+        prim(rnd(-0.1, 0.1)),
+        prim(rnd(0.0, 0.01)),
+    );
+    let h = AdamWHyper {
+        beta1: 0.9,
+        beta2: 0.95,
+        lr_bc1: 1e-4,
+        inv_sqrt_bc2: 1.0,
+        eps: 1e-8,
+        lr_wd: 1e-5,
+    };
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let state = AdamWState {
+            param: p,
+            grad: vec![(grad.clone(), 0)],
+            exp_avg: m,
+            exp_avg_sq: v,
+            no_decay: vec![(0, 5)],
+            grad_scale: None,
+            bf16_copy: true,
+        };
+        let _ = B::sync(device);
+        let t = Instant::now();
+        let Some(([np, nm, nv], copy)) = <I<B> as BambaBackend>::bamba_adamw(state, &h) else {
+            return;
+        };
+        let _ = B::sync(device);
+        best = best.min(t.elapsed().as_secs_f64());
+        (p, m, v) = (np, nm, nv);
+        drop(copy);
+    }
+    println!(
+        "{}",
+        json!({"op": "adamw", "params": n, "ms": best * 1e3,
+            "gb_per_s": 28.0 * n as f64 / best / 1e9})
+    );
 }
 
 /// `--ops --only allocator`: what one reservation costs in each of
