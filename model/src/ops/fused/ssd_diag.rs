@@ -593,13 +593,14 @@ __device__ __forceinline__ void grad_head(
     for (int e = 0; e < 16; ++e) {
         const int ii = f.row(e), jj = f.col(e);
         const int i = i0 + ii, j = j0 + jj;
-        if (i < q && j <= i) {
-            const float ev = ex2((c_i[ii] - c_j[jj]) * LOG2E) * d_j[jj] * d[e];
-            ds[e] += ev;
-            const float gg = s[e] * ev;
-            rsum[(e >> 1) & 1] += gg;
-            csum[2 * (e >> 2) + (e & 1)] += gg;
-        }
+        // Computed everywhere, then selected (no branches; a masked
+        // exponent may overflow, its product is dropped; s is 0 there).
+        const float e0 = ex2((c_i[ii] - c_j[jj]) * LOG2E) * d_j[jj] * d[e];
+        const float ev = (i < q && j <= i) ? e0 : 0.0f;
+        ds[e] += ev;
+        const float gg = s[e] * ev;
+        rsum[(e >> 1) & 1] += gg;
+        csum[2 * (e >> 2) + (e & 1)] += gg;
     }
     const unsigned all = 0xffffffffu;
 #pragma unroll
@@ -666,8 +667,10 @@ __device__ __forceinline__ void grad_mma(float (&d)[16], const Frag& f,
 // each writing its own dS partial [hs, bc, g, q, q]; tiles above the
 // diagonal write zeros.
 // PIPE: each (head, 32 columns) stage of dy and x is copied in (cp.async)
-// while the previous one multiplies (needs p a multiple of a 16-byte access
-// of x); otherwise loaded through registers between two barriers.
+// while the previous one multiplies, a head's decays with its first stage
+// (double-buffered: a synchronous load per head stalled the whole block at
+// the next barrier); needs p a multiple of a 16-byte access of x.
+// Otherwise loaded through registers between two barriers.
 template <bool TC, bool PIPE, typename X, typename DY>
 __device__ __forceinline__ void diag_grad(
     const float* __restrict__ S, const float* __restrict__ cs, const float* __restrict__ dt,
@@ -678,9 +681,9 @@ __device__ __forceinline__ void diag_grad(
     const int XE = 16 / sizeof(X), YE = 16 / sizeof(DY);  // elements per 16-byte copy
     __shared__ __align__(16) DY As[PIPE ? 2 : 1][DG_T][XPad<DY>::KP];
     __shared__ __align__(16) X Bs[PIPE ? 2 : 1][DG_T][XPad<X>::KP];
-    __shared__ float c_i[DG_T];
-    __shared__ float c_j[DG_T];
-    __shared__ float d_j[DG_T];
+    __shared__ float c_i[PIPE ? 2 : 1][DG_T];
+    __shared__ float c_j[PIPE ? 2 : 1][DG_T];
+    __shared__ float d_j[PIPE ? 2 : 1][DG_T];
     __shared__ float red[DG_T][6];
     const int tid = threadIdx.x;
     const Frag f;
@@ -710,58 +713,78 @@ __device__ __forceinline__ void diag_grad(
         ds[e] = 0.0f;
     }
     const long long rs = (long long)h * p;
-    const int kst = (p + DG_K - 1) / DG_K, stages = per * kst;
-    // Stage st: head split * per + st / kst, columns (st % kst) * 32 ..
-    auto issue = [&](int st, int buf) {
-        const int hi = gi * hg + split * per + st / kst, k0 = (st % kst) * DG_K;
-        const X* xm = x + bc * q * ldx + (long long)hi * p;
-        const DY* dym = dy + bc * q * rs + (long long)hi * p;
-        if (PIPE) {
-            for (int e = tid; e < DG_T * (DG_K / YE); e += 256) {
-                const int rr = e / (DG_K / YE), c = (e % (DG_K / YE)) * YE, pc = k0 + c;
-                const bool oa = i0 + rr < q && pc < p;
-                cp16(&As[buf][rr][c], oa ? dym + (long long)(i0 + rr) * rs + pc : dym, oa);
-            }
-            for (int e = tid; e < DG_T * (DG_K / XE); e += 256) {
-                const int rr = e / (DG_K / XE), c = (e % (DG_K / XE)) * XE, pc = k0 + c;
-                const bool ob = j0 + rr < q && pc < p;
-                cp16(&Bs[buf][rr][c], ob ? xm + (long long)(j0 + rr) * ldx + pc : xm, ob);
-            }
-            cp_commit();
-        } else {
-            for (int e = tid; e < DG_T * DG_K; e += 256) {
-                const int rr = e >> 5, kk = e & 31, pc = k0 + kk;
-                As[0][rr][kk] = (i0 + rr < q && pc < p) ? dym[(long long)(i0 + rr) * rs + pc] : DY(0);
-                Bs[0][rr][kk] = (j0 + rr < q && pc < p) ? xm[(long long)(j0 + rr) * ldx + pc] : X(0);
+    const int kst = (p + DG_K - 1) / DG_K;
+    const int h0 = gi * hg + split * per;  // this block's first head
+    // Head h0 + k's decays: c_i, c_j (cs at rows i0.., j0..) and d_j (dt).
+    auto load_cs = [&](int k, int buf, bool async) {
+        const long long ro = bc * q * (long long)h + h0 + k;
+        if (tid < DG_T) {
+            const int i = i0 + tid;
+            if (async) cp4(&c_i[buf][tid], i < q ? cs + ro + (long long)i * h : cs, i < q);
+            else c_i[buf][tid] = i < q ? cs[ro + (long long)i * h] : 0.0f;
+        } else if (tid < 2 * DG_T) {
+            const int jj = tid - DG_T, j = j0 + jj;
+            if (async) {
+                cp4(&c_j[buf][jj], j < q ? cs + ro + (long long)j * h : cs, j < q);
+                cp4(&d_j[buf][jj], j < q ? dt + ro + (long long)j * h : dt, j < q);
+            } else {
+                c_j[buf][jj] = j < q ? cs[ro + (long long)j * h] : 0.0f;
+                d_j[buf][jj] = j < q ? dt[ro + (long long)j * h] : 0.0f;
             }
         }
     };
-    if (PIPE) issue(0, 0);
+    // Stage (head h0 + k, columns k0 = kk * 32 ..) of dy and x into buffer buf.
+    auto issue = [&](int k, int kk, int buf) {
+        const int k0 = kk * DG_K;
+        const X* xm = x + bc * q * ldx + (long long)(h0 + k) * p + k0;
+        const DY* dym = dy + bc * q * rs + (long long)(h0 + k) * p + k0;
+        if (PIPE) {
+            constexpr int AC = DG_K / YE, BC = DG_K / XE;  // 16-byte copies per row
+#pragma unroll
+            for (int u = 0; u < DG_T * AC / 256; ++u) {
+                const int e = tid + 256 * u, rr = e / AC, c = (e % AC) * YE;
+                const bool oa = i0 + rr < q && k0 + c < p;
+                cp16(&As[buf][rr][c], oa ? dym + (long long)(i0 + rr) * rs + c : dy, oa);
+            }
+#pragma unroll
+            for (int u = 0; u < DG_T * BC / 256; ++u) {
+                const int e = tid + 256 * u, rr = e / BC, c = (e % BC) * XE;
+                const bool ob = j0 + rr < q && k0 + c < p;
+                cp16(&Bs[buf][rr][c], ob ? xm + (long long)(j0 + rr) * ldx + c : x, ob);
+            }
+            if (kk == 0) load_cs(k, k & 1, true);
+            cp_commit();
+        } else {
+            for (int e = tid; e < DG_T * DG_K; e += 256) {
+                const int rr = e >> 5, c = e & 31;
+                As[0][rr][c] = (i0 + rr < q && k0 + c < p) ? dym[(long long)(i0 + rr) * rs + c] : DY(0);
+                Bs[0][rr][c] = (j0 + rr < q && k0 + c < p) ? xm[(long long)(j0 + rr) * ldx + c] : X(0);
+            }
+        }
+    };
+    if (PIPE) issue(0, 0, 0);
+    int buf = 0;
     for (int k = 0; k < per; ++k) {
-        const int hi = gi * hg + split * per + k;
-        const long long ro = bc * q * (long long)h + hi;
-        __syncthreads();  // the previous head's c_i, c_j, d_j and red are consumed
-        if (tid < DG_T) c_i[tid] = i0 + tid < q ? cs[ro + (long long)(i0 + tid) * h] : 0.0f;
-        else if (tid < 2 * DG_T) {
-            const int j = j0 + tid - DG_T;
-            c_j[tid - DG_T] = j < q ? cs[ro + (long long)j * h] : 0.0f;
-            d_j[tid - DG_T] = j < q ? dt[ro + (long long)j * h] : 0.0f;
+        if (!PIPE) {
+            __syncthreads();  // the previous head's c_i, c_j, d_j and red are consumed
+            load_cs(k, 0, false);
         }
         float d[16];
 #pragma unroll
         for (int e = 0; e < 16; ++e) d[e] = 0.0f;
         for (int kk = 0; kk < kst; ++kk) {
-            const int st = k * kst + kk, buf = PIPE ? st & 1 : 0;
             if (PIPE) {
-                if (st + 1 < stages) {
-                    issue(st + 1, buf ^ 1);
+                // The next stage (the next head's first after this head's last).
+                const bool last = kk + 1 == kst;
+                if (!last || k + 1 < per) {
+                    issue(last ? k + 1 : k, last ? 0 : kk + 1, buf ^ 1);
                     cp_wait<1>();
                 } else {
                     cp_wait<0>();
                 }
             } else {
                 if (kk > 0) __syncthreads();  // the previous stage is consumed
-                issue(st, 0);
+                issue(k, kk, 0);
             }
             __syncthreads();
             if constexpr (TC && sizeof(X) == 2 && sizeof(DY) == 2)
@@ -770,9 +793,14 @@ __device__ __forceinline__ void diag_grad(
                 tile_mma<TC, sizeof(X) == 2>(d, f, DG_K,
                              [&](int i, int c) { return ld(&As[buf][i][0], c); },
                              [&](int c, int j) { return ld(&Bs[buf][j][0], c); });
-            if (PIPE) __syncthreads();  // this buffer consumed before it is refilled
+            if (PIPE) {
+                __syncthreads();  // this buffer consumed before it is refilled
+                buf ^= 1;
+            }
         }
-        grad_head(f, d, s, ds, c_i, c_j, d_j, red, part, i0, j0, q, h, hi, it, jt, nt, bcn, bc);
+        const int cb = PIPE ? k & 1 : 0;
+        grad_head(f, d, s, ds, c_i[cb], c_j[cb], d_j[cb], red, part, i0, j0, q, h, h0 + k, it, jt,
+                  nt, bcn, bc);
     }
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
