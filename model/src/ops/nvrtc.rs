@@ -280,6 +280,13 @@ __device__ __forceinline__ float ex2(float x) {
     return r;
 }
 #define LOG2E 1.4426950408889634f
+// Two values rounded to bf16 in one instruction, `lo` in the low half (the
+// lower address when stored).
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 // Loads and stores in f32 arithmetic, and rounding to the storage type.
 template <typename T> __device__ __forceinline__ float ld(const T* p, long long i);
 template <> __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
@@ -316,7 +323,7 @@ template <> struct Pack<bf16_t> {
         unsigned u[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-            u[k] = (unsigned)f32_to_bf16(v[2 * k]) | ((unsigned)f32_to_bf16(v[2 * k + 1]) << 16);
+            u[k] = pack2(v[2 * k], v[2 * k + 1]);
         *reinterpret_cast<uint4*>(p + i) = make_uint4(u[0], u[1], u[2], u[3]);
     }
 };
@@ -346,11 +353,6 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned (&a)[4], unsig
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
 }
 // 16 (or 4) bytes global -> shared without registers (cp.async); zeros
 // where !valid. Wait for the n-th last committed group with cp_wait<n>.

@@ -42,7 +42,7 @@ __device__ __forceinline__ void stn(float* p, long long i, const float (&v)[2]) 
     *reinterpret_cast<float2*>(p + i) = make_float2(v[0], v[1]);
 }
 __device__ __forceinline__ void stn(bf16_t* p, long long i, const float (&v)[2]) {
-    *reinterpret_cast<unsigned*>(p + i) = (unsigned)f32_to_bf16(v[0]) | ((unsigned)f32_to_bf16(v[1]) << 16);
+    *reinterpret_cast<unsigned*>(p + i) = pack2(v[0], v[1]);
 }
 
 // Each thread covers V channels (c a multiple of V).

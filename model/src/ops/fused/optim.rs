@@ -114,8 +114,8 @@ __device__ __forceinline__ void adamw(
         ((float4*)v_out)[i] = vv;
         if (p_lp) {
             uint2 lo;
-            lo.x = (unsigned)f32_to_bf16(pp.x) | ((unsigned)f32_to_bf16(pp.y) << 16);
-            lo.y = (unsigned)f32_to_bf16(pp.z) | ((unsigned)f32_to_bf16(pp.w) << 16);
+            lo.x = pack2(pp.x, pp.y);
+            lo.y = pack2(pp.z, pp.w);
             ((uint2*)p_lp)[i] = lo;
         }
     }

@@ -100,7 +100,7 @@ __device__ __forceinline__ void st_pair(float* o, long long i, float a, float b,
     else { o[i] = a; if (both) o[i + 1] = b; }
 }
 __device__ __forceinline__ void st_pair(bf16_t* o, long long i, float a, float b, bool both, bool paired) {
-    if (both && paired) *reinterpret_cast<unsigned*>(o + i) = (unsigned)f32_to_bf16(a) | ((unsigned)f32_to_bf16(b) << 16);
+    if (both && paired) *reinterpret_cast<unsigned*>(o + i) = pack2(a, b);
     else { o[i] = f32_to_bf16(a); if (both) o[i + 1] = f32_to_bf16(b); }
 }
 

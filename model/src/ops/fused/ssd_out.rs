@@ -24,9 +24,7 @@ __device__ __forceinline__ void st2(float* p, long long i, float a, float b) {
     *reinterpret_cast<float2*>(p + i) = make_float2(a, b);
 }
 __device__ __forceinline__ void st2(bf16_t* p, long long i, float a, float b) {
-    unsigned int u;  // a in the low half
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u) : "f"(b), "f"(a));
-    *reinterpret_cast<unsigned int*>(p + i) = u;
+    *reinterpret_cast<unsigned int*>(p + i) = pack2(a, b);
 }
 
 // One warp per row of p values (p even); rows ordered (b, l, h).
