@@ -178,7 +178,7 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* q, const bf16_t* k, cons
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float a0 = exp2f(m0 - mx0), a1 = exp2f(m1 - mx1);
+        const float a0 = ex2(m0 - mx0), a1 = ex2(m1 - mx1);
         m0 = mx0;
         m1 = mx1;
         float rs0 = 0.0f, rs1 = 0.0f;
@@ -186,7 +186,7 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* q, const bf16_t* k, cons
         for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(s[n][e] - ((e & 2) ? m1 : m0));
+                const float p = ex2(s[n][e] - ((e & 2) ? m1 : m0));
                 s[n][e] = p;
                 if (e & 2) rs1 += p; else rs0 += p;
             }
@@ -290,7 +290,7 @@ __device__ __forceinline__ void flash_dq(const bf16_t* q, const bf16_t* k, const
             for (int e = 0; e < 4; ++e) {
                 const int j = jt * BN + 8 * n + 2 * t + (e & 1);
                 const bool hi_row = e & 2;
-                const float p = j <= (hi_row ? r1 : r0) ? exp2f(s[n][e] * sl2 - (hi_row ? L1 : L0)) : 0.0f;
+                const float p = j <= (hi_row ? r1 : r0) ? ex2(s[n][e] * sl2 - (hi_row ? L1 : L0)) : 0.0f;
                 s[n][e] = p * (dp[n][e] - (hi_row ? D1 : D0));
             }
         mma_pb<D / 8, BN / 8, LD>(acc, s, Ks);
@@ -369,7 +369,7 @@ __device__ __forceinline__ void flash_dkv(const bf16_t* q, const bf16_t* k, cons
             for (int e = 0; e < 4; ++e) {
                 const int ci = 8 * n + 2 * t + (e & 1), i = qt * BQ + ci;
                 const int j = kw + g + ((e & 2) ? 8 : 0);
-                const float p = i >= j ? exp2f(s[n][e] * sl2 - ls[ci]) : 0.0f;
+                const float p = i >= j ? ex2(s[n][e] * sl2 - ls[ci]) : 0.0f;
                 s[n][e] = p;
                 dp[n][e] = p * (dp[n][e] - ls[BQ + ci]);
             }
