@@ -280,6 +280,10 @@ __device__ __forceinline__ float ex2(float x) {
     return r;
 }
 #define LOG2E 1.4426950408889634f
+// 1 / (1 + e^-z) with ex2 and the fast reciprocal (a few ulp): the IEEE
+// division took a Newton step, a slow-path call and branches per element.
+// Saturates cleanly: 1 + e^-z = inf gives 0.
+__device__ __forceinline__ float sigm(float z) { return __fdividef(1.0f, 1.0f + ex2(-z * LOG2E)); }
 // Two values rounded to bf16 in one instruction, `lo` in the low half (the
 // lower address when stored).
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {

@@ -88,7 +88,7 @@ __device__ void conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
                         u += wv[v][j] * xw[v][j];
                     }
                     u = rnd(u, T());
-                    out[v] = u / (1.0f + __expf(-u));
+                    out[v] = u * sigm(u);
 #pragma unroll
                     for (int j = 0; j + 1 < K; ++j) xw[v][j] = xw[v][j + 1];
                 }
@@ -158,7 +158,7 @@ __device__ void conv_bwd(const T* __restrict__ x, const T* __restrict__ w,
 #pragma unroll
                     for (int j = 0; j < K; ++j) u += wv[v][j] * xw[v][j];
                     u = rnd(u, T());
-                    const float sg = 1.0f / (1.0f + __expf(-u));
+                    const float sg = sigm(u);
                     const float d = dys[s][v] * sg * (1.0f + u * (1.0f - sg));
 #pragma unroll
                     for (int j = K - 1; j > 0; --j) dus[v][j] = dus[v][j - 1];

@@ -51,7 +51,7 @@ __device__ void dt_bwd(const float* g, const T* raw, const T* bias, T* draw, flo
             const float s = rnd(ld(raw, i) + bv, T());
             const float sp = rnd(softplus(s), T());
             const bool inside = sp >= rnd(lo, T()) && sp <= rnd(hi, T());
-            const float d = inside ? g[i] / (1.0f + __expf(-s)) : 0.0f;
+            const float d = inside ? g[i] * sigm(s) : 0.0f;
             st(draw, i, d);
             acc += d;
         }

@@ -19,7 +19,7 @@ use crate::ops::nvrtc::{self, T, enqueue_opt, launch};
 
 const NORM: &str = r#"
 
-__device__ __forceinline__ float sigmoidf(float z) { return 1.0f / (1.0f + __expf(-z)); }
+__device__ __forceinline__ float sigmoidf(float z) { return sigm(z); }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024).
 __device__ float block_sum(float v, float* shared) {

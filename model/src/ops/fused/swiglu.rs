@@ -20,7 +20,7 @@ __device__ __forceinline__ void vec_loop(long long n, bool aligned, FV fv, F1 f1
     for (long long i = nv * V + tid; i < n; i += stride) f1(i);
 }
 __device__ __forceinline__ bool al16(const void* p) { return ((unsigned long long)p & 15ull) == 0; }
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+__device__ __forceinline__ float silu(float g) { return g * sigm(g); }
 
 template <typename T>
 __device__ void swiglu_fwd(const T* g, const T* u, T* y, long long n) {
@@ -38,7 +38,7 @@ __device__ void swiglu_fwd(const T* g, const T* u, T* y, long long n) {
 }
 
 __device__ __forceinline__ void swiglu_grad(float gv, float uv, float d, float& dg, float& du) {
-    const float sg = 1.0f / (1.0f + __expf(-gv));
+    const float sg = sigm(gv);
     du = d * gv * sg;
     dg = d * uv * sg * (1.0f + gv * (1.0f - sg));
 }
