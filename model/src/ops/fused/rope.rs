@@ -14,18 +14,18 @@ use crate::ops::nvrtc::{self, T, enqueue, launch_flat};
 /// transpose, `dy * cos + rotate_half^T(dy * sin)`, rounded the same way.
 /// Dims past `rd` pass through.
 const ROPE: &str = r#"
-template <typename T, bool BWD>
-__device__ void rope(const T* x, const float* cs, const float* sn, T* y, long long rows, int heads,
-                     int l, int d, int rd) {
+// I: the element index type. 32-bit where the tensor fits (a 64-bit
+// division is a ~70-instruction call, and each element takes three).
+template <typename T, bool BWD, typename I>
+__device__ void rope_i(const T* x, const float* cs, const float* sn, T* y, I n, int heads,
+                       int l, int d, int rd) {
     const int h = rd / 2;
-    const long long n = rows * d;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int c = (int)(e % d);
+    for (I e = blockIdx.x * (I)blockDim.x + threadIdx.x; e < n; e += (I)gridDim.x * blockDim.x) {
+        const int c = (int)(e % (I)d);
         if (c >= rd) { y[e] = x[e]; continue; }
         if (c >= h) continue;  // done with its partner c - h
-        const long long row = e / d;
-        const long long t = (row / heads) % l;
+        const I row = e / (I)d;
+        const long long t = (long long)((row / (I)heads) % (I)l);
         const float* ct = cs + t * rd;
         const float* st_ = sn + t * rd;
         const float a = ld(x, e), b = ld(x, e + h);
@@ -43,6 +43,16 @@ __device__ void rope(const T* x, const float* cs, const float* sn, T* y, long lo
         st(y, e, lo);
         st(y, e + h, hi);
     }
+}
+template <typename T, bool BWD>
+__device__ void rope(const T* x, const float* cs, const float* sn, T* y, long long rows, int heads,
+                     int l, int d, int rd) {
+    const long long n = rows * d;
+    // Room for the grid's last stride past n in 32 bits.
+    if (n + (long long)gridDim.x * blockDim.x < 0xffffffffLL)
+        rope_i<T, BWD, unsigned>(x, cs, sn, y, (unsigned)n, heads, l, d, rd);
+    else
+        rope_i<T, BWD, long long>(x, cs, sn, y, n, heads, l, d, rd);
 }
 
 #define ROPE_KERNELS(SUF, T)                                                                     \

@@ -27,6 +27,19 @@ __device__ __forceinline__ void st2(bf16_t* p, long long i, float a, float b) {
     *reinterpret_cast<unsigned int*>(p + i) = pack2(a, b);
 }
 
+// Row r's token and head (rows ordered (b, l, h)): a 32-bit division where
+// the rows fit (a 64-bit one is a ~70-instruction call).
+__device__ __forceinline__ void token_head(long long r, int h, long long& tok, int& hh) {
+    if (r < 0x7fffffffLL) {
+        const unsigned q = (unsigned)r / (unsigned)h;
+        tok = q;
+        hh = (int)((unsigned)r - q * (unsigned)h);
+    } else {
+        tok = r / h;
+        hh = (int)(r - tok * h);
+    }
+}
+
 // One warp per row of p values (p even); rows ordered (b, l, h).
 #define ROWS_PER_WARP(r, rows)                                                                   \
     for (long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; \
@@ -38,9 +51,12 @@ __device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, c
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
         const float e = expf(cs[r]);
-        const float dh = ld(d, (int)(r % h));
+        long long tok;
+        int hh;
+        token_head(r, h, tok, hh);
+        const float dh = ld(d, hh);
         for (int j = 2 * lane; j < p; j += 64) {
-            const long long i = r * p + j, xi = (r / h) * ldx + (r % h) * p + j;
+            const long long i = r * p + j, xi = tok * ldx + (long long)hh * p + j;
             const float2 a = ld2(yd, i), o = ld2(yo, i), xv = ld2(x, xi);
             st2(y, i, a.x + o.x * e + xv.x * dh, a.y + o.y * e + xv.y * dh);
         }
@@ -54,10 +70,13 @@ __device__ void ssd_out_bwd(const T* g, const float* yo, const float* cs, const 
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
         const float e = expf(cs[r]);
-        const float dh = ld(d, (int)(r % h));
+        long long tok;
+        int hh;
+        token_head(r, h, tok, hh);
+        const float dh = ld(d, hh);
         float s_cs = 0.0f, s_d = 0.0f;
         for (int j = 2 * lane; j < p; j += 64) {
-            const long long i = r * p + j, xi = (r / h) * ldx + (r % h) * p + j;
+            const long long i = r * p + j, xi = tok * ldx + (long long)hh * p + j;
             const float2 gv = ld2(g, i), o = ld2(yo, i), xv = ld2(x, xi);
             st2(dyo, i, gv.x * e, gv.y * e);
             st2(dx, i, gv.x * dh, gv.y * dh);
