@@ -72,16 +72,21 @@ extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const fl
 
 // Sums along q of x [bc, q, h] (f32) within each chunk bc, per column:
 // prefix sums, or suffix sums when `rev` (the backward of either is the
-// other). grid (bc, ceil(h / 64)), 256 threads: 64 columns x 4 runs of
-// q / 4 rows, each summed in order and then offset by the earlier runs'
-// totals (a fixed order: reproducible).
+// other). grid (bc, ceil(h / CC_COLS)), 256 threads: CC_COLS columns x
+// CC_RUNS runs of q / CC_RUNS rows, each summed in order and then offset by
+// the earlier runs' totals (a fixed order: reproducible). 16 x 16: four
+// times the blocks and a quarter of the serial chain of 64 x 4 (one block
+// per chunk for 64 heads, 8 us a call).
+#define CC_COLS 16
+#define CC_RUNS 16
 extern "C" __global__ void chunk_cumsum(const float* __restrict__ x, float* __restrict__ y,
                                         int q, int h, int rev)
 {
-    __shared__ float tot[4][64];
-    const int col = threadIdx.x & 63, s = threadIdx.x >> 6, c = blockIdx.y * 64 + col;
+    __shared__ float tot[CC_RUNS][CC_COLS];
+    const int col = threadIdx.x % CC_COLS, s = threadIdx.x / CC_COLS;
+    const int c = blockIdx.y * CC_COLS + col;
     const long long base = (long long)blockIdx.x * q * h + c;
-    const int len = (q + 3) / 4, r0 = s * len, r1 = min(q, r0 + len);
+    const int len = (q + CC_RUNS - 1) / CC_RUNS, r0 = min(q, s * len), r1 = min(q, r0 + len);
     float acc = 0.0f;
     if (c < h)
         for (int k = r0; k < r1; ++k) acc += x[base + (long long)(rev ? q - 1 - k : k) * h];
@@ -457,7 +462,7 @@ pub fn chunk_cumsum(x: T, reverse: bool) -> T {
         enqueue([&y, &x], move |[mut y_p, mut x_p], stream| {
             let (mut q32, mut h32, mut rev) = (q as i32, h as i32, reverse as i32);
             let mut params = kernel_args!(x_p, y_p, q32, h32, rev);
-            let grid = (bc as u32, h.div_ceil(64) as u32, 1);
+            let grid = (bc as u32, h.div_ceil(16) as u32, 1); // CC_COLS
             // SAFETY: the kernel's signature; x, y `[bc, q, h]` contiguous.
             unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
         });
