@@ -1237,8 +1237,11 @@ pub fn kernels<B: BambaAutodiffBackend>(
                         .reshape([b * l * d])
                 }),
             );
-            // Odd channel counts one per thread, even ones in pairs.
+            // Odd channel counts one per thread, even ones in pairs,
+            // multiples of 16 bytes tiled (a part tile where d + 8 ends).
             for (k, bias, c) in [
+                (4, true, d + 8),
+                (3, false, d + 8),
                 (4, true, d + 3),
                 (3, false, d + 3),
                 (4, false, d + 2),
@@ -1289,7 +1292,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
                             .reshape([b * l * d])
                     }),
                 );
-                for c in [d + 3, d + 2] {
+                for c in [d + 3, d + 2, d + 8] {
                     let k = 4;
                     check(
                         &format!("conv1d_silu_x_slice_{b}x{l}x{c}"),

@@ -304,35 +304,41 @@ extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z, 
 }
 NORM_KERNELS(f32, float, float)
 NORM_KERNELS(bf16, bf16_t, bf16_t)
-// The backward's blocks per SM: 2 (128 registers: two rows' packs in
-// flight); the widest rows hold one row at a time.
-#define NORM_BWD_V(SUF, T, NV, MINB, PRE, GR, G, R)                                          \
-extern "C" __global__ void __launch_bounds__(256, MINB) norm_bwd_v##NV##GR##_##SUF(           \
+// Blocks of up to TH threads, at least MINB of them per SM: one pack per
+// thread (rows up to 512 packs: 4096 bf16) in blocks of up to 512 threads
+// at 64 registers, 1024 threads per SM (at 256 threads and 72 registers the
+// backward held 768 and reached 44% of DRAM bandwidth); two or four packs
+// at 256 threads, 128 registers (two rows' packs in flight); the widest
+// rows hold one row at a time.
+#define NORM_BWD_V(SUF, T, NV, TH, MINB, PRE, GR, G, R)                                      \
+extern "C" __global__ void __launch_bounds__(TH, MINB) norm_bwd_v##NV##GR##_##SUF(            \
     const T* dout, const T* x, const T* z, const T* w, const float* rstd, const T* dres,       \
     T* dx, T* dz, float* dw_part, long long rows, int d, int per, long long ldz) {            \
     norm_bwd_v<T, NV, PRE, G, R>(dout, x, z, w, rstd, dres, dx, dz, dw_part, rows, d, per,     \
                                  ldz);                                                        \
 }
 // Backward names: norm_bwd_v{NV}[g][r]_{dtype}, g gated, r a residual gradient.
-#define NORM_V(SUF, T, NV, MINB, PRE)                                                         \
-extern "C" __global__ void __launch_bounds__(256) norm_fwd_v##NV##_##SUF(                     \
+#define NORM_V(SUF, T, NV, TH, MINB, PRE)                                                     \
+extern "C" __global__ void __launch_bounds__(TH) norm_fwd_v##NV##_##SUF(                      \
     const T* x, const T* z, const T* w, T* out, float* rstd, long long rows, int d, float eps,  \
     long long ldz) {                                                                          \
     norm_fwd_v<T, NV>(x, z, w, out, rstd, rows, d, eps, ldz);                                 \
 }                                                                                             \
-NORM_BWD_V(SUF, T, NV, MINB, PRE, , false, false)                                             \
-NORM_BWD_V(SUF, T, NV, MINB, PRE, g, true, false)                                             \
-NORM_BWD_V(SUF, T, NV, MINB, PRE, r, false, true)                                             \
-NORM_BWD_V(SUF, T, NV, MINB, PRE, gr, true, true)
-NORM_V(f32, float, 1, 2, true)
-NORM_V(f32, float, 2, 2, true)
-NORM_V(f32, float, 4, 2, false)
-NORM_V(bf16, bf16_t, 1, 2, true)
-NORM_V(bf16, bf16_t, 2, 2, true)
-NORM_V(bf16, bf16_t, 4, 2, false)
+NORM_BWD_V(SUF, T, NV, TH, MINB, PRE, , false, false)                                         \
+NORM_BWD_V(SUF, T, NV, TH, MINB, PRE, g, true, false)                                         \
+NORM_BWD_V(SUF, T, NV, TH, MINB, PRE, r, false, true)                                         \
+NORM_BWD_V(SUF, T, NV, TH, MINB, PRE, gr, true, true)
+NORM_V(f32, float, 1, 512, 2, true)
+NORM_V(f32, float, 2, 256, 2, true)
+NORM_V(f32, float, 4, 256, 2, false)
+NORM_V(bf16, bf16_t, 1, 512, 2, true)
+NORM_V(bf16, bf16_t, 2, 256, 2, true)
+NORM_V(bf16, bf16_t, 4, 256, 2, false)
 "#;
 
 const NORM_THREADS: u32 = 256;
+/// Most threads of a one-pack-per-thread block (`TH` of the v1 kernels).
+const NORM_WIDE_THREADS: usize = 512;
 /// Rows summed per weight-gradient partial (scalar path).
 const NORM_DW_ROWS: usize = 64;
 /// Blocks of the vectorised backward (each a run of rows; a constant, so
@@ -353,17 +359,21 @@ fn gate_rows(z: Option<T>, d: usize) -> (Option<T>, usize) {
     }
 }
 
-/// Packs per thread of the vectorised kernels for rows of `d` and a gate
-/// whose rows are `ldz` apart (None: the scalar kernels).
-fn packs(d: usize, dtype: DType, z: Option<&T>, ldz: usize) -> Option<usize> {
+/// Packs per thread of the vectorised kernels and their threads per block,
+/// for rows of `d` and a gate whose rows are `ldz` apart (None: the scalar
+/// kernels). Rows of up to 512 packs take one per thread (whole warps).
+fn packs(d: usize, dtype: DType, z: Option<&T>, ldz: usize) -> Option<(usize, u32)> {
     let v = 16 / dtype.size();
     if d == 0 || !d.is_multiple_of(v) || !ldz.is_multiple_of(v) || !z.is_none_or(aligned16) {
         return None;
     }
-    match d.div_ceil(NORM_THREADS as usize * v) {
-        1 => Some(1),
-        2 => Some(2),
-        3 | 4 => Some(4),
+    let n = d / v;
+    if n <= NORM_WIDE_THREADS {
+        return Some((1, n.next_multiple_of(32) as u32));
+    }
+    match n.div_ceil(NORM_THREADS as usize) {
+        2 => Some((2, NORM_THREADS)),
+        3 | 4 => Some((4, NORM_THREADS)),
         _ => None,
     }
 }
@@ -389,9 +399,10 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
     let sfx = suffix(dtype);
     let nv = packs(d, dtype, z.as_ref(), ldz);
     let name = match nv {
-        Some(nv) => format!("norm_fwd_v{nv}_{sfx}"),
+        Some((nv, _)) => format!("norm_fwd_v{nv}_{sfx}"),
         None => format!("norm_fwd_{sfx}"),
     };
+    let threads = nv.map_or(NORM_THREADS, |(_, t)| t);
     // The vectorised forward: one block per row (rows in a grid-stride loop
     // waited on their block's sums one after another: latency-bound).
     let grid = match nv {
@@ -407,17 +418,7 @@ pub fn rms_norm_fwd(x: T, z: Option<T>, w: T, eps: f64) -> (T, T) {
             let mut params = kernel_args!(x_p, z_p, w_p, out_p, r_p, rows64, d32, eps32, ldz64);
             // SAFETY: both kernels' signature; contiguous buffers of `rows * d`
             // (`d` for w, `rows` for rstd), 16-byte aligned rows for the vectorised one.
-            unsafe {
-                launch(
-                    device,
-                    f,
-                    grid,
-                    (NORM_THREADS, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
+            unsafe { launch(device, f, grid, (threads, 1, 1), 0, stream, &mut params) };
         },
     );
     drop((x, z, w));
@@ -463,6 +464,7 @@ pub fn rms_norm_bwd(
         None => NORM_DW_ROWS,
     };
     let parts = rows.div_ceil(per).max(1);
+    let threads = nv.map_or(NORM_THREADS, |(_, t)| t);
     let dw_part = empty(&x, vec![parts, d], DType::F32);
     // Every column is written by `colsum` (zeros when there are no rows).
     let dw = if rows > 0 {
@@ -475,7 +477,7 @@ pub fn rms_norm_bwd(
         let src = norm_src();
         let sfx = suffix(dtype);
         let (f, f_dw) = match nv {
-            Some(nv) => (
+            Some((nv, _)) => (
                 nvrtc::function(
                     device,
                     "norm",
@@ -541,7 +543,7 @@ pub fn rms_norm_bwd(
                                 device,
                                 f,
                                 (parts as u32, 1, 1),
-                                (NORM_THREADS, 1, 1),
+                                (threads, 1, 1),
                                 0,
                                 stream,
                                 &mut p,
