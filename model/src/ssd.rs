@@ -7,8 +7,8 @@
 //! product; chunk-final states carry across chunks by the same decay.
 
 use crate::ops::{
-    BambaBackend, chunk_cumsum, matmul, matmul_tf32, reshape_view, scale_heads, scale_rows,
-    ssd_diag, ssd_out, ssd_out_chunks, ssd_states,
+    BambaBackend, chunk_cumsum, end_decay, matmul, matmul_tf32, reshape_view, scale_heads,
+    scale_rows, ssd_diag, ssd_out, ssd_out_chunks, ssd_states,
 };
 use burn::tensor::{DType, Tensor};
 
@@ -78,8 +78,7 @@ pub fn ssd_chunked<B: BambaBackend>(
     // 2. The state each chunk leaves behind, from its own inputs only:
     //    sum_j exp(cs_last - cs_j) dt_j B_j x_j^T, per group [b, nc, n, hg * p].
     let cs_last = cs.clone().narrow(2, q - 1, 1); // [b, nc, 1, h]
-    let x_end =
-        scale_rows(x.clone(), dt * (cs_last.clone() - cs.clone()).exp()).reshape([b, nc, q, h * p]);
+    let x_end = scale_rows(x.clone(), end_decay(dt, cs.clone())).reshape([b, nc, q, h * p]);
     let states = per_group(g, 3, |gi| {
         mm(group(&bm, gi).swap_dims(2, 3), heads(&x_end, gi), fast)
     }); // [b, nc, n, h * p]

@@ -937,6 +937,23 @@ pub fn kernels<B: BambaAutodiffBackend>(
                     reference::chunk_cumsum(x[0].clone().reshape([b, nc, q, h])).reshape([n])
                 }),
             );
+            let dt_cs = move |x: &Inputs<B>| {
+                let r = |t: &Tensor<B, 1>| t.clone().reshape([b, nc, q, h]);
+                (r(&x[0]), r(&x[1]))
+            };
+            check(
+                &format!("end_decay_{b}x{nc}x{q}x{h}"),
+                DType::F32,
+                &[vec![n], vec![n]],
+                Box::new(move |x| {
+                    let (dt, cs) = dt_cs(x);
+                    ops::end_decay(dt, cs).reshape([n])
+                }),
+                Box::new(move |x| {
+                    let (dt, cs) = dt_cs(x);
+                    reference::end_decay(dt, cs).reshape([n])
+                }),
+            );
         }
         // The SSD output: row widths not a multiple of 64, padded chunks
         // cropped, and the 1B config's shape.

@@ -203,6 +203,27 @@ impl<B: BambaBackend> Backward<B, 1> for ChunkCumsum {
     }
 }
 
+/// Fused end decay; parents `dt`, `cs`.
+#[derive(Debug)]
+struct EndDecay;
+
+impl<B: BambaBackend> Backward<B, 2> for EndDecay {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (dt, cs) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        let (ddt, dcs) = B::bamba_end_decay_bwd(g, dt, cs);
+        let [pdt, pcs] = ops.parents;
+        if let Some(n) = pdt {
+            grads.register::<B>(n.id, ddt);
+        }
+        if let Some(n) = pcs {
+            grads.register::<B>(n.id, dcs);
+        }
+    }
+}
+
 /// Token embedding; parent: the weight. Keeps the ids and the vocab size.
 #[derive(Debug)]
 struct Embedding;
@@ -551,6 +572,21 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
             .prepare::<C>([x.node.clone()])
             .compute_bound()
             .stateless(B::bamba_chunk_cumsum(x.primitive, reverse))
+    }
+
+    fn bamba_end_decay(dt: FloatTensor<Self>, cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = EndDecay
+            .prepare::<C>([dt.node.clone(), cs.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (dtp, csp) = (dt.primitive, cs.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::bamba_end_decay_fwd(dtp.clone(), csp.clone());
+                prep.finish((dtp, csp), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_end_decay(dtp, csp)),
+        }
     }
 
     fn bamba_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {

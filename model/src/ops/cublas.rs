@@ -113,6 +113,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::chunk_cumsum(x, reverse)
     }
 
+    fn bamba_end_decay_fwd(dt: T, cs: T) -> T {
+        super::fused::end_decay_fwd(dt, cs)
+    }
+
+    fn bamba_end_decay_bwd(g: T, dt: T, cs: T) -> (T, T) {
+        super::fused::end_decay_bwd(g, dt, cs)
+    }
+
     fn bamba_scale_heads_fwd(x: T, a: T) -> T {
         super::fused::scale_heads_fwd(x, a)
     }

@@ -41,7 +41,8 @@ pub use softmax::{causal_softmax_bwd, causal_softmax_fwd};
 pub use ssd_diag::{ssd_diag_bwd, ssd_diag_fwd};
 pub use ssd_out::{ssd_out_bwd, ssd_out_fwd};
 pub use ssd_states::{
-    chunk_cumsum, scale_rows_bwd, scale_rows_fwd, ssd_states_bwd, ssd_states_fwd,
+    chunk_cumsum, end_decay_bwd, end_decay_fwd, scale_rows_bwd, scale_rows_fwd, ssd_states_bwd,
+    ssd_states_fwd,
 };
 pub use swiglu::{swiglu_bwd, swiglu_fwd};
 pub use xent::{cross_entropy_bwd, cross_entropy_fwd};

@@ -24,8 +24,8 @@ use burn::tensor::{DType, Shape, Slice, Tensor, TensorMetadata, TensorPrimitive}
 
 pub use pieces::{
     attention, causal_softmax, chunk_cumsum, conv1d_silu, cross_entropy_rows, dt_softplus,
-    embedding, rms_norm, rope, scale_heads, scale_rows, ssd_diag, ssd_out, ssd_out_chunks,
-    ssd_states, swiglu,
+    embedding, end_decay, rms_norm, rope, scale_heads, scale_rows, ssd_diag, ssd_out,
+    ssd_out_chunks, ssd_states, swiglu,
 };
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
@@ -175,6 +175,25 @@ pub trait BambaBackend: Backend {
     /// [`BambaBackend::bamba_fused`].
     fn bamba_chunk_cumsum(_x: FloatTensor<Self>, _reverse: bool) -> FloatTensor<Self> {
         unimplemented!("this backend has no fused chunk cumsum (bamba_fused() is false)")
+    }
+
+    /// `dt * exp(cs[.., q - 1, :] - cs)` for `dt`, `cs` `[b, nc, q, h]` in
+    /// f32. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_end_decay(dt: FloatTensor<Self>, cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::bamba_end_decay_fwd(dt, cs)
+    }
+
+    fn bamba_end_decay_fwd(_dt: FloatTensor<Self>, _cs: FloatTensor<Self>) -> FloatTensor<Self> {
+        unimplemented!("this backend has no fused end decay (bamba_fused() is false)")
+    }
+
+    /// `(ddt, dcs)` in f32.
+    fn bamba_end_decay_bwd(
+        _grad: FloatTensor<Self>,
+        _dt: FloatTensor<Self>,
+        _cs: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unimplemented!("this backend has no fused end decay (bamba_fused() is false)")
     }
 
     /// Per-row `lse(logits) - logits[target] + z * lse^2` in f32, `logits

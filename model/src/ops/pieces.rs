@@ -94,6 +94,21 @@ pub fn chunk_cumsum<B: BambaBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     float(B::bamba_chunk_cumsum(x.into_primitive().tensor(), false))
 }
 
+/// `dt * exp(cs[.., q - 1, :] - cs)` for `dt`, `cs` `[b, nc, q, h]`, in
+/// f32: each step's decay to the end of its chunk, times its dt (the
+/// weights of the chunk-final SSD states).
+pub fn end_decay<B: BambaBackend>(dt: Tensor<B, 4>, cs: Tensor<B, 4>) -> Tensor<B, 4> {
+    let f32 = |t: Tensor<B, 4>| t.cast(burn::tensor::DType::F32);
+    let (dt, cs) = (f32(dt), f32(cs));
+    if !B::bamba_fused() {
+        return reference::end_decay(dt, cs);
+    }
+    float(B::bamba_end_decay(
+        dt.into_primitive().tensor(),
+        cs.into_primitive().tensor(),
+    ))
+}
+
 /// Per-row next-token loss `lse - logits[target] + z * lse^2` in f32, for
 /// `logits [rows, vocab]` and `targets [rows]`.
 pub fn cross_entropy_rows<B: BambaBackend>(

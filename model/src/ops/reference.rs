@@ -88,6 +88,12 @@ pub fn scale_heads<B: BambaBackend, const D: usize>(
     (x * a.reshape(shape)).cast(dtype)
 }
 
+/// See [`super::end_decay`].
+pub fn end_decay<B: BambaBackend>(dt: Tensor<B, 4>, cs: Tensor<B, 4>) -> Tensor<B, 4> {
+    let q = cs.dims()[2];
+    dt * (cs.clone().narrow(2, q - 1, 1) - cs).exp()
+}
+
 /// See [`super::chunk_cumsum`].
 pub fn chunk_cumsum<B: BambaBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     x.cast(DType::F32).cumsum(2)

@@ -222,6 +222,54 @@ extern "C" __global__ void scale_rows_bwd_v_##SUF(const float* g, const T* x, co
                                                   int p, int h, long long ldx) {                \
     scale_rows_bwd_v<T>(g, x, s, acc, dx, ds, packs, p, h, ldx);                                \
 }
+// The decay from each step to its chunk's end, times the step's dt:
+// w[i] = dt[i] exp(cs[q-1] - cs[i]) per column of [bc, q, h] (f32), the
+// weights of the chunk-final states. Flat, grid-stride.
+extern "C" __global__ void end_decay_fwd(const float* __restrict__ dt, const float* __restrict__ cs,
+                                         float* __restrict__ w, long long n, int q, int h) {
+    const long long qh = (long long)q * h;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long last = (i / qh) * qh + (long long)(q - 1) * h + i % h;
+        w[i] = dt[i] * expf(cs[last] - cs[i]);
+    }
+}
+
+// Backward: with e = exp(cs[q-1] - cs[i]) and t = g dt e, ddt = g e and
+// dcs[i] = -t, except the last row, which every row's e depends on:
+// dcs[q-1] = sum over the other rows of t (its own -t and +t cancel).
+// The layout of chunk_cumsum: grid (bc, ceil(h / CC_COLS)), 256 threads,
+// runs summed in a fixed order.
+extern "C" __global__ void end_decay_bwd(const float* __restrict__ g, const float* __restrict__ dt,
+                                         const float* __restrict__ cs, float* __restrict__ ddt,
+                                         float* __restrict__ dcs, int q, int h) {
+    __shared__ float tot[CC_RUNS][CC_COLS];
+    const int col = threadIdx.x % CC_COLS, s = threadIdx.x / CC_COLS;
+    const int c = blockIdx.y * CC_COLS + col;
+    const long long base = (long long)blockIdx.x * q * h + c;
+    const int len = (q + CC_RUNS - 1) / CC_RUNS, r0 = min(q, s * len), r1 = min(q, r0 + len);
+    float acc = 0.0f;
+    if (c < h) {
+        const float cl = cs[base + (long long)(q - 1) * h];
+        for (int k = r0; k < r1; ++k) {
+            const long long i = base + (long long)k * h;
+            const float e = expf(cl - cs[i]), gi = g[i];
+            ddt[i] = gi * e;
+            if (k < q - 1) {
+                const float t = gi * dt[i] * e;
+                dcs[i] = -t;
+                acc += t;
+            }
+        }
+    }
+    tot[s][col] = acc;
+    __syncthreads();
+    if (c >= h || !(r0 <= q - 1 && q - 1 < r1)) return;
+    float sum = 0.0f;
+    for (int k = 0; k < CC_RUNS; ++k) sum += tot[k][col];
+    dcs[base + (long long)(q - 1) * h] = sum;
+}
+
 SCALE_ROWS(f32, float)
 SCALE_ROWS(bf16, bf16_t)
 "#;
@@ -469,4 +517,56 @@ pub fn chunk_cumsum(x: T, reverse: bool) -> T {
     }
     drop(x);
     y
+}
+
+/// `dt * exp(cs[.., q - 1, :] - cs)` for `dt`, `cs` `[b, nc, q, h]` (f32):
+/// each step's decay to its chunk's end, times its dt.
+pub fn end_decay_fwd(dt: T, cs: T) -> T {
+    let shape = cs.meta.shape().to_vec();
+    assert_eq!(shape.len(), 4, "end decay: cs [b, nc, q, h]");
+    let (q, h) = (shape[2], shape[3]);
+    let (dt, cs) = (same_dtype(dt, DType::F32), same_dtype(cs, DType::F32));
+    let w = empty(&cs, shape.clone(), DType::F32);
+    let n: usize = shape.iter().product();
+    if n > 0 {
+        let device = cs.device.index;
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "end_decay_fwd");
+        enqueue(
+            [&w, &dt, &cs],
+            move |[mut w_p, mut dt_p, mut cs_p], stream| {
+                let (mut n64, mut q32, mut h32) = (n as i64, q as i32, h as i32);
+                let mut params = kernel_args!(dt_p, cs_p, w_p, n64, q32, h32);
+                // SAFETY: the kernel's signature; dt, cs, w `[n]` contiguous.
+                unsafe { launch_flat(device, f, n, stream, &mut params) };
+            },
+        );
+    }
+    drop((dt, cs));
+    w
+}
+
+/// `(ddt, dcs)` of [`end_decay_fwd`].
+pub fn end_decay_bwd(g: T, dt: T, cs: T) -> (T, T) {
+    let shape = cs.meta.shape().to_vec();
+    let (bc, q, h) = (shape[0] * shape[1], shape[2], shape[3]);
+    let f32 = |t: T| same_dtype(t, DType::F32);
+    let (g, dt, cs) = (f32(g), f32(dt), f32(cs));
+    let ddt = empty(&cs, shape.clone(), DType::F32);
+    let dcs = empty(&cs, shape, DType::F32);
+    if bc * q * h > 0 {
+        let device = cs.device.index;
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "end_decay_bwd");
+        enqueue(
+            [&ddt, &dcs, &g, &dt, &cs],
+            move |[mut ddt_p, mut dcs_p, mut g_p, mut dt_p, mut cs_p], stream| {
+                let (mut q32, mut h32) = (q as i32, h as i32);
+                let mut params = kernel_args!(g_p, dt_p, cs_p, ddt_p, dcs_p, q32, h32);
+                let grid = (bc as u32, h.div_ceil(16) as u32, 1); // CC_COLS
+                // SAFETY: the kernel's signature; all `[bc, q, h]` contiguous.
+                unsafe { launch(device, f, grid, (256, 1, 1), 0, stream, &mut params) };
+            },
+        );
+    }
+    drop((g, dt, cs));
+    (ddt, dcs)
 }
