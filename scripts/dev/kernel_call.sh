@@ -10,7 +10,7 @@ bin=${1:-target/release/bamba-train}
 out=${OUT:-/tmp}
 cfg=configs/bench/bamba-1b.yaml
 echo "== kernel checks (failures, then the count that passed)"
-timeout 300 "$bin" bench --kernels --config $cfg > "$out/kernels.txt" 2>&1
+timeout 360 "$bin" bench --kernels --config $cfg > "$out/kernels.txt" 2>&1
 grep -E '"kernel"|error|panic' "$out/kernels.txt" | grep -v '"pass":true' | cut -c1-250
 grep -c '"pass":true' "$out/kernels.txt"
 echo "== 1B bench, batch 1 x 4096, activation_checkpointing 0"

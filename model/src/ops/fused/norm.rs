@@ -305,9 +305,8 @@ extern "C" __global__ void norm_dw_##SUF(const T* dout, const T* x, const T* z, 
 NORM_KERNELS(f32, float, float)
 NORM_KERNELS(bf16, bf16_t, bf16_t)
 // Blocks of up to TH threads, at least MINB of them per SM: one pack per
-// thread (rows up to 512 packs: 4096 bf16) in blocks of up to 512 threads
-// at 64 registers, 1024 threads per SM (at 256 threads and 72 registers the
-// backward held 768 and reached 44% of DRAM bandwidth); two or four packs
+// thread at 64 registers (2048 bf16 rows: 1024 threads per SM, where 72
+// registers held 768 and reached 44% of DRAM bandwidth); two or four packs
 // at 256 threads, 128 registers (two rows' packs in flight); the widest
 // rows hold one row at a time.
 #define NORM_BWD_V(SUF, T, NV, TH, MINB, PRE, GR, G, R)                                      \
@@ -337,8 +336,10 @@ NORM_V(bf16, bf16_t, 4, 256, 2, false)
 "#;
 
 const NORM_THREADS: u32 = 256;
-/// Most threads of a one-pack-per-thread block (`TH` of the v1 kernels).
-const NORM_WIDE_THREADS: usize = 512;
+/// Most threads of a one-pack-per-thread block. (512, the v1 kernels'
+/// `TH`, was slower for the gated 4096-wide rows than two packs per thread
+/// at 256: 69 against 64 us backward, 31 against 27 forward on an H200.)
+const NORM_WIDE_THREADS: usize = 256;
 /// Rows summed per weight-gradient partial (scalar path).
 const NORM_DW_ROWS: usize = 64;
 /// Blocks of the vectorised backward (each a run of rows; a constant, so
@@ -361,7 +362,7 @@ fn gate_rows(z: Option<T>, d: usize) -> (Option<T>, usize) {
 
 /// Packs per thread of the vectorised kernels and their threads per block,
 /// for rows of `d` and a gate whose rows are `ldz` apart (None: the scalar
-/// kernels). Rows of up to 512 packs take one per thread (whole warps).
+/// kernels). Rows of up to 256 packs take one per thread (whole warps).
 fn packs(d: usize, dtype: DType, z: Option<&T>, ldz: usize) -> Option<(usize, u32)> {
     let v = 16 / dtype.size();
     if d == 0 || !d.is_multiple_of(v) || !ldz.is_multiple_of(v) || !z.is_none_or(aligned16) {
