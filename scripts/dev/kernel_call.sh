@@ -13,6 +13,21 @@ echo "== kernel checks (failures, then the count that passed)"
 timeout 360 "$bin" bench --kernels --config $cfg > "$out/kernels.txt" 2>&1
 grep -E '"kernel"|error|panic' "$out/kernels.txt" | grep -v '"pass":true' | cut -c1-250
 grep -c '"pass":true' "$out/kernels.txt"
+echo "== the slowest checks (ms each, both sides)"
+python3 - "$out/kernels.txt" <<'PY'
+import json, sys
+ms = {}
+for line in open(sys.argv[1]):
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if "ms" in d:
+        ms[(d["kernel"], d["dtype"])] = d["ms"]
+print(f"{len(ms)} checks, {sum(ms.values()) / 1e3:.0f} s")
+for (k, t), v in sorted(ms.items(), key=lambda kv: -kv[1])[:8]:
+    print(f"{v:9.0f} {t} {k}")
+PY
 echo "== 1B bench, batch 1 x 4096, activation_checkpointing 0"
 timeout 200 "$bin" bench --config $cfg --warmup 2 --steps 5 --profile-steps 1 2>&1 |
   grep -v '"warmup_step"' | grep -E 'summary|"step":5' | cut -c1-900

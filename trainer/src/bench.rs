@@ -756,6 +756,10 @@ pub fn kernels<B: BambaAutodiffBackend>(
             if !wanted(name) {
                 return;
             }
+            // Each line carries the check's wall time (both sides, twice the
+            // fused one): device calls are scarce, and this shows where the
+            // checks' own time goes.
+            let start = std::time::Instant::now();
             let inputs: Vec<Tensor<B, 1>> = shapes
                 .iter()
                 .map(|s| {
@@ -787,6 +791,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
             // The fused side twice: its outputs and gradients must be the same
             // bits (no float atomics anywhere; exact resume depends on it).
             let (a, a2, b) = (run(&fused), run(&fused), run(&refr));
+            let mut lines = Vec::new();
             for (i, ((a, a2), b)) in a.into_iter().zip(a2).zip(b).enumerate() {
                 let what = if i == 0 {
                     "output".to_string()
@@ -800,11 +805,13 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
                 let pass = rel <= tol && repeatable;
                 ok &= pass;
-                println!(
-                    "{}",
-                    json!({"kernel": name, "dtype": format!("{dtype:?}"), "value": what,
-                    "max_abs": max_abs, "rel": rel, "repeatable": repeatable, "pass": pass})
-                );
+                lines.push(json!({"kernel": name, "dtype": format!("{dtype:?}"), "value": what,
+                    "max_abs": max_abs, "rel": rel, "repeatable": repeatable, "pass": pass}));
+            }
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            for mut line in lines {
+                line["ms"] = json!((ms * 10.0).round() / 10.0);
+                println!("{line}");
             }
         };
     use burn::tensor::ElementConversion;
