@@ -243,6 +243,19 @@ __device__ __forceinline__ void conv_weights(const T* __restrict__ w, const T* _
     }
 }
 
+// The window's first K - 1 inputs (tile rows 0 .. K - 2) at column `col`.
+template <typename T, int K>
+__device__ __forceinline__ void conv_window(const T* sx, int col, float (&xw)[ConvTile<T>::V][K]) {
+    constexpr int CT = ConvTile<T>::CT, V = ConvTile<T>::V;
+#pragma unroll
+    for (int j = 0; j + 1 < K; ++j) {
+        float xj[V];
+        ldn(sx, j * CT + col, xj);
+#pragma unroll
+        for (int v = 0; v < V; ++v) xw[v][j] = xj[v];
+    }
+}
+
 // grid (ceil(c / CT), ceil(l / S), b), 128 threads.
 template <typename T, int K, int S>
 __device__ void conv_fwd_tile(const T* __restrict__ x, const T* __restrict__ w,
@@ -260,13 +273,7 @@ __device__ void conv_fwd_tile(const T* __restrict__ x, const T* __restrict__ w,
     cp_wait<0>();
     __syncthreads();
     if (ch >= c) return;
-#pragma unroll
-    for (int j = 0; j + 1 < K; ++j) {
-        float xj[V];
-        ldn(sx, j * CT + col, xj);
-#pragma unroll
-        for (int v = 0; v < V; ++v) xw[v][j] = xj[v];
-    }
+    conv_window<T, K>(sx, col, xw);
     T* yp = y + (base + t0) * c + ch;
     const int n = min(S, l - t0);
 #pragma unroll 8
@@ -320,13 +327,7 @@ __device__ void conv_bwd_tile(const T* __restrict__ x, const T* __restrict__ w,
     cp_wait<0>();
     __syncthreads();
     if (ch >= c) return;
-#pragma unroll
-    for (int j = 0; j + 1 < K; ++j) {
-        float xj[V];
-        ldn(sx, j * CT + col, xj);
-#pragma unroll
-        for (int v = 0; v < V; ++v) xw[v][j] = xj[v];
-    }
+    conv_window<T, K>(sx, col, xw);
     T* dxp = dx + (base + t0) * c + ch;
     const int n = min(S, l - t0);  // dx rows this block writes
     // Step i is t0 + i; rows past l hold zeros (dy = 0 there, so du = 0).
