@@ -10,7 +10,9 @@ bin=${1:-target/release/bamba-train}
 out=${OUT:-/tmp}
 cfg=configs/bench/bamba-1b.yaml
 echo "== kernel checks (failures, then the count that passed)"
-timeout 360 "$bin" bench --kernels --config $cfg > "$out/kernels.txt" 2>&1
+# The reference side's reductions would autotune per shape (cubecl's
+# default): the least of it is enough for a comparison.
+CUBECL_AUTOTUNE_LEVEL=minimal timeout 360 "$bin" bench --kernels --config $cfg > "$out/kernels.txt" 2>&1
 grep -E '"kernel"|error|panic' "$out/kernels.txt" | grep -v '"pass":true' | cut -c1-250
 grep -c '"pass":true' "$out/kernels.txt"
 echo "== the slowest checks (ms each, both sides)"
