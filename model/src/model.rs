@@ -110,8 +110,26 @@ pub fn causal_lm_loss<B: BambaBackend>(
     z_coef: f64,
 ) -> Tensor<B, 1> {
     let [b, l, v] = logits.dims();
-    crate::ops::cross_entropy_rows(logits.reshape([b * l, v]), targets.reshape([b * l]), z_coef)
-        .mean()
+    let rows = crate::ops::cross_entropy_rows(
+        logits.reshape([b * l, v]),
+        targets.reshape([b * l]),
+        z_coef,
+    );
+    mean_two_stage(rows)
+}
+
+/// The mean of a long vector as sums of 64-long runs, then their sum: burn's
+/// one-shot mean reduces 4096 rows in a single block (92 us on an H200).
+fn mean_two_stage<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let n = x.dims()[0];
+    let run = (2..=64)
+        .rev()
+        .find(|k| n % k == 0 && n / k > 1)
+        .unwrap_or(n);
+    if run == n {
+        return x.mean();
+    }
+    x.reshape([n / run, run]).sum_dim(1).sum() / n as f64
 }
 
 /// HF's `BambaForCausalLM` loss on unshifted `input_ids` used as labels:
