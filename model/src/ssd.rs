@@ -7,7 +7,7 @@
 //! product; chunk-final states carry across chunks by the same decay.
 
 use crate::ops::{
-    BambaBackend, chunk_cumsum, end_decay, matmul, matmul_tf32, reshape_view, scale_heads,
+    BambaBackend, chunk_cumsum, end_decay, matmul, matmul_f32, reshape_view, scale_heads,
     scale_rows, ssd_diag, ssd_out, ssd_out_chunks, ssd_states,
 };
 use burn::tensor::{DType, Tensor};
@@ -42,11 +42,12 @@ pub fn ssd_chunked<B: BambaBackend>(
     let [_, _, g, n] = bm.dims();
     let hg = h / g;
     let dtype = x.dtype();
-    // bf16 training multiplies in TF32 (mamba_ssm's kernels use bf16 here);
-    // f32 keeps full precision for HF parity.
+    // In bf16 training the chunk products take bf16 operands (B, C, the
+    // decayed x, the entering states) with f32 accumulation, as mamba_ssm's
+    // kernels do; scores and states come out in f32, the entering states'
+    // contribution in bf16. f32 keeps full precision for HF parity.
     let fast = dtype != DType::F32;
-    let f32 = |t: Tensor<B, 4>| t.cast(DType::F32);
-    let (bm, cm) = (f32(bm), f32(cm));
+    let (bm, cm) = (bm.cast(dtype), cm.cast(dtype));
     let (dt, a) = (dt.cast(DType::F32), a.cast(DType::F32));
 
     let q = chunk;
@@ -71,8 +72,8 @@ pub fn ssd_chunked<B: BambaBackend>(
     // 1. Within each chunk: y_i = sum_{j <= i} exp(cs_i - cs_j) (C_i . B_j) x_j,
     //    with C B^T once per group.
     let scores = per_group(g, 2, |gi| {
-        mm(group(&cm, gi), group(&bm, gi).swap_dims(2, 3), fast).unsqueeze_dim::<5>(2)
-    }); // [b, nc, g, q, q]
+        matmul_f32(group(&cm, gi), group(&bm, gi).swap_dims(2, 3)).unsqueeze_dim::<5>(2)
+    }); // [b, nc, g, q, q] f32
     let y_diag = ssd_diag(scores, cs.clone(), dt.clone(), x.clone(), fast);
 
     // 2. The state each chunk leaves behind, from its own inputs only:
@@ -80,19 +81,20 @@ pub fn ssd_chunked<B: BambaBackend>(
     let cs_last = cs.clone().narrow(2, q - 1, 1); // [b, nc, 1, h]
     let x_end = scale_rows(x.clone(), end_decay(dt, cs.clone())).reshape([b, nc, q, h * p]);
     let states = per_group(g, 3, |gi| {
-        mm(group(&bm, gi).swap_dims(2, 3), heads(&x_end, gi), fast)
-    }); // [b, nc, n, h * p]
+        matmul_f32(group(&bm, gi).swap_dims(2, 3), heads(&x_end, gi))
+    }); // [b, nc, n, h * p] f32
 
     // 3. Carry states across chunks, per head: the state entering chunk c.
     let entering = ssd_states(
         states.reshape([b, nc, n, h, p]),
         cs_last.reshape([b, nc, h]),
     )
-    .reshape([b, nc, n, h * p]);
+    .reshape([b, nc, n, h * p])
+    .cast(dtype);
 
     // 4. What the entering state contributes: exp(cs_i) C_i . state, added
     //    to the intra-chunk part together with the skip D x.
-    let y_off = per_group(g, 3, |gi| mm(group(&cm, gi), heads(&entering, gi), fast))
+    let y_off = per_group(g, 3, |gi| matmul(group(&cm, gi), heads(&entering, gi)))
         .reshape([b, nc, q, h, p]);
     match unpadded {
         Some(x) => ssd_out(y_diag, y_off, cs, x, d),
@@ -122,19 +124,6 @@ fn per_group<B: BambaBackend, const D: usize>(
         return f(0);
     }
     Tensor::cat((0..g).map(f).collect(), dim)
-}
-
-/// `a @ b`, as TF32 when `fast`.
-fn mm<B: BambaBackend, const D: usize>(
-    a: Tensor<B, D>,
-    b: Tensor<B, D>,
-    fast: bool,
-) -> Tensor<B, D> {
-    if fast {
-        matmul_tf32(a, b)
-    } else {
-        matmul(a, b)
-    }
 }
 
 /// Zero-pads dim 1 (the sequence) by `pad` steps.

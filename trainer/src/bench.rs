@@ -819,6 +819,30 @@ pub fn kernels<B: BambaAutodiffBackend>(
         };
     use burn::tensor::ElementConversion;
     for dtype in [DType::F32, DType::BF16] {
+        // Products written in f32 (bf16 operands: the SSD's chunk states),
+        // batched, with a transposed operand as the scan passes B^T.
+        for (bt, m, k, n) in [(3, 37, 19, 21), (16, 128, 256, 4096)]
+            .into_iter()
+            .filter(|s| large || s.3 < 1000)
+        {
+            let ab = move |x: &Inputs<B>| {
+                let a = x[0].clone().reshape([1, bt, k, m]).swap_dims(2, 3);
+                (a, x[1].clone().reshape([1, bt, k, n]))
+            };
+            check(
+                &format!("matmul_f32_{bt}x{m}x{k}x{n}"),
+                dtype,
+                &[vec![bt * k * m], vec![bt * k * n]],
+                Box::new(move |x| {
+                    let (a, b) = ab(x);
+                    ops::matmul_f32(a, b).reshape([bt * m * n])
+                }),
+                Box::new(move |x| {
+                    let (a, b) = ab(x);
+                    ops::matmul(a.cast(DType::F32), b.cast(DType::F32)).reshape([bt * m * n])
+                }),
+            );
+        }
         for (r, c) in [(37, 19), (4096, 5632)]
             .into_iter()
             .filter(|s| large || s.0 < 1000)

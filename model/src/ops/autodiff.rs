@@ -17,10 +17,13 @@ use super::BambaBackend;
 /// (the TF32 one when the forward was TF32). An operand stored transposed
 /// (`x @ W^T`) gets its gradient in the same layout, `(B dC^T)^T` or
 /// `(dC^T A)^T`: the same GEMM, written so that the weight's gradient is
-/// row-major like the weight.
+/// row-major like the weight. A product written in f32 from narrower
+/// operands (`f32_out`) takes its gradient in the operands' dtype first.
 #[derive(Debug)]
 struct Matmul {
     tf32: bool,
+    /// The operands' dtype, where the output is f32 and they are not.
+    f32_out: Option<burn::tensor::DType>,
     /// Whether lhs, rhs were stored transposed.
     transposed: [bool; 2],
 }
@@ -39,11 +42,17 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
         };
         let t = B::float_transpose;
         let [lhs_t, rhs_t] = self.transposed;
+        let narrow = self.f32_out;
+        let in_dtype = move |g: FloatTensor<B>| match narrow {
+            Some(d) => B::float_cast(g, d.into()),
+            None => g,
+        };
         binary::<B, _, _>(
             ops.parents,
             ops.node,
             grads,
             |grad| {
+                let grad = in_dtype(grad);
                 let rhs = rhs.expect("rhs saved");
                 if lhs_t {
                     t(mm(rhs, t(grad)))
@@ -52,6 +61,7 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
                 }
             },
             |grad| {
+                let grad = in_dtype(grad);
                 let lhs = lhs.expect("lhs saved");
                 if rhs_t {
                     t(mm(t(grad), lhs))
@@ -861,29 +871,48 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     }
 
     fn bamba_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        tracked_matmul::<B, C>(lhs, rhs, false)
+        tracked_matmul::<B, C>(lhs, rhs, Gemm::Plain)
     }
 
     fn bamba_matmul_tf32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        tracked_matmul::<B, C>(lhs, rhs, true)
+        tracked_matmul::<B, C>(lhs, rhs, Gemm::Tf32)
     }
+
+    fn bamba_matmul_f32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        tracked_matmul::<B, C>(lhs, rhs, Gemm::F32Out)
+    }
+}
+
+/// Which GEMM hook a tracked product runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Gemm {
+    Plain,
+    Tf32,
+    F32Out,
 }
 
 fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
     lhs: FloatTensor<Autodiff<B, C>>,
     rhs: FloatTensor<Autodiff<B, C>>,
-    tf32: bool,
+    gemm: Gemm,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let mm = if tf32 {
-        B::bamba_matmul_tf32
-    } else {
-        B::bamba_matmul
+    let mm = match gemm {
+        Gemm::Plain => B::bamba_matmul,
+        Gemm::Tf32 => B::bamba_matmul_tf32,
+        Gemm::F32Out => B::bamba_matmul_f32,
     };
+    let tf32 = gemm == Gemm::Tf32;
+    let dtype = lhs.primitive.dtype();
+    let f32_out = (gemm == Gemm::F32Out && dtype != burn::tensor::DType::F32).then_some(dtype);
     {
         let (ls, rs) = (lhs.shape(), rhs.shape());
         let batch = |s: &burn::tensor::Shape| s[..s.len() - 2].to_vec();
         if batch(&ls) != batch(&rs) {
             // Broadcast batch dims: burn's op sums the gradient over them.
+            if gemm == Gemm::F32Out {
+                let f32 = |t| Autodiff::<B, C>::float_cast(t, burn::tensor::FloatDType::F32);
+                return Autodiff::<B, C>::float_matmul(f32(lhs), f32(rhs));
+            }
             return Autodiff::<B, C>::float_matmul(lhs, rhs);
         }
         let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
@@ -891,10 +920,14 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
             B::bamba_transposed(&lhs.primitive),
             B::bamba_transposed(&rhs.primitive),
         ];
-        match (Matmul { tf32, transposed })
-            .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
-            .compute_bound()
-            .stateful()
+        match (Matmul {
+            tf32,
+            f32_out,
+            transposed,
+        })
+        .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
+        .compute_bound()
+        .stateful()
         {
             OpsKind::Tracked(mut prep) => {
                 // Each gradient needs only the *other* operand.

@@ -35,7 +35,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
             // Broadcast batch dims: rare in the model; burn's kernel handles them.
             return Self::float_matmul(lhs, rhs);
         }
-        gemm(lhs, rhs, false)
+        let dtype = lhs.dtype;
+        gemm(lhs, rhs, false, dtype)
     }
 
     fn bamba_matmul_tf32(lhs: T, rhs: T) -> T {
@@ -43,7 +44,17 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         if ls[..ls.len() - 2] != rs[..rs.len() - 2] {
             return Self::float_matmul(lhs, rhs);
         }
-        gemm(lhs, rhs, true)
+        let dtype = lhs.dtype;
+        gemm(lhs, rhs, true, dtype)
+    }
+
+    fn bamba_matmul_f32(lhs: T, rhs: T) -> T {
+        let (ls, rs) = (lhs.meta.shape(), rhs.meta.shape());
+        if ls[..ls.len() - 2] != rs[..rs.len() - 2] {
+            let f32 = |t| Self::float_cast(t, burn::tensor::FloatDType::F32);
+            return Self::float_matmul(f32(lhs), f32(rhs));
+        }
+        gemm(lhs, rhs, false, DType::F32)
     }
 
     fn bamba_fused() -> bool {
@@ -344,8 +355,10 @@ fn with_handle<R>(device: usize, f: impl FnOnce(cb::cublasHandle_t) -> R) -> R {
     })
 }
 
-/// `lhs [.., m, k] @ rhs [.., k, n]` with equal batch dims; f32 as TF32 when `tf32`.
-pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
+/// `lhs [.., m, k] @ rhs [.., k, n]` with equal batch dims, written in
+/// `out` (the operands' dtype, or f32 from bf16: f32 accumulation either
+/// way); f32 as TF32 when `tf32`.
+pub fn gemm(lhs: T, rhs: T, tf32: bool, out: DType) -> T {
     let (ls, rs) = (lhs.meta.shape().to_vec(), rhs.meta.shape().to_vec());
     let d = ls.len();
     assert_eq!(d, rs.len(), "matmul operands of different ranks");
@@ -357,11 +370,12 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
     let out_batch = ls[..d - 2].to_vec();
     let mut out_shape = out_batch.clone();
     out_shape.extend_from_slice(&[m, n]);
+    let out_dtype = out;
     let out = empty_device_contiguous_dtype(
         lhs.client.clone(),
         lhs.device.clone(),
         out_shape.into(),
-        dtype,
+        out_dtype,
     );
     let batch: usize = out_batch.iter().product();
     if batch == 0 || m == 0 || n == 0 {
@@ -372,7 +386,7 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
             out.client.clone(),
             out.device.clone(),
             out.meta.shape().clone(),
-            dtype,
+            out_dtype,
         );
     }
     let (lhs, la) = readable(lhs);
@@ -388,7 +402,7 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
             cb::cublasOperation_t::CUBLAS_OP_T
         }
     };
-    let ty = cuda_type(dtype);
+    let (ty, out_ty) = (cuda_type(dtype), cuda_type(out_dtype));
     let device = lhs.device.index;
     let (ra_op, ra_ld, ra_bs) = (op(ra.row_major), ra.ld as i32, ra.batch_stride);
     let (la_op, la_ld, la_bs) = (op(la.row_major), la.ld as i32, la.batch_stride);
@@ -425,7 +439,7 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool) -> T {
                 la_bs,
                 &beta as *const f32 as *const c_void,
                 c as *mut c_void,
-                ty,
+                out_ty,
                 n as i32,
                 (m * n) as i64,
                 batch as i32,

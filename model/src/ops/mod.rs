@@ -42,6 +42,14 @@ pub trait BambaBackend: Backend {
         Self::bamba_matmul(lhs, rhs)
     }
 
+    /// [`BambaBackend::bamba_matmul`] of operands of one dtype with the
+    /// product in f32 (bf16 operands, f32 accumulation and output: the SSD's
+    /// chunk-state products, as mamba_ssm's kernels compute them).
+    fn bamba_matmul_f32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let f32 = |t| Self::float_cast(t, burn::tensor::FloatDType::F32);
+        Self::bamba_matmul(f32(lhs), f32(rhs))
+    }
+
     /// Whether the backend has the fused kernels below (`bamba_rms_norm*`);
     /// the model uses burn's ops otherwise.
     fn bamba_fused() -> bool {
@@ -723,6 +731,19 @@ pub fn matmul<B: BambaBackend, const D: usize>(
         (lhs, rhs)
     };
     let out = B::bamba_matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`matmul`] with the product in f32 (see [`BambaBackend::bamba_matmul_f32`]):
+/// bf16 operands stay bf16; f32 ones multiply in full precision.
+pub fn matmul_f32<B: BambaBackend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if lhs.dtype() != rhs.dtype() || lhs.dtype() == DType::F32 {
+        return matmul(lhs.cast(DType::F32), rhs.cast(DType::F32));
+    }
+    let out = B::bamba_matmul_f32(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 

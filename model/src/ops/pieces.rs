@@ -263,10 +263,12 @@ pub fn ssd_out_chunks<B: BambaBackend>(
         return reference::ssd_out(y_diag, y_off, cs, x, d).reshape([b, nc, q, h, p]);
     }
     let f32 = burn::tensor::DType::F32;
-    let prim = |t: Tensor<B, 5>| t.cast(f32).into_primitive().tensor();
+    let prim =
+        |t: Tensor<B, 5>, dtype: burn::tensor::DType| t.cast(dtype).into_primitive().tensor();
+    let dtype = x.dtype();
     float(B::bamba_ssd_out(
-        prim(y_diag),
-        prim(y_off),
+        prim(y_diag, f32),
+        prim(y_off, dtype),
         cs.cast(f32).into_primitive().tensor(),
         x.into_primitive().tensor(),
         d.into_primitive().tensor(),
@@ -274,8 +276,8 @@ pub fn ssd_out_chunks<B: BambaBackend>(
 }
 
 /// The SSD's output `y [b, l, h, p]` in `x`'s dtype: the intra-chunk part
-/// `y_diag` plus the entering states' part `exp(cs) y_off` (f32
-/// `[b, nc, q, h, p]`, `cs [b, nc, q, h]`; chunks padded past `l` are
+/// `y_diag` (f32) plus the entering states' part `exp(cs) y_off` (`y_off`
+/// read in `x`'s dtype; both `[b, nc, q, h, p]`, `cs [b, nc, q, h]`; chunks padded past `l` are
 /// cropped), plus the skip `D[h] x` (`x [b, l, h, p]`). One pass on fused
 /// backends, instead of five.
 pub fn ssd_out<B: BambaBackend>(
@@ -291,10 +293,13 @@ pub fn ssd_out<B: BambaBackend>(
         return reference::ssd_out(y_diag, y_off, cs, x, d);
     }
     let f32 = burn::tensor::DType::F32;
-    let rows = |t: Tensor<B, 5>| reference::unchunk::<B, 5, 4>(t.cast(f32), l);
+    let rows = |t: Tensor<B, 5>, dtype: burn::tensor::DType| {
+        reference::unchunk::<B, 5, 4>(t.cast(dtype), l)
+    };
+    let dtype = x.dtype();
     float(B::bamba_ssd_out(
-        rows(y_diag).into_primitive().tensor(),
-        rows(y_off).into_primitive().tensor(),
+        rows(y_diag, f32).into_primitive().tensor(),
+        rows(y_off, dtype).into_primitive().tensor(),
         reference::unchunk::<B, 4, 3>(cs.cast(f32), l)
             .into_primitive()
             .tensor(),
@@ -303,9 +308,10 @@ pub fn ssd_out<B: BambaBackend>(
     ))
 }
 
-/// `x * s[.., None]` in f32, `s` shaped as `x` without its last dim (a
-/// per-row scale with its reduction fused into the backward). `x` may be
-/// bf16: the kernel reads it as it is (no f32 copy kept for backward).
+/// `x * s[.., None]` in `x`'s dtype (the product in f32, rounded once), `s`
+/// shaped as `x` without its last dim (a per-row scale with its reduction
+/// fused into the backward). In bf16 training the result is a bf16 GEMM
+/// operand, as in mamba_ssm's chunk-state kernel.
 pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
     x: Tensor<B, D>,
     s: Tensor<B, D1>,

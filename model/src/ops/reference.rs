@@ -258,7 +258,7 @@ pub fn ssd_diag<B: BambaBackend>(
     dt: Tensor<B, 4>,
     x: Tensor<B, 5>,
 ) -> Tensor<B, 5> {
-    let x = scale_rows(x, dt);
+    let x = scale_rows_f32(x, dt);
     let m = masked_decay(cs.permute([0, 3, 1, 2]), scores); // [b, h, nc, q, q]
     crate::ops::matmul(m, x.permute([0, 3, 1, 2, 4])).permute([0, 2, 3, 1, 4])
 }
@@ -291,6 +291,15 @@ pub fn scale_rows<B: BambaBackend, const D: usize, const D1: usize>(
     x: Tensor<B, D>,
     s: Tensor<B, D1>,
 ) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    scale_rows_f32(x, s).cast(dtype)
+}
+
+/// `x * s[.., None]` in f32.
+fn scale_rows_f32<B: BambaBackend, const D: usize, const D1: usize>(
+    x: Tensor<B, D>,
+    s: Tensor<B, D1>,
+) -> Tensor<B, D> {
     x.cast(DType::F32) * s.cast(DType::F32).unsqueeze_dim::<D>(D1)
 }
 
@@ -302,7 +311,7 @@ pub fn ssd_out<B: BambaBackend>(
     x: Tensor<B, 4>,
     d: Tensor<B, 1>,
 ) -> Tensor<B, 4> {
-    let y = y_diag.cast(DType::F32) + scale_rows(y_off, cs.exp());
+    let y = y_diag.cast(DType::F32) + scale_rows_f32(y_off, cs.exp());
     unchunk(y, x.dims()[1]).cast(x.dtype()) + scale_heads(x, d)
 }
 

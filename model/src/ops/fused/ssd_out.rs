@@ -9,7 +9,8 @@ use crate::ops::nvrtc::{self, T, enqueue, launch};
 
 /// The SSD scan's output, fused: `y = y_diag + exp(cs) * y_off + D[head] x`
 /// per row `r` of `p` values (rows ordered `(b, l, h)`, `p` even), rounded
-/// once to `x`'s dtype. One warp per row, reading pairs; the backward's row
+/// once to `x`'s dtype; `y_diag` f32, `y_off` in `x`'s dtype (a bf16 GEMM's
+/// output in bf16 training). One warp per row, reading pairs; the backward's row
 /// sums (the `cs` and `D` gradients) need no atomics (deterministic).
 const SSD_OUT: &str = r#"
 // Two neighbouring values (even index: 8-byte f32 / 4-byte bf16 aligned).
@@ -46,7 +47,7 @@ __device__ __forceinline__ void token_head(long long r, int h, long long& tok, i
          r += (long long)gridDim.x * (blockDim.x >> 5))
 
 template <typename T>
-__device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, const T* x,
+__device__ void ssd_out_fwd(const float* yd, const T* yo, const float* cs, const T* x,
                             const T* d, T* y, long long rows, int h, int p, long long ldx) {
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
@@ -64,8 +65,8 @@ __device__ void ssd_out_fwd(const float* yd, const float* yo, const float* cs, c
 }
 
 template <typename T>
-__device__ void ssd_out_bwd(const T* g, const float* yo, const float* cs, const T* x, const T* d,
-                            float* dyo, float* dcs, T* dx, float* dd_rows,
+__device__ void ssd_out_bwd(const T* g, const T* yo, const float* cs, const T* x, const T* d,
+                            T* dyo, float* dcs, T* dx, float* dd_rows,
                             long long rows, int h, int p, long long ldx) {
     const int lane = threadIdx.x & 31;
     ROWS_PER_WARP(r, rows) {
@@ -112,13 +113,13 @@ extern "C" __global__ void head_sum(const float* dd_rows, float* dd, long long r
 }
 
 #define SSD_OUT_KERNELS(SUF, T)                                                                   \
-extern "C" __global__ void ssd_out_fwd_##SUF(const float* yd, const float* yo, const float* cs,  \
+extern "C" __global__ void ssd_out_fwd_##SUF(const float* yd, const T* yo, const float* cs,      \
                                              const T* x, const T* d, T* y, long long rows, int h, \
                                              int p, long long ldx) {                              \
     ssd_out_fwd<T>(yd, yo, cs, x, d, y, rows, h, p, ldx);                                         \
 }                                                                                                 \
-extern "C" __global__ void ssd_out_bwd_##SUF(const T* g, const float* yo, const float* cs,       \
-                                             const T* x, const T* d, float* dyo, float* dcs,      \
+extern "C" __global__ void ssd_out_bwd_##SUF(const T* g, const T* yo, const float* cs,           \
+                                             const T* x, const T* d, T* dyo, float* dcs,          \
                                              T* dx, float* dd_rows, long long rows, int h, int p, \
                                              long long ldx) {                                     \
     ssd_out_bwd<T>(g, yo, cs, x, d, dyo, dcs, dx, dd_rows, rows, h, p, ldx);                      \
@@ -154,10 +155,11 @@ fn f32_dense(t: T) -> T {
     same_dtype(t, DType::F32)
 }
 
-/// `y_diag + exp(cs) * y_off + D x` in `x`'s dtype and shape.
+/// `y_diag + exp(cs) * y_off + D x` in `x`'s dtype and shape (`y_off` read
+/// in `x`'s dtype).
 pub fn ssd_out_fwd(yd: T, yo: T, cs: T, x: T, d: T) -> T {
     let dtype = x.dtype;
-    let (yd, yo, cs) = (f32_dense(yd), f32_dense(yo), f32_dense(cs));
+    let (yd, yo, cs) = (f32_dense(yd), same_dtype(yo, dtype), f32_dense(cs));
     let ((x, ldx), d) = (super::token_rows(x, 2), same_dtype(d, dtype));
     let (rows, h, p) = ssd_out_dims(&yd, &yo, &cs, &x, &d);
     let y = empty(&x, x.meta.shape().to_vec(), dtype);
@@ -203,11 +205,11 @@ unsafe fn launch_warp_rows(
 }
 
 /// `(dy_diag, dy_off, dcs, dx, dd)`: `dy_diag` is the output gradient
-/// itself in `x`'s dtype (no copy: `y_diag` adds in unscaled), `dx` in
-/// `x`'s dtype, the rest f32.
+/// itself in `x`'s dtype (no copy: `y_diag` adds in unscaled), `dy_off`
+/// and `dx` in `x`'s dtype, the rest f32.
 pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
     let dtype = x.dtype;
-    let (yo, cs) = (f32_dense(yo), f32_dense(cs));
+    let (yo, cs) = (same_dtype(yo, dtype), f32_dense(cs));
     let ((x, ldx), d, g) = (
         super::token_rows(x, 2),
         same_dtype(d, dtype),
@@ -215,7 +217,7 @@ pub fn ssd_out_bwd(g: T, yo: T, cs: T, x: T, d: T) -> (T, T, T, T, T) {
     );
     let (rows, h, p) = ssd_out_dims(&yo, &yo, &cs, &x, &d);
     let shape = x.meta.shape().to_vec();
-    let dyo = empty(&x, shape.clone(), DType::F32);
+    let dyo = empty(&x, shape.clone(), dtype);
     let dx = empty(&x, shape.clone(), dtype);
     let dcs = empty(&x, cs.meta.shape().to_vec(), DType::F32);
     let dd_rows = empty(&x, vec![rows], DType::F32);

@@ -102,24 +102,26 @@ extern "C" __global__ void chunk_cumsum(const float* __restrict__ x, float* __re
     }
 }
 
-// y = x * s[row] in f32 for x [rows, p] (f32 or bf16), s [rows]. Rows
-// come in tokens of h: row r of x at (r / h) * ldx + (r % h) * p.
+// y = x * s[row] for x [rows, p] (f32 or bf16), s [rows] f32, rounded to
+// x's dtype (bf16 training: the operand of a bf16 GEMM, as mamba_ssm's
+// chunk-state kernel rounds it). Rows come in tokens of h: row r of x at
+// (r / h) * ldx + (r % h) * p.
 template <typename T>
 __device__ void scale_rows_fwd(const T* __restrict__ x, const float* __restrict__ s,
-                               float* __restrict__ y, long long n, int p, int h, long long ldx)
+                               T* __restrict__ y, long long n, int p, int h, long long ldx)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const long long r = n <= 0xffffffffLL ? (long long)((unsigned)i / (unsigned)p) : i / p;
         const long long xi = (r / h) * ldx + (r % h) * p + (i - r * p);
-        y[i] = ld(x, xi) * s[r];
+        st(y, i, ld(x, xi) * s[r]);
     }
 }
 
-// dx = g * s[row] (in x's dtype), ds[row] = sum over the row of g * x: one
-// warp per row.
+// dx = g * s[row] (in x's dtype), ds[row] = sum over the row of g * x (g
+// in x's dtype too): one warp per row.
 template <typename T>
-__device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict__ x,
+__device__ void scale_rows_bwd(const T* __restrict__ g, const T* __restrict__ x,
                                const float* __restrict__ s, const T* __restrict__ acc,
                                T* __restrict__ dx, float* __restrict__ ds, long long rows, int p,
                                int h, long long ldx)
@@ -132,7 +134,7 @@ __device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict_
         float sum = 0.0f;
         for (int k = threadIdx.x & 31; k < p; k += 32) {
             const long long i = r * p + k;
-            const float gi = g[i];
+            const float gi = ld(g, i);
             st(dx, i, gi * sr + (acc ? ld(acc, i) : 0.0f));
             sum += gi * ld(x, xr + k);
         }
@@ -146,7 +148,7 @@ __device__ void scale_rows_bwd(const float* __restrict__ g, const T* __restrict_
 // thread per pack, 32-bit index arithmetic (rows * p < 2^32).
 template <typename T>
 __device__ void scale_rows_fwd_v(const T* __restrict__ x, const float* __restrict__ s,
-                                 float* __restrict__ y, unsigned packs, int p, int h,
+                                 T* __restrict__ y, unsigned packs, int p, int h,
                                  long long ldx)
 {
     const int V = Pack<T>::V;
@@ -159,15 +161,14 @@ __device__ void scale_rows_fwd_v(const T* __restrict__ x, const float* __restric
         const float sr = s[r];
 #pragma unroll
         for (int e = 0; e < V; ++e) v[e] *= sr;
-#pragma unroll
-        for (int k = 0; k < V; k += 4) Pack<float>::store(y, (long long)i * V + k, v + k);
+        Pack<T>::store(y, (long long)i * V, v);
     }
 }
 
 // p / V lanes per row: dx = g * s[row] (+ acc), ds[row] by shuffles within
 // the lanes.
 template <typename T>
-__device__ void scale_rows_bwd_v(const float* __restrict__ g, const T* __restrict__ x,
+__device__ void scale_rows_bwd_v(const T* __restrict__ g, const T* __restrict__ x,
                                  const float* __restrict__ s, const T* __restrict__ acc,
                                  T* __restrict__ dx,
                                  float* __restrict__ ds, unsigned packs, int p, int h,
@@ -186,8 +187,7 @@ __device__ void scale_rows_bwd_v(const float* __restrict__ g, const T* __restric
             const unsigned c = (i - r * pr) * V;
             const long long xi = (long long)(r / (unsigned)h) * ldx + (r % (unsigned)h) * p + c;
             float gv[V], xv[V], av[V];
-#pragma unroll
-            for (int k = 0; k < V; k += 4) Pack<float>::load(g, (long long)i * V + k, gv + k);
+            Pack<T>::load(g, (long long)i * V, gv);
             Pack<T>::load(x, xi, xv);
             if (acc) Pack<T>::load(acc, (long long)i * V, av);
             const float sr = s[r];
@@ -204,20 +204,20 @@ __device__ void scale_rows_bwd_v(const float* __restrict__ g, const T* __restric
 }
 
 #define SCALE_ROWS(SUF, T)                                                                     \
-extern "C" __global__ void scale_rows_fwd_##SUF(const T* x, const float* s, float* y,           \
+extern "C" __global__ void scale_rows_fwd_##SUF(const T* x, const float* s, T* y,               \
                                                 long long n, int p, int h, long long ldx) {     \
     scale_rows_fwd<T>(x, s, y, n, p, h, ldx);                                                   \
 }                                                                                               \
-extern "C" __global__ void scale_rows_bwd_##SUF(const float* g, const T* x, const float* s,      \
+extern "C" __global__ void scale_rows_bwd_##SUF(const T* g, const T* x, const float* s,          \
                                                 const T* acc, T* dx, float* ds, long long rows, \
                                                 int p, int h, long long ldx) {                  \
     scale_rows_bwd<T>(g, x, s, acc, dx, ds, rows, p, h, ldx);                                   \
 }                                                                                               \
-extern "C" __global__ void scale_rows_fwd_v_##SUF(const T* x, const float* s, float* y,         \
+extern "C" __global__ void scale_rows_fwd_v_##SUF(const T* x, const float* s, T* y,             \
                                                   unsigned packs, int p, int h, long long ldx) { \
     scale_rows_fwd_v<T>(x, s, y, packs, p, h, ldx);                                             \
 }                                                                                               \
-extern "C" __global__ void scale_rows_bwd_v_##SUF(const float* g, const T* x, const float* s,   \
+extern "C" __global__ void scale_rows_bwd_v_##SUF(const T* g, const T* x, const float* s,       \
                                                   const T* acc, T* dx, float* ds, unsigned packs, \
                                                   int p, int h, long long ldx) {                \
     scale_rows_bwd_v<T>(g, x, s, acc, dx, ds, packs, p, h, ldx);                                \
@@ -382,13 +382,13 @@ fn scale_pack(x: &T, p: usize, ldx: usize, n: usize, others: &[&T]) -> Option<us
     ok.then_some(v)
 }
 
-/// `x * s[.., None]` in f32.
+/// `x * s[.., None]` in `x`'s dtype (the product in f32, rounded once).
 pub fn scale_rows_fwd(x: T, s: T) -> T {
     let (rows, p) = rows_dims(&x, &s);
     let ((x, ldx), s) = (super::token_rows(x, 1), same_dtype(s, DType::F32));
     let h = heads_of(&x);
     let n = rows * p;
-    let y = empty(&x, vec![n], DType::F32);
+    let y = empty(&x, vec![n], x.dtype);
     if n > 0 {
         let device = x.device.index;
         let vec = scale_pack(&x, p, ldx, n, &[]);
@@ -424,11 +424,11 @@ pub fn scale_rows_fwd(x: T, s: T) -> T {
 }
 
 /// `(dx, ds)`: `dx` in `x`'s dtype (plus `acc`, x's gradient from its other
-/// consumers, when given), `ds` in f32.
+/// consumers, when given), `ds` in f32; `g` is read in `x`'s dtype.
 pub fn scale_rows_bwd(g: T, x: T, s: T, acc: Option<T>) -> (T, T) {
     let (rows, p) = rows_dims(&x, &s);
-    let f32 = |t| same_dtype(t, DType::F32);
-    let (g, (x, ldx), s) = (f32(g), super::token_rows(x, 1), f32(s));
+    let ((x, ldx), s) = (super::token_rows(x, 1), same_dtype(s, DType::F32));
+    let g = same_dtype(g, x.dtype);
     let acc = acc.map(|a| same_dtype(a, x.dtype));
     if let Some(a) = &acc {
         assert_eq!(
