@@ -7,7 +7,7 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 
@@ -19,19 +19,35 @@ use super::BambaBackend;
 /// `(dC^T A)^T`: the same GEMM, written so that the weight's gradient is
 /// row-major like the weight. A product written in f32 from narrower
 /// operands (`f32_out`) takes its gradient in the operands' dtype first.
+/// The lhs gradient is added by the GEMM into the one registered before it
+/// (an input shared by two products: the MLP's gate and up projections),
+/// not by a separate add.
 #[derive(Debug)]
-struct Matmul {
+struct Matmul<C> {
     tf32: bool,
     /// The operands' dtype, where the output is f32 and they are not.
     f32_out: Option<burn::tensor::DType>,
     /// Whether lhs, rhs were stored transposed.
     transposed: [bool; 2],
+    checkpoint: std::marker::PhantomData<C>,
 }
 
-impl<B: BambaBackend> Backward<B, 2> for Matmul {
+impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for Matmul<C> {
     type State = (Option<NodeId>, Option<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        // One cast for both gradients of an f32-output product.
+        let grad = match self.f32_out {
+            Some(d) => B::float_cast(grad, d.into()),
+            None => grad,
+        };
+        let [lhs_t, rhs_t] = self.transposed;
+        let acc = if lhs_t || self.tf32 {
+            None
+        } else {
+            take_grad::<B, C, _, 2>(grads, &ops, 0, &grad)
+        };
         let (lhs, rhs) = ops.state;
         let lhs: Option<FloatTensor<B>> = lhs.map(|id| ckpt.retrieve_node_output(id));
         let rhs: Option<FloatTensor<B>> = rhs.map(|id| ckpt.retrieve_node_output(id));
@@ -41,35 +57,26 @@ impl<B: BambaBackend> Backward<B, 2> for Matmul {
             B::bamba_matmul
         };
         let t = B::float_transpose;
-        let [lhs_t, rhs_t] = self.transposed;
-        let narrow = self.f32_out;
-        let in_dtype = move |g: FloatTensor<B>| match narrow {
-            Some(d) => B::float_cast(g, d.into()),
-            None => g,
-        };
-        binary::<B, _, _>(
-            ops.parents,
-            ops.node,
-            grads,
-            |grad| {
-                let grad = in_dtype(grad);
-                let rhs = rhs.expect("rhs saved");
-                if lhs_t {
-                    t(mm(rhs, t(grad)))
-                } else {
-                    mm(grad, t(rhs))
-                }
-            },
-            |grad| {
-                let grad = in_dtype(grad);
-                let lhs = lhs.expect("lhs saved");
-                if rhs_t {
-                    t(mm(t(grad), lhs))
-                } else {
-                    mm(t(lhs), grad)
-                }
-            },
-        );
+        let [pl, pr] = ops.parents;
+        if let Some(n) = pl {
+            let rhs = rhs.expect("rhs saved");
+            let g = grad.clone();
+            let dl = match (lhs_t, acc) {
+                (true, _) => t(mm(rhs, t(g))),
+                (false, Some(acc)) => B::bamba_matmul_acc(g, t(rhs), acc),
+                (false, None) => mm(g, t(rhs)),
+            };
+            grads.register::<B>(n.id, dl);
+        }
+        if let Some(n) = pr {
+            let lhs = lhs.expect("lhs saved");
+            let dr = if rhs_t {
+                t(mm(t(grad), lhs))
+            } else {
+                mm(t(lhs), grad)
+            };
+            grads.register::<B>(n.id, dr);
+        }
     }
 }
 
@@ -920,10 +927,11 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
             B::bamba_transposed(&lhs.primitive),
             B::bamba_transposed(&rhs.primitive),
         ];
-        match (Matmul {
+        match (Matmul::<C> {
             tf32,
             f32_out,
             transposed,
+            checkpoint: std::marker::PhantomData,
         })
         .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
         .compute_bound()
@@ -1025,6 +1033,44 @@ mod tests {
             wa.into_data().to_vec().unwrap(),
             wb.into_data().to_vec().unwrap(),
         );
+    }
+
+    /// An input shared by two products (the MLP's gate and up projections)
+    /// and an elementwise use: its gradient, added into the one registered
+    /// before by the second product's GEMM, is burn's.
+    #[test]
+    fn a_shared_input_accumulates_its_gradient_like_burns() {
+        let dev = Default::default();
+        let x0 = Tensor::<Flex, 2>::random([6, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let w0 = Tensor::<Flex, 2>::random([4, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let u0 = Tensor::<Flex, 2>::random([3, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |ours: bool| {
+            let x = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
+            let w = Tensor::<B, 2>::from_inner(w0.clone()).require_grad();
+            let u = Tensor::<B, 2>::from_inner(u0.clone());
+            let mm = |a: Tensor<B, 2>, b: Tensor<B, 2>| {
+                if ours {
+                    crate::ops::matmul(a, b)
+                } else {
+                    a.matmul(b)
+                }
+            };
+            let y = mm(x.clone(), w.clone().transpose()).exp().sum()
+                + mm(x.clone(), u.transpose()).powf_scalar(2.0).sum()
+                + (x.clone() * 3.0).sum();
+            let grads = y.backward();
+            (x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+        };
+        let ((xa, wa), (xb, wb)) = (run(true), run(false));
+        for (a, b) in [(xa, xb), (wa, wb)] {
+            let (a, b) = (
+                a.into_data().to_vec::<f32>().unwrap(),
+                b.into_data().to_vec::<f32>().unwrap(),
+            );
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+            }
+        }
     }
 
     /// `grad_seed(y, dy).backward()` gives the gradients of

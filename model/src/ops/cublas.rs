@@ -57,6 +57,15 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         gemm(lhs, rhs, false, DType::F32)
     }
 
+    fn bamba_matmul_acc(lhs: T, rhs: T, acc: T) -> T {
+        let (ls, rs) = (lhs.meta.shape(), rhs.meta.shape());
+        if ls[..ls.len() - 2] == rs[..rs.len() - 2] && acc_fits(&lhs, &rhs, &acc) {
+            return gemm_into(lhs, rhs, acc);
+        }
+        let product = Self::bamba_matmul(lhs, rhs);
+        Self::float_add(acc, product)
+    }
+
     fn bamba_fused() -> bool {
         true
     }
@@ -359,6 +368,30 @@ fn with_handle<R>(device: usize, f: impl FnOnce(cb::cublasHandle_t) -> R) -> R {
 /// `out` (the operands' dtype, or f32 from bf16: f32 accumulation either
 /// way); f32 as TF32 when `tf32`.
 pub fn gemm(lhs: T, rhs: T, tf32: bool, out: DType) -> T {
+    gemm_beta(lhs, rhs, tf32, out, None)
+}
+
+/// Whether [`gemm_into`] can add `lhs @ rhs` into `acc`: a row-major buffer
+/// of the product's shape and dtype that nothing else holds.
+fn acc_fits(lhs: &T, rhs: &T, acc: &T) -> bool {
+    let (ls, rs) = (lhs.meta.shape(), rhs.meta.shape());
+    let d = ls.len();
+    let mut shape = ls[..d - 2].to_vec();
+    shape.extend_from_slice(&[ls[d - 2], rs[d - 1]]);
+    acc.dtype == lhs.dtype
+        && acc.meta.shape().to_vec() == shape
+        && acc.is_contiguous()
+        && acc.can_mut()
+}
+
+/// `acc += lhs @ rhs` by the GEMM itself (beta = 1); see [`acc_fits`].
+fn gemm_into(lhs: T, rhs: T, acc: T) -> T {
+    let dtype = lhs.dtype;
+    gemm_beta(lhs, rhs, false, dtype, Some(acc))
+}
+
+/// [`gemm`], into `acc` (beta = 1) when given (checked by [`acc_fits`]).
+fn gemm_beta(lhs: T, rhs: T, tf32: bool, out: DType, acc: Option<T>) -> T {
     let (ls, rs) = (lhs.meta.shape().to_vec(), rhs.meta.shape().to_vec());
     let d = ls.len();
     assert_eq!(d, rs.len(), "matmul operands of different ranks");
@@ -371,14 +404,17 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool, out: DType) -> T {
     let mut out_shape = out_batch.clone();
     out_shape.extend_from_slice(&[m, n]);
     let out_dtype = out;
-    let out = empty_device_contiguous_dtype(
-        lhs.client.clone(),
-        lhs.device.clone(),
-        out_shape.into(),
-        out_dtype,
-    );
+    let beta = if acc.is_some() { 1f32 } else { 0f32 };
+    let out = acc.unwrap_or_else(|| {
+        empty_device_contiguous_dtype(
+            lhs.client.clone(),
+            lhs.device.clone(),
+            out_shape.into(),
+            out_dtype,
+        )
+    });
     let batch: usize = out_batch.iter().product();
-    if batch == 0 || m == 0 || n == 0 {
+    if batch == 0 || m == 0 || n == 0 || (k == 0 && beta == 1.0) {
         return out;
     }
     if k == 0 {
@@ -416,7 +452,7 @@ pub fn gemm(lhs: T, rhs: T, tf32: bool, out: DType) -> T {
     // On cubecl's device thread, in stream order (see `nvrtc::enqueue`);
     // cuBLAS handles are per thread.
     super::nvrtc::enqueue([&rhs, &lhs, &out], move |[a, b, c], stream| {
-        let (alpha, beta) = (1f32, 0f32);
+        let alpha = 1f32;
         with_handle(device, |h| unsafe {
             // SAFETY: pointers are live burn buffers (bound by the queued
             // task), shapes and strides checked above.

@@ -42,6 +42,18 @@ pub trait BambaBackend: Backend {
         Self::bamba_matmul(lhs, rhs)
     }
 
+    /// `acc + lhs @ rhs`: a gradient added to the one registered before it
+    /// (an input shared by two products: the MLP's gate and up
+    /// projections). A backend may add inside the GEMM.
+    fn bamba_matmul_acc(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let product = Self::bamba_matmul(lhs, rhs);
+        Self::float_add(acc, product)
+    }
+
     /// [`BambaBackend::bamba_matmul`] of operands of one dtype with the
     /// product in f32 (bf16 operands, f32 accumulation and output: the SSD's
     /// chunk-state products, as mamba_ssm's kernels compute them).
