@@ -1,7 +1,7 @@
 //! Causal self-attention with grouped KV heads and partial rotary embeddings
 //! (HF's `BambaAttention`, eager path).
 
-use crate::ops::{BambaBackend, attention};
+use crate::ops::{BambaBackend, Remake, attention};
 use burn::module::Module;
 use burn::tensor::Tensor;
 
@@ -41,16 +41,24 @@ impl<B: BambaBackend> BambaAttention<B> {
         })
     }
 
-    /// `x`: `[b, l, hidden]`; `cos`/`sin` from `rope_tables` for length `l`.
-    pub fn forward(&self, x: Tensor<B, 3>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 3> {
+    /// `x`: `[b, l, hidden]`; `cos`/`sin` from `rope_tables` for length `l`;
+    /// with `remake`, the projections make `x` again in backward.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        remake: Option<Remake<B>>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let (nq, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // Heads stay token-major, [b, l, heads, d]: the projections' own
         // layout, so neither the attention nor o_proj needs a transpose.
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, l, n, hd]);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nq), cos, sin);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), cos, sin);
-        let v = heads(self.v_proj.forward(x), nkv);
+        let proj = |p: &Linear<B>, x| p.forward_remade(x, remake.clone());
+        let q = apply_rope(heads(proj(&self.q_proj, x.clone()), nq), cos, sin);
+        let k = apply_rope(heads(proj(&self.k_proj, x.clone()), nkv), cos, sin);
+        let v = heads(proj(&self.v_proj, x), nkv);
         let out = attention(q, k, v, (hd as f64).powf(-0.5));
         self.o_proj.forward(out.reshape([b, l, nq * hd]))
     }

@@ -21,6 +21,9 @@ pub struct BambaDecoderLayer<B: BambaBackend> {
     pub self_attn: Option<BambaAttention<B>>,
     pub pre_ff_layernorm: RmsNorm<B>,
     pub feed_forward: BambaMlp<B>,
+    /// Products make their elementwise inputs again in backward (see
+    /// [`crate::ops::Remake`]): less memory for a kernel each.
+    pub remake: bool,
 }
 
 impl<B: BambaBackend> BambaDecoderLayer<B> {
@@ -44,19 +47,22 @@ impl<B: BambaBackend> BambaDecoderLayer<B> {
                 cfg.rms_norm_eps,
             )?,
             feed_forward: BambaMlp::new(&vb.pp("feed_forward"), cfg)?,
+            remake: false,
         })
     }
 
     pub fn forward(&self, h: Tensor<B, 3>, rope: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 3> {
         let x = self.input_layernorm.forward(h.clone());
+        let remake = self.remake.then(|| self.input_layernorm.remake(&h));
         let mixed = match (&self.mamba, &self.self_attn) {
-            (Some(mamba), _) => mamba.forward(x),
-            (None, Some(attn)) => attn.forward(x, &rope.0, &rope.1),
+            (Some(mamba), _) => mamba.forward(x, remake),
+            (None, Some(attn)) => attn.forward(x, remake, &rope.0, &rope.1),
             (None, None) => unreachable!("a layer is built with a mixer"),
         };
         let h = h + mixed;
         let x = self.pre_ff_layernorm.forward(h.clone());
-        h + self.feed_forward.forward(x)
+        let remake = self.remake.then(|| self.pre_ff_layernorm.remake(&h));
+        h + self.feed_forward.forward(x, remake)
     }
 
     pub fn is_attention(&self) -> bool {

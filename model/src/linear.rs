@@ -1,7 +1,7 @@
 //! Linear and embedding layers that keep PyTorch's weight layout
 //! (`[out_features, in_features]`), so HF tensors load as they are.
 
-use crate::ops::{BambaBackend, matmul};
+use crate::ops::{BambaBackend, Remake, matmul, matmul_remade};
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
@@ -34,8 +34,18 @@ impl<B: BambaBackend> Linear<B> {
 
     /// `x @ W^T + b` over the last dim of `[batch, seq, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_remade(x, None)
+    }
+
+    /// [`Self::forward`] where `x` is `remake`'s output: its gradient makes
+    /// `x` again rather than keeping it (see [`Remake`]).
+    pub fn forward_remade(&self, x: Tensor<B, 3>, remake: Option<Remake<B>>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
-        let y = matmul(x.reshape([b * t, d_in]), self.weight.val().transpose());
+        let (x, w) = (x.reshape([b * t, d_in]), self.weight.val().transpose());
+        let y = match remake {
+            Some(remake) => matmul_remade(x, w, remake),
+            None => matmul(x, w),
+        };
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,

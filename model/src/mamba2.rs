@@ -4,7 +4,7 @@
 // `A_log` and `D` keep HF's parameter names: the module path is the checkpoint name.
 #![allow(non_snake_case)]
 
-use crate::ops::{BambaBackend, conv1d_silu, dt_softplus, narrow, reshape_view};
+use crate::ops::{BambaBackend, Remake, conv1d_silu, dt_softplus, narrow, reshape_view};
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
@@ -84,13 +84,16 @@ impl<B: BambaBackend> BambaMixer<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// With `remake` (how to make `x` again), the products' backward makes
+    /// `x` and the gated norm's output again instead of keeping them.
+    pub fn forward(&self, x: Tensor<B, 3>, remake: Option<Remake<B>>) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
+        let remade = remake.is_some();
         let (nh, p, g, n) = (self.n_heads, self.d_head, self.n_groups, self.d_state);
         let di = nh * p;
 
         // in_proj splits, in this order: z (gate), xBC (conv input), dt.
-        let proj = self.in_proj.forward(x);
+        let proj = self.in_proj.forward_remade(x, remake);
         let conv_dim = di + 2 * g * n;
         // (`narrow` of `ops`: the three share one gradient buffer.)
         let z = narrow(proj.clone(), 2, 0, di);
@@ -107,7 +110,8 @@ impl<B: BambaBackend> BambaMixer<B> {
         let a = self.A_log.val().exp().neg();
 
         let y = ssd_chunked(xs, dt, a, bm, cm, self.D.val(), self.chunk_size);
-        let y = self.norm.forward(y.reshape([b, l, di]), z);
-        self.out_proj.forward(y)
+        let y = y.reshape([b, l, di]);
+        let again = remade.then(|| self.norm.remake(&y, &z));
+        self.out_proj.forward_remade(self.norm.forward(y, z), again)
     }
 }

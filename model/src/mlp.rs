@@ -1,6 +1,6 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use crate::ops::{BambaBackend, swiglu};
+use crate::ops::{BambaBackend, Remake, swiglu};
 use burn::module::Module;
 use burn::tensor::Tensor;
 
@@ -26,8 +26,13 @@ impl<B: BambaBackend> BambaMlp<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(gate)
+    /// With `remake` (how to make `x` again), the products' backward makes
+    /// `x` and SwiGLU's output again instead of keeping them.
+    pub fn forward(&self, x: Tensor<B, 3>, remake: Option<Remake<B>>) -> Tensor<B, 3> {
+        let remade = remake.is_some();
+        let g = self.gate_proj.forward_remade(x.clone(), remake.clone());
+        let u = self.up_proj.forward_remade(x, remake);
+        let again = remade.then(|| Remake::swiglu(&g, &u));
+        self.down_proj.forward_remade(swiglu(g, u), again)
     }
 }

@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
-use crate::ops::{BambaBackend, rms_norm};
+use crate::ops::{BambaBackend, Remake, rms_norm};
 
 use crate::error::ModelError;
 use crate::params::VarBuilder;
@@ -25,6 +25,11 @@ impl<B: BambaBackend> RmsNorm<B> {
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         rms_norm(x, None, self.weight.val(), self.eps)
+    }
+
+    /// How a product makes [`Self::forward`]'s output again from `x`.
+    pub fn remake(&self, x: &Tensor<B, 3>) -> Remake<B> {
+        Remake::rms_norm(x, None, &self.weight.val(), self.eps)
     }
 }
 
@@ -49,5 +54,10 @@ impl<B: BambaBackend> RmsNormGated<B> {
 
     pub fn forward(&self, y: Tensor<B, 3>, z: Tensor<B, 3>) -> Tensor<B, 3> {
         rms_norm(y, Some(z), self.weight.val(), self.eps)
+    }
+
+    /// How a product makes [`Self::forward`]'s output again from `y`, `z`.
+    pub fn remake(&self, y: &Tensor<B, 3>, z: &Tensor<B, 3>) -> Remake<B> {
+        Remake::rms_norm(y, Some(z), &self.weight.val(), self.eps)
     }
 }

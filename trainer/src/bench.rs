@@ -254,9 +254,11 @@ pub fn ops<B: BambaAutodiffBackend>(
         probe(mamba.forward(x.clone(), &rope))
     });
     let mixer = mamba.mamba.as_ref().expect("a mamba layer");
-    time("mamba_mixer", &mut || probe(mixer.forward(x.clone())));
+    time("mamba_mixer", &mut || probe(mixer.forward(x.clone(), None)));
     time("in_proj", &mut || probe(mixer.in_proj.forward(x.clone())));
-    time("mlp", &mut || probe(mamba.feed_forward.forward(x.clone())));
+    time("mlp", &mut || {
+        probe(mamba.feed_forward.forward(x.clone(), None))
+    });
     time("rmsnorm", &mut || {
         probe(mamba.input_layernorm.forward(x.clone()))
     });

@@ -209,7 +209,8 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             ReduceDtype::Bf16 => DType::BF16,
         };
         sharded.solo = rt.world == 1;
-        let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?;
+        let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?
+            .remade_inputs(cfg.parallelism.recompute_elementwise);
         let lcfg = loader_config(&cfg, &cfg.data.datasets);
         let (drank, dworld) = data_rank(&cfg, rt.rank, rt.world);
         let (mut step, mut opt_step, mut tokens_seen, mut skipped, mut wandb_run_id) =

@@ -11,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 
-use super::BambaBackend;
+use super::{BambaBackend, Remake};
 
 /// `C = A B`: `dA = dC B^T`, `dB = A^T dC`, both through the inner hook
 /// (the TF32 one when the forward was TF32). An operand stored transposed
@@ -32,8 +32,16 @@ struct Matmul<C> {
     checkpoint: std::marker::PhantomData<C>,
 }
 
+/// Where a product's backward finds its lhs: kept by the checkpointer, or
+/// made again from a recipe (see [`Remake`]), reshaped to the lhs' shape.
+#[derive(Clone, Debug)]
+enum Lhs<B: burn::tensor::backend::Backend> {
+    Kept(NodeId),
+    Remade(Remake<B>, burn::tensor::Shape),
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for Matmul<C> {
-    type State = (Option<NodeId>, Option<NodeId>);
+    type State = (Option<Lhs<B>>, Option<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
@@ -49,7 +57,10 @@ impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for Matmul<C> {
             take_grad::<B, C, _, 2>(grads, &ops, 0, &grad)
         };
         let (lhs, rhs) = ops.state;
-        let lhs: Option<FloatTensor<B>> = lhs.map(|id| ckpt.retrieve_node_output(id));
+        let lhs: Option<FloatTensor<B>> = lhs.map(|l| match l {
+            Lhs::Kept(id) => ckpt.retrieve_node_output(id),
+            Lhs::Remade(remake, shape) => B::float_reshape(remake.run(), shape),
+        });
         let rhs: Option<FloatTensor<B>> = rhs.map(|id| ckpt.retrieve_node_output(id));
         let mm = if self.tf32 {
             B::bamba_matmul_tf32
@@ -888,6 +899,15 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_matmul_f32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         tracked_matmul::<B, C>(lhs, rhs, Gemm::F32Out)
     }
+
+    fn bamba_matmul_remade(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        remake: Remake<Self>,
+    ) -> FloatTensor<Self> {
+        let remake = remake.map(|t: FloatTensor<Self>| t.primitive);
+        tracked_matmul_with::<B, C>(lhs, rhs, Gemm::Plain, Some(remake))
+    }
 }
 
 /// Which GEMM hook a tracked product runs.
@@ -902,6 +922,17 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
     lhs: FloatTensor<Autodiff<B, C>>,
     rhs: FloatTensor<Autodiff<B, C>>,
     gemm: Gemm,
+) -> FloatTensor<Autodiff<B, C>> {
+    tracked_matmul_with::<B, C>(lhs, rhs, gemm, None)
+}
+
+/// A tracked product; with `remake`, backward makes the lhs again from it
+/// instead of keeping it.
+fn tracked_matmul_with<B: BambaBackend, C: CheckpointStrategy>(
+    lhs: FloatTensor<Autodiff<B, C>>,
+    rhs: FloatTensor<Autodiff<B, C>>,
+    gemm: Gemm,
+    remake: Option<Remake<B>>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let mm = match gemm {
         Gemm::Plain => B::bamba_matmul,
@@ -939,7 +970,10 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
         {
             OpsKind::Tracked(mut prep) => {
                 // Each gradient needs only the *other* operand.
-                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+                let lhs_state = rhs_tracked.then(|| match remake {
+                    Some(remake) => Lhs::Remade(remake, lhs.shape()),
+                    None => Lhs::Kept(prep.checkpoint(&lhs)),
+                });
                 let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
                 let out = mm(lhs.primitive, rhs.primitive);
                 prep.finish((lhs_state, rhs_state), out)

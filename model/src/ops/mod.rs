@@ -17,6 +17,7 @@ pub mod fused;
 pub mod nvrtc;
 mod pieces;
 pub mod reference;
+mod remake;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -27,6 +28,7 @@ pub use pieces::{
     embedding, end_decay, rms_norm, rope, scale_heads, scale_rows, ssd_diag, ssd_out,
     ssd_out_chunks, ssd_states, swiglu,
 };
+pub use remake::{Remake, matmul_remade};
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
 pub trait BambaBackend: Backend {
@@ -52,6 +54,16 @@ pub trait BambaBackend: Backend {
     ) -> FloatTensor<Self> {
         let product = Self::bamba_matmul(lhs, rhs);
         Self::float_add(acc, product)
+    }
+
+    /// [`BambaBackend::bamba_matmul`] where `lhs` is `remake`'s output:
+    /// autodiff keeps the recipe, not `lhs` (see [`Remake`]).
+    fn bamba_matmul_remade(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        _remake: Remake<Self>,
+    ) -> FloatTensor<Self> {
+        Self::bamba_matmul(lhs, rhs)
     }
 
     /// [`BambaBackend::bamba_matmul`] of operands of one dtype with the
