@@ -184,16 +184,17 @@ fn sharded_training_matches_single_process_for_every_strategy() {
 
 /// The streamed step (per-layer gathers, recomputation) is the same math as
 /// the whole-model step, with tied embeddings too (the head then needs the
-/// embedding unit, whose gradient has two contributions).
+/// embedding unit, whose gradient has two contributions); so are layers
+/// that make their products' inputs again in backward (`recompute_elementwise`).
 #[test]
 fn streamed_layers_match_the_whole_model_step() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     for tied in [false, true] {
-        let runs: Vec<_> = [0.0, 1.0, 0.5]
+        let runs: Vec<_> = [(0.0, false), (1.0, false), (0.5, false), (0.5, true), (0.0, true)]
             .iter()
-            .map(|ac| {
-                let name = format!("tied{tied}_ac{ac}");
+            .map(|(ac, re)| {
+                let name = format!("tied{tied}_ac{ac}_re{re}");
                 let cfg = write_config(d, &name, 3, 4, "");
                 let text = std::fs::read_to_string(&cfg)
                     .unwrap()
@@ -204,7 +205,7 @@ fn streamed_layers_match_the_whole_model_step() {
                     .replace(
                         "parallelism: { timeout_s: 20 }",
                         &format!(
-                            "parallelism: {{ activation_checkpointing: {ac}, timeout_s: 20 }}"
+                            "parallelism: {{ activation_checkpointing: {ac}, recompute_elementwise: {re}, timeout_s: 20 }}"
                         ),
                     );
                 std::fs::write(&cfg, text).unwrap();

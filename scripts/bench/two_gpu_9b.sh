@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Bamba-9B on two GPUs in one device call: bamba-train's fsdp bench at each
 # per-GPU batch (and, with PRESETS, each BAMBA_CUDA_MEMORY preset; unset:
-# the default pools; with ACS, each activation-checkpointing fraction), then
+# the default pools; with ACS, each activation-checkpointing fraction, else
+# the config's), then
 # the PyTorch FSDP2 peer at the same batches (same-call ratio).
-#   BATCHES="1 2" ACS="1.0 0.5" PRESETS="subslices mixed" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
+#   BATCHES="1 2" ACS="0.375 0.25" PRESETS="subslices mixed" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
 set -uo pipefail
 bin=${1:-target/release/bamba-train}
 peer=${2:-../shared/peers/torch-bamba}
@@ -14,11 +15,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for preset in ${PRESETS:-default}; do
   [ "$preset" = default ] && preset=
   for b in ${BATCHES:-1 2}; do
-    for ac in ${ACS:-1.0}; do
+    for ac in ${ACS:-config}; do
+      acset=(); [ "$ac" = config ] || acset=(--set parallelism.activation_checkpointing=$ac)
       echo "== bamba-train 9B fsdp x2, $b x 4096 per GPU, ac=$ac, BAMBA_CUDA_MEMORY=${preset:-(default)} ($(date +%T))"
       BAMBA_CUDA_MEMORY=$preset timeout "${BENCH_TIMEOUT:-150}" "$bin" bench --config configs/bench/bamba-9b.yaml \
         --warmup "${WARMUP:-1}" --steps 3 --profile-steps 1 --set training.global_batch_sequences=$((2 * b)) \
-        --set training.micro_batch=$b --set parallelism.activation_checkpointing=$ac \
+        --set training.micro_batch=$b "${acset[@]}" \
         --nproc-per-node 2 2>&1 | grep -E '"bench"|rror|panic|memory' | tail -4
     done
   done
