@@ -88,9 +88,9 @@ pub fn ssd_chunked<B: BambaBackend>(
     let entering = ssd_states(
         states.reshape([b, nc, n, h, p]),
         cs_last.reshape([b, nc, h]),
+        dtype,
     )
-    .reshape([b, nc, n, h * p])
-    .cast(dtype);
+    .reshape([b, nc, n, h * p]);
 
     // 4. What the entering state contributes: exp(cs_i) C_i . state, added
     //    to the intra-chunk part together with the skip D x.

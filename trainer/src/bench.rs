@@ -947,13 +947,23 @@ pub fn kernels<B: BambaAutodiffBackend>(
             // Log-decays are negative.
             let a = move |x: &Inputs<B>| -x[1].clone().reshape([b, nc, h]).abs();
             let len = b * nc * n * h * p;
-            check(
-                &format!("ssd_states_{b}x{nc}x{n}x{h}x{p}"),
-                DType::F32,
-                &[vec![b, nc, n, h, p], vec![b, nc, h]],
-                Box::new(move |x| ops::ssd_states(st(x), a(x)).reshape([len])),
-                Box::new(move |x| reference::ssd_states(st(x), a(x)).reshape([len])),
-            );
+            // Stored in f32 (f32 training) or bf16 (bf16 training).
+            for out in [DType::F32, DType::BF16] {
+                let f32 = DType::F32;
+                check(
+                    &format!("ssd_states_{b}x{nc}x{n}x{h}x{p}"),
+                    out,
+                    &[vec![b, nc, n, h, p], vec![b, nc, h]],
+                    Box::new(move |x| {
+                        ops::ssd_states(st(x).cast(f32), a(x).cast(f32), out).reshape([len])
+                    }),
+                    Box::new(move |x| {
+                        reference::ssd_states(st(x).cast(f32), a(x).cast(f32))
+                            .cast(out)
+                            .reshape([len])
+                    }),
+                );
+            }
         }
         // Cumulative log-decays: runs of q / 4 rows (q not a multiple of 4),
         // column blocks of 64 (h not a multiple of 64).

@@ -755,7 +755,11 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         }
     }
 
-    fn bamba_ssd_states(s: FloatTensor<Self>, a: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn bamba_ssd_states(
+        s: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        out: burn::tensor::DType,
+    ) -> FloatTensor<Self> {
         let prep = SsdStates
             .prepare::<C>([s.node.clone(), a.node.clone()])
             .compute_bound()
@@ -763,10 +767,10 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         let (sp, ap) = (s.primitive, a.primitive);
         match prep {
             OpsKind::Tracked(prep) => {
-                let out = B::bamba_ssd_states_fwd(sp, ap.clone());
-                prep.finish((ap, out.clone()), out)
+                let e = B::bamba_ssd_states_fwd(sp, ap.clone(), out);
+                prep.finish((ap, e.clone()), e)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_states(sp, ap)),
+            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_states(sp, ap, out)),
         }
     }
 

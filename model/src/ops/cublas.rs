@@ -225,8 +225,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> BambaBackend
         super::fused::ssd_diag_bwd(dy, scores, cs, dt, x, tf32, acc)
     }
 
-    fn bamba_ssd_states_fwd(s: T, a: T) -> T {
-        super::fused::ssd_states_fwd(s, a)
+    fn bamba_ssd_states_fwd(s: T, a: T, out: DType) -> T {
+        super::fused::ssd_states_fwd(s, a, out)
     }
 
     fn bamba_ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {

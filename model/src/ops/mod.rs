@@ -425,17 +425,26 @@ pub trait BambaBackend: Backend {
 
     /// The SSD state entering each chunk, `E [b, nc, n, h, p]`: `E_0 = 0`,
     /// `E_c = exp(a_{c-1}) E_{c-1} + S_{c-1}` from the chunks' own states
-    /// `S [b, nc, n, h, p]` and log-decays `a [b, nc, h]`, in f32. Only
-    /// called when [`BambaBackend::bamba_fused`].
-    fn bamba_ssd_states(s: FloatTensor<Self>, a: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::bamba_ssd_states_fwd(s, a)
+    /// `S [b, nc, n, h, p]` and log-decays `a [b, nc, h]`, computed in f32
+    /// and stored in `out`. Only called when [`BambaBackend::bamba_fused`].
+    fn bamba_ssd_states(
+        s: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        out: DType,
+    ) -> FloatTensor<Self> {
+        Self::bamba_ssd_states_fwd(s, a, out)
     }
 
-    fn bamba_ssd_states_fwd(_s: FloatTensor<Self>, _a: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn bamba_ssd_states_fwd(
+        _s: FloatTensor<Self>,
+        _a: FloatTensor<Self>,
+        _out: DType,
+    ) -> FloatTensor<Self> {
         unimplemented!("this backend has no fused SSD scan (bamba_fused() is false)")
     }
 
-    /// `(ds, da)` from the upstream gradient, `a` and the forward's output.
+    /// `(ds, da)` from the upstream gradient, `a` and the forward's output
+    /// (`ds` in f32).
     fn bamba_ssd_states_bwd(
         _de: FloatTensor<Self>,
         _a: FloatTensor<Self>,

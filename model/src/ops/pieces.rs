@@ -235,15 +235,21 @@ pub fn ssd_diag<B: BambaBackend>(
 }
 
 /// The SSD state entering each chunk (see [`BambaBackend::bamba_ssd_states`]):
-/// `S [b, nc, n, h, p]`, `a [b, nc, h]` -> `[b, nc, n, h, p]`, in f32.
-pub fn ssd_states<B: BambaBackend>(s: Tensor<B, 5>, a: Tensor<B, 3>) -> Tensor<B, 5> {
+/// `S [b, nc, n, h, p]`, `a [b, nc, h]` -> `[b, nc, n, h, p]`, computed in
+/// f32 and stored in `out` (bf16 training: the operand of a bf16 product).
+pub fn ssd_states<B: BambaBackend>(
+    s: Tensor<B, 5>,
+    a: Tensor<B, 3>,
+    out: burn::tensor::DType,
+) -> Tensor<B, 5> {
     if !B::bamba_fused() {
-        return reference::ssd_states(s, a);
+        return reference::ssd_states(s, a).cast(out);
     }
     let f32 = burn::tensor::DType::F32;
     float(B::bamba_ssd_states(
         s.cast(f32).into_primitive().tensor(),
         a.cast(f32).into_primitive().tensor(),
+        out,
     ))
 }
 

@@ -12,9 +12,13 @@ use crate::ops::nvrtc::{self, T, enqueue, enqueue_opt, grid_for, launch, launch_
 const SSD_AUX: &str = r#"
 // entering[c] = exp(a[c-1]) entering[c-1] + S[c-1], entering[0] = 0, with
 // S, entering [b, nc, n, h, p] and a [b, nc, h]. grid (b * h, ceil(n p / 256)):
-// one thread per element of a head's n x p state, walking the chunks.
-extern "C" __global__ void ssd_states_fwd(const float* __restrict__ S, const float* __restrict__ a,
-                                          float* __restrict__ E, int nc, int n, int h, int p)
+// one thread per element of a head's n x p state, walking the chunks. The
+// recurrence runs in f32; entering is stored in TE (bf16 in bf16 training:
+// the operand of the bf16 product with C, as mamba_ssm's state passing
+// writes it in C's dtype).
+template <typename TE>
+__device__ void ssd_states_fwd(const float* __restrict__ S, const float* __restrict__ a,
+                               TE* __restrict__ E, int nc, int n, int h, int p)
 {
     const int hh = (int)(blockIdx.x % (unsigned)h);
     const long long bi = blockIdx.x / (unsigned)h;
@@ -23,11 +27,11 @@ extern "C" __global__ void ssd_states_fwd(const float* __restrict__ S, const flo
     const int ni = e / p, pi = e - ni * p;
     const long long plane = (long long)n * h * p;
     const long long off = bi * nc * plane + ((long long)ni * h + hh) * p + pi;
-    float st = 0.0f;
+    float st_ = 0.0f;
     for (int c = 0; c < nc; ++c) {
         const long long i = off + c * plane;
-        E[i] = st;
-        st = __expf(a[(bi * nc + c) * h + hh]) * st + S[i];
+        st(E, i, st_);
+        st_ = __expf(a[(bi * nc + c) * h + hh]) * st_ + S[i];
     }
 }
 
@@ -35,10 +39,11 @@ extern "C" __global__ void ssd_states_fwd(const float* __restrict__ S, const flo
 //   dS[c] = G[c+1],  da[c] = exp(a[c]) sum(G[c+1] o entering[c]),
 //   G[c] = dE[c] + exp(a[c]) G[c+1].
 // da's sums go per block to part [b, ceil(n p / 256), nc, h], added after
-// in a fixed order. 256 threads.
-extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const float* __restrict__ a,
-                                          const float* __restrict__ E, float* __restrict__ dS,
-                                          float* __restrict__ part, int nc, int n, int h, int p)
+// in a fixed order. 256 threads. dE and E in TE, dS f32.
+template <typename TE>
+__device__ void ssd_states_bwd(const TE* __restrict__ dE, const float* __restrict__ a,
+                               const TE* __restrict__ E, float* __restrict__ dS,
+                               float* __restrict__ part, int nc, int n, int h, int p)
 {
     __shared__ float warp_sums[8];
     const int hh = (int)(blockIdx.x % (unsigned)h);
@@ -55,7 +60,7 @@ extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const fl
         float v = 0.0f;
         if (valid) {
             dS[i] = gnext;
-            v = gnext * E[i];
+            v = gnext * ld(E, i);
         }
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
@@ -66,9 +71,20 @@ extern "C" __global__ void ssd_states_bwd(const float* __restrict__ dE, const fl
             part[((bi * gridDim.y + blockIdx.y) * nc + c) * h + hh] = ea * t;
         }
         __syncthreads();
-        if (valid) gnext = dE[i] + ea * gnext;
+        if (valid) gnext = ld(dE, i) + ea * gnext;
     }
 }
+
+#define SSD_STATES(SUF, TE)                                                                       \
+extern "C" __global__ void ssd_states_fwd_##SUF(const float* S, const float* a, TE* E, int nc,   \
+                                                int n, int h, int p)                             \
+{ ssd_states_fwd<TE>(S, a, E, nc, n, h, p); }                                                    \
+extern "C" __global__ void ssd_states_bwd_##SUF(const TE* dE, const float* a, const TE* E,       \
+                                                float* dS, float* part, int nc, int n, int h,    \
+                                                int p)                                           \
+{ ssd_states_bwd<TE>(dE, a, E, dS, part, nc, n, h, p); }
+SSD_STATES(f32, float)
+SSD_STATES(bf16, bf16_t)
 
 // Sums along q of x [bc, q, h] (f32) within each chunk bc, per column:
 // prefix sums, or suffix sums when `rev` (the backward of either is the
@@ -291,14 +307,23 @@ fn states_dims(s: &T, a: &T) -> (usize, usize, usize, usize, usize) {
     (ss[0], ss[1], ss[2], ss[3], ss[4])
 }
 
-/// The state entering each chunk (f32, like `s`).
-pub fn ssd_states_fwd(s: T, a: T) -> T {
+/// The state entering each chunk, in `out` (f32 or bf16) from f32 `s`.
+pub fn ssd_states_fwd(s: T, a: T, out: DType) -> T {
     let (b, nc, n, h, p) = states_dims(&s, &a);
     let (s, a) = (same_dtype(s, DType::F32), same_dtype(a, DType::F32));
-    let out = empty(&s, vec![b * nc * n * h * p], DType::F32);
+    let kernel = match out {
+        DType::BF16 => "ssd_states_fwd_bf16",
+        _ => "ssd_states_fwd_f32",
+    };
+    let out_dtype = if out == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let out = empty(&s, vec![b * nc * n * h * p], out_dtype);
     if b * nc * n * h * p > 0 {
         let device = s.device.index;
-        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "ssd_states_fwd");
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), kernel);
         enqueue(
             [&out, &s, &a],
             move |[mut o_p, mut s_p, mut a_p], stream| {
@@ -316,17 +341,30 @@ pub fn ssd_states_fwd(s: T, a: T) -> T {
     Cb::float_reshape(out, shape)
 }
 
-/// `(ds, da)` of [`ssd_states_fwd`], from its output `e`.
+/// `(ds, da)` of [`ssd_states_fwd`], from its output `e` (f32 or bf16;
+/// `de` in the same dtype); `ds` f32.
 pub fn ssd_states_bwd(de: T, a: T, e: T) -> (T, T) {
     let (b, nc, n, h, p) = states_dims(&e, &a);
-    let f32 = |t| same_dtype(t, DType::F32);
-    let (de, a, e) = (f32(de), f32(a), f32(e));
+    let te = if e.dtype == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let kernel = match te {
+        DType::BF16 => "ssd_states_bwd_bf16",
+        _ => "ssd_states_bwd_f32",
+    };
+    let (de, a, e) = (
+        same_dtype(de, te),
+        same_dtype(a, DType::F32),
+        same_dtype(e, te),
+    );
     let ds = empty(&e, vec![b * nc * n * h * p], DType::F32);
     let splits = (n * p).div_ceil(256);
     let part = empty(&e, vec![b * splits * nc * h], DType::F32);
     if b * nc * n * h * p > 0 {
         let device = e.device.index;
-        let f = nvrtc::function(device, "ssd_aux", &aux_src(), "ssd_states_bwd");
+        let f = nvrtc::function(device, "ssd_aux", &aux_src(), kernel);
         enqueue(
             [&ds, &de, &a, &e, &part],
             move |[mut ds_p, mut de_p, mut a_p, mut e_p, mut part_p], stream| {
