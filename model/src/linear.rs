@@ -1,7 +1,7 @@
 //! Linear and embedding layers that keep PyTorch's weight layout
 //! (`[out_features, in_features]`), so HF tensors load as they are.
 
-use crate::ops::{BambaBackend, Remake, matmul, matmul_remade};
+use crate::ops::{BambaBackend, Remake, Side, matmul, matmul_remade};
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
@@ -43,7 +43,7 @@ impl<B: BambaBackend> Linear<B> {
         let [b, t, d_in] = x.dims();
         let (x, w) = (x.reshape([b * t, d_in]), self.weight.val().transpose());
         let y = match remake {
-            Some(remake) => matmul_remade(x, w, remake),
+            Some(remake) => matmul_remade(x, w, remake, Side::Lhs),
             None => matmul(x, w),
         };
         let y = match &self.bias {

@@ -109,7 +109,7 @@ impl<B: BambaBackend> BambaMixer<B> {
         let dt = dt_softplus(dt, self.dt_bias.val(), self.dt_min, self.dt_max);
         let a = self.A_log.val().exp().neg();
 
-        let y = ssd_chunked(xs, dt, a, bm, cm, self.D.val(), self.chunk_size);
+        let y = ssd_chunked(xs, dt, a, bm, cm, self.D.val(), self.chunk_size, remade);
         let y = y.reshape([b, l, di]);
         let again = remade.then(|| self.norm.remake(&y, &z));
         self.out_proj.forward_remade(self.norm.forward(y, z), again)

@@ -297,6 +297,7 @@ pub fn ops<B: BambaAutodiffBackend>(
             cm.clone(),
             d.clone(),
             model_cfg.mamba_chunk_size,
+            false,
         ))
     });
     if let Some(ai) = model_cfg.attn_layer_indices.first().copied() {
@@ -916,7 +917,7 @@ pub fn kernels<B: BambaAutodiffBackend>(
                     let x5 = ops::reshape_view(x4, [b, nc, q, h, p]);
                     let yd = ops::ssd_diag(sc(x), cs(x), dt(x), x5.clone(), tf32);
                     let xe = ops::scale_rows(x5.clone(), s);
-                    ops::ssd_out_chunks(yd, xe, cs(x), x5, d).reshape([n])
+                    ops::ssd_out_chunks(yd, xe, cs(x), x5, d, None).reshape([n])
                 } else {
                     let x5 = x4.reshape([b, nc, q, h, p]);
                     let yd = reference::ssd_diag(sc(x), cs(x), dt(x), x5.clone());
@@ -937,6 +938,46 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 ],
                 Box::new(move |x| xgrads(x, true)),
                 Box::new(move |x| xgrads(x, false)),
+            );
+        }
+        // The whole scan with its decayed inputs and entering states' part
+        // made again in backward against the scan that keeps them: the same
+        // kernels, so the same bits.
+        for (b, l, h, p, g, n, q) in [(2, 96, 4, 6, 2, 8, 32), (1, 4096, 64, 64, 1, 128, 256)]
+            .into_iter()
+            .filter(|s| large || s.1 < 4096)
+        {
+            use bamba_model::ssd::ssd_chunked;
+            let f32 = DType::F32;
+            let scan = move |x: &Inputs<B>, remake: bool| {
+                let r4 = |t: &Tensor<B, 1>, s: [usize; 4]| t.clone().reshape(s);
+                let dt = (x[1].clone().cast(f32).abs() * 0.05 + 0.001).reshape([b, l, h]);
+                let a = -(x[4].clone().cast(f32).abs() + 0.5);
+                ssd_chunked(
+                    r4(&x[0], [b, l, h, p]),
+                    dt,
+                    a,
+                    r4(&x[2], [b, l, g, n]),
+                    r4(&x[3], [b, l, g, n]),
+                    x[5].clone(),
+                    q,
+                    remake,
+                )
+                .reshape([b * l * h * p])
+            };
+            check(
+                &format!("ssd_remade_{b}x{l}x{h}x{p}_g{g}"),
+                dtype,
+                &[
+                    vec![b, l, h, p],
+                    vec![b, l, h],
+                    vec![b, l, g, n],
+                    vec![b, l, g, n],
+                    vec![h],
+                    vec![h],
+                ],
+                Box::new(move |x| scan(x, true)),
+                Box::new(move |x| scan(x, false)),
             );
         }
         for (b, nc, n, h, p) in [(2, 3, 5, 4, 7), (1, 5, 16, 3, 100), (1, 16, 128, 64, 64)]

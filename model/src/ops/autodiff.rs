@@ -11,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 
-use super::{BambaBackend, Remake};
+use super::{BambaBackend, Remake, Side};
 
 /// `C = A B`: `dA = dC B^T`, `dB = A^T dC`, both through the inner hook
 /// (the TF32 one when the forward was TF32). An operand stored transposed
@@ -32,16 +32,25 @@ struct Matmul<C> {
     checkpoint: std::marker::PhantomData<C>,
 }
 
-/// Where a product's backward finds its lhs: kept by the checkpointer, or
-/// made again from a recipe (see [`Remake`]), reshaped to the lhs' shape.
+/// Where a product's backward finds an operand: kept by the checkpointer,
+/// or made again from a recipe (see [`Remake`]), reshaped to its shape.
 #[derive(Clone, Debug)]
-enum Lhs<B: burn::tensor::backend::Backend> {
+enum Operand<B: burn::tensor::backend::Backend> {
     Kept(NodeId),
     Remade(Remake<B>, burn::tensor::Shape),
 }
 
+impl<B: BambaBackend> Operand<B> {
+    fn get(self, ckpt: &mut Checkpointer) -> FloatTensor<B> {
+        match self {
+            Operand::Kept(id) => ckpt.retrieve_node_output(id),
+            Operand::Remade(remake, shape) => B::float_reshape(remake.run(), shape),
+        }
+    }
+}
+
 impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for Matmul<C> {
-    type State = (Option<Lhs<B>>, Option<NodeId>);
+    type State = (Option<Operand<B>>, Option<Operand<B>>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
@@ -57,11 +66,8 @@ impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for Matmul<C> {
             take_grad::<B, C, _, 2>(grads, &ops, 0, &grad)
         };
         let (lhs, rhs) = ops.state;
-        let lhs: Option<FloatTensor<B>> = lhs.map(|l| match l {
-            Lhs::Kept(id) => ckpt.retrieve_node_output(id),
-            Lhs::Remade(remake, shape) => B::float_reshape(remake.run(), shape),
-        });
-        let rhs: Option<FloatTensor<B>> = rhs.map(|id| ckpt.retrieve_node_output(id));
+        let lhs: Option<FloatTensor<B>> = lhs.map(|l| l.get(ckpt));
+        let rhs: Option<FloatTensor<B>> = rhs.map(|r| r.get(ckpt));
         let mm = if self.tf32 {
             B::bamba_matmul_tf32
         } else {
@@ -465,17 +471,23 @@ impl<B: BambaBackend, C: CheckpointStrategy> Backward<B, 2> for ScaleRows<C> {
 #[derive(Debug)]
 struct SsdOut;
 
+/// `y_off` as kept, or its recipe and shape.
+#[derive(Clone, Debug)]
+enum YOff<B: burn::tensor::backend::Backend> {
+    Kept(FloatTensor<B>),
+    Remade(Remake<B>, burn::tensor::Shape),
+}
+
 impl<B: BambaBackend> Backward<B, 5> for SsdOut {
     /// `(y_off, cs, x, d)`.
-    type State = (
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-    );
+    type State = (YOff<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (yo, cs, x, d) = ops.state;
+        let yo = match yo {
+            YOff::Kept(t) => t,
+            YOff::Remade(remake, shape) => B::float_reshape(remake.run(), shape),
+        };
         let g = grads.consume::<B>(&ops.node);
         let (dyd, dyo, dcs, dx, dd) = B::bamba_ssd_out_bwd(g, yo, cs.clone(), x, d);
         let dcs = B::float_reshape(dcs, cs.shape());
@@ -781,31 +793,19 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         x: FloatTensor<Self>,
         d: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let prep = SsdOut
-            .prepare::<C>([
-                y_diag.node.clone(),
-                y_off.node.clone(),
-                cs.node.clone(),
-                x.node.clone(),
-                d.node.clone(),
-            ])
-            .compute_bound()
-            .stateful();
-        let (ydp, yop, csp, xp, dp) = (
-            y_diag.primitive,
-            y_off.primitive,
-            cs.primitive,
-            x.primitive,
-            d.primitive,
-        );
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let out =
-                    B::bamba_ssd_out_fwd(ydp, yop.clone(), csp.clone(), xp.clone(), dp.clone());
-                prep.finish((yop, csp, xp, dp), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_out(ydp, yop, csp, xp, dp)),
-        }
+        tracked_ssd_out::<B, C>(y_diag, y_off, cs, x, d, None)
+    }
+
+    fn bamba_ssd_out_remade(
+        y_diag: FloatTensor<Self>,
+        y_off: FloatTensor<Self>,
+        cs: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        remake: Remake<Self>,
+    ) -> FloatTensor<Self> {
+        let remake = remake.map(|t: FloatTensor<Self>| t.primitive);
+        tracked_ssd_out::<B, C>(y_diag, y_off, cs, x, d, Some(remake))
     }
 
     fn bamba_scale_rows(x: FloatTensor<Self>, s: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -908,9 +908,53 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
         remake: Remake<Self>,
+        side: Side,
+        f32_out: bool,
     ) -> FloatTensor<Self> {
         let remake = remake.map(|t: FloatTensor<Self>| t.primitive);
-        tracked_matmul_with::<B, C>(lhs, rhs, Gemm::Plain, Some(remake))
+        let gemm = if f32_out { Gemm::F32Out } else { Gemm::Plain };
+        tracked_matmul_with::<B, C>(lhs, rhs, gemm, Some((remake, side)))
+    }
+}
+
+/// The tracked SSD output; with `remake`, backward makes `y_off` again
+/// from it instead of keeping it.
+fn tracked_ssd_out<B: BambaBackend, C: CheckpointStrategy>(
+    y_diag: FloatTensor<Autodiff<B, C>>,
+    y_off: FloatTensor<Autodiff<B, C>>,
+    cs: FloatTensor<Autodiff<B, C>>,
+    x: FloatTensor<Autodiff<B, C>>,
+    d: FloatTensor<Autodiff<B, C>>,
+    remake: Option<Remake<B>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prep = SsdOut
+        .prepare::<C>([
+            y_diag.node.clone(),
+            y_off.node.clone(),
+            cs.node.clone(),
+            x.node.clone(),
+            d.node.clone(),
+        ])
+        .compute_bound()
+        .stateful();
+    let yo_shape = y_off.shape();
+    let (ydp, yop, csp, xp, dp) = (
+        y_diag.primitive,
+        y_off.primitive,
+        cs.primitive,
+        x.primitive,
+        d.primitive,
+    );
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let out = B::bamba_ssd_out_fwd(ydp, yop.clone(), csp.clone(), xp.clone(), dp.clone());
+            let yo = match remake {
+                Some(r) => YOff::Remade(r, yo_shape),
+                None => YOff::Kept(yop),
+            };
+            prep.finish((yo, csp, xp, dp), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::bamba_ssd_out(ydp, yop, csp, xp, dp)),
     }
 }
 
@@ -930,13 +974,13 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
     tracked_matmul_with::<B, C>(lhs, rhs, gemm, None)
 }
 
-/// A tracked product; with `remake`, backward makes the lhs again from it
-/// instead of keeping it.
+/// A tracked product; with `remake`, backward makes that side's operand
+/// again from it instead of keeping it.
 fn tracked_matmul_with<B: BambaBackend, C: CheckpointStrategy>(
     lhs: FloatTensor<Autodiff<B, C>>,
     rhs: FloatTensor<Autodiff<B, C>>,
     gemm: Gemm,
-    remake: Option<Remake<B>>,
+    remake: Option<(Remake<B>, Side)>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let mm = match gemm {
         Gemm::Plain => B::bamba_matmul,
@@ -974,11 +1018,20 @@ fn tracked_matmul_with<B: BambaBackend, C: CheckpointStrategy>(
         {
             OpsKind::Tracked(mut prep) => {
                 // Each gradient needs only the *other* operand.
-                let lhs_state = rhs_tracked.then(|| match remake {
-                    Some(remake) => Lhs::Remade(remake, lhs.shape()),
-                    None => Lhs::Kept(prep.checkpoint(&lhs)),
+                let (mut lhs_again, mut rhs_again) = (None, None);
+                match remake {
+                    Some((r, Side::Lhs)) => lhs_again = Some(r),
+                    Some((r, Side::Rhs)) => rhs_again = Some(r),
+                    None => {}
+                }
+                let lhs_state = rhs_tracked.then(|| match lhs_again {
+                    Some(r) => Operand::Remade(r, lhs.shape()),
+                    None => Operand::Kept(prep.checkpoint(&lhs)),
                 });
-                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+                let rhs_state = lhs_tracked.then(|| match rhs_again {
+                    Some(r) => Operand::Remade(r, rhs.shape()),
+                    None => Operand::Kept(prep.checkpoint(&rhs)),
+                });
                 let out = mm(lhs.primitive, rhs.primitive);
                 prep.finish((lhs_state, rhs_state), out)
             }

@@ -28,7 +28,7 @@ pub use pieces::{
     embedding, end_decay, rms_norm, rope, scale_heads, scale_rows, ssd_diag, ssd_out,
     ssd_out_chunks, ssd_states, swiglu,
 };
-pub use remake::{Remake, matmul_remade};
+pub use remake::{Remake, Side, group_products, matmul_f32_remade, matmul_remade};
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
 pub trait BambaBackend: Backend {
@@ -56,14 +56,21 @@ pub trait BambaBackend: Backend {
         Self::float_add(acc, product)
     }
 
-    /// [`BambaBackend::bamba_matmul`] where `lhs` is `remake`'s output:
-    /// autodiff keeps the recipe, not `lhs` (see [`Remake`]).
+    /// [`BambaBackend::bamba_matmul`] (or [`BambaBackend::bamba_matmul_f32`]
+    /// with `f32_out`) where the operand on `side` is `remake`'s output:
+    /// autodiff keeps the recipe, not the operand (see [`Remake`]).
     fn bamba_matmul_remade(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
         _remake: Remake<Self>,
+        _side: Side,
+        f32_out: bool,
     ) -> FloatTensor<Self> {
-        Self::bamba_matmul(lhs, rhs)
+        if f32_out {
+            Self::bamba_matmul_f32(lhs, rhs)
+        } else {
+            Self::bamba_matmul(lhs, rhs)
+        }
     }
 
     /// [`BambaBackend::bamba_matmul`] of operands of one dtype with the
@@ -485,6 +492,19 @@ pub trait BambaBackend: Backend {
         d: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         Self::bamba_ssd_out_fwd(y_diag, y_off, cs, x, d)
+    }
+
+    /// [`BambaBackend::bamba_ssd_out`] where `y_off` is `remake`'s output
+    /// (reshaped): autodiff keeps the recipe, not `y_off`.
+    fn bamba_ssd_out_remade(
+        y_diag: FloatTensor<Self>,
+        y_off: FloatTensor<Self>,
+        cs: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        _remake: Remake<Self>,
+    ) -> FloatTensor<Self> {
+        Self::bamba_ssd_out(y_diag, y_off, cs, x, d)
     }
 
     fn bamba_ssd_out_fwd(

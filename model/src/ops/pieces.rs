@@ -256,12 +256,16 @@ pub fn ssd_states<B: BambaBackend>(
 /// [`ssd_out`] in the chunked layout: `x` and the output `[b, nc, q, h, p]`
 /// (nothing padded to crop). The scan passes the same `x` view as to its
 /// products, so that x's three gradients add up inside their kernels.
+///
+/// With `again` (how `y_off` was made), backward makes `y_off` again
+/// instead of keeping it.
 pub fn ssd_out_chunks<B: BambaBackend>(
     y_diag: Tensor<B, 5>,
     y_off: Tensor<B, 5>,
     cs: Tensor<B, 4>,
     x: Tensor<B, 5>,
     d: Tensor<B, 1>,
+    again: Option<super::Remake<B>>,
 ) -> Tensor<B, 5> {
     let [b, nc, q, h, p] = x.dims();
     if !B::bamba_fused() || p % 2 != 0 {
@@ -272,13 +276,15 @@ pub fn ssd_out_chunks<B: BambaBackend>(
     let prim =
         |t: Tensor<B, 5>, dtype: burn::tensor::DType| t.cast(dtype).into_primitive().tensor();
     let dtype = x.dtype();
-    float(B::bamba_ssd_out(
-        prim(y_diag, f32),
-        prim(y_off, dtype),
-        cs.cast(f32).into_primitive().tensor(),
-        x.into_primitive().tensor(),
-        d.into_primitive().tensor(),
-    ))
+    // A remade y_off must come back as the kernel read it: in x's dtype.
+    let again = again.filter(|_| y_off.dtype() == dtype);
+    let (yd, yo) = (prim(y_diag, f32), prim(y_off, dtype));
+    let cs = cs.cast(f32).into_primitive().tensor();
+    let (x, d) = (x.into_primitive().tensor(), d.into_primitive().tensor());
+    float(match again {
+        Some(r) => B::bamba_ssd_out_remade(yd, yo, cs, x, d, r),
+        None => B::bamba_ssd_out(yd, yo, cs, x, d),
+    })
 }
 
 /// The SSD's output `y [b, l, h, p]` in `x`'s dtype: the intra-chunk part

@@ -1,17 +1,26 @@
-//! Products whose lhs is made again in backward instead of kept: the
-//! elementwise outputs that feed the projections (the norms' outputs, the
-//! gated norm's, SwiGLU's) are as large as the GEMM outputs they come from,
-//! but the op that made each one keeps its inputs anyway. Recomputing them
-//! costs one memory-bound kernel each in backward (torchtitan's op-level
-//! selective checkpointing keeps the same set: the products' outputs).
+//! Operands made again in backward instead of kept: the elementwise
+//! outputs that feed the projections (the norms' outputs, the gated norm's,
+//! SwiGLU's) are as large as the GEMM outputs they come from, but the op
+//! that made each one keeps its inputs anyway. Recomputing them costs one
+//! memory-bound kernel each in backward (torchtitan's op-level selective
+//! checkpointing keeps the same set: the products' outputs). The SSD's
+//! decayed inputs and its entering states' part are made again the same way
+//! (mamba_ssm's backward recomputes everything past the scan's inputs).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 
 use super::{BambaBackend, pieces};
 
-/// How to make a product's lhs again, from tensors its maker keeps.
+/// Which operand of a product its backward makes again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Side {
+    Lhs,
+    Rhs,
+}
+
+/// How to make an operand again, from tensors that are kept anyway.
 #[derive(Clone, Debug)]
 pub enum Remake<B: Backend> {
     /// `silu(g) * u`, `[b, l, m]` each.
@@ -23,6 +32,44 @@ pub enum Remake<B: Backend> {
         w: FloatTensor<B>,
         eps: f64,
     },
+    /// The SSD's decayed inputs `x * s`, `x [b, nc, q, h, p]`, `s [b, nc,
+    /// q, h]`, as `[b, nc, q, h * p]`; of `groups` equal parts of the heads,
+    /// part `part`.
+    ScaleRows {
+        x: FloatTensor<B>,
+        s: FloatTensor<B>,
+        part: usize,
+        groups: usize,
+    },
+    /// [`group_products`] of `c` and `e` (the SSD's entering states' part).
+    GroupProducts {
+        c: FloatTensor<B>,
+        e: FloatTensor<B>,
+        groups: usize,
+    },
+}
+
+/// Group `i`'s columns of `lhs [.., g * k]` times group `i`'s columns of
+/// `rhs [.., k, g * w]`, concatenated: `[.., m, g * w]`. (The SSD's
+/// entering-state part: a group's `C` serves its heads' states.)
+pub fn group_products<B: BambaBackend>(
+    lhs: Tensor<B, 4>,
+    rhs: Tensor<B, 4>,
+    groups: usize,
+) -> Tensor<B, 4> {
+    if groups == 1 {
+        return super::matmul(lhs, rhs);
+    }
+    let (k, w) = (lhs.dims()[3] / groups, rhs.dims()[3] / groups);
+    let parts = (0..groups)
+        .map(|i| {
+            super::matmul(
+                super::narrow(lhs.clone(), 3, i * k, k),
+                super::narrow(rhs.clone(), 3, i * w, w),
+            )
+        })
+        .collect();
+    Tensor::cat(parts, 3)
 }
 
 fn float<B: BambaBackend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -52,15 +99,52 @@ impl<B: BambaBackend> Remake<B> {
         }
     }
 
-    /// The lhs, `[b, l, n]`, by the same op that made it in forward.
+    /// `x [b, nc, q, h, p] * s [b, nc, q, h]`, part `part` of `groups`.
+    pub fn scale_rows(x: &Tensor<B, 5>, s: &Tensor<B, 4>, part: usize, groups: usize) -> Self {
+        Self::ScaleRows {
+            x: prim(x),
+            s: prim(s),
+            part,
+            groups,
+        }
+    }
+
+    pub fn group_products(c: &Tensor<B, 4>, e: &Tensor<B, 4>, groups: usize) -> Self {
+        Self::GroupProducts {
+            c: prim(c),
+            e: prim(e),
+            groups,
+        }
+    }
+
+    /// The operand, by the same ops that made it in forward (the caller
+    /// reshapes it to the operand's shape).
     pub fn run(self) -> FloatTensor<B> {
-        let out = match self {
-            Self::Swiglu(g, u) => pieces::swiglu::<B>(float(g), float(u)),
+        match self {
+            Self::Swiglu(g, u) => pieces::swiglu::<B>(float(g), float(u))
+                .into_primitive()
+                .tensor(),
             Self::RmsNorm { x, z, w, eps } => {
                 pieces::rms_norm::<B>(float(x), z.map(float), float(w), eps)
+                    .into_primitive()
+                    .tensor()
             }
-        };
-        out.into_primitive().tensor()
+            Self::ScaleRows { x, s, part, groups } => {
+                let y: Tensor<B, 5> = pieces::scale_rows(float(x), float::<B, 4>(s));
+                let [b, nc, q, h, p] = y.dims();
+                let y = y.reshape([b, nc, q, h * p]);
+                let w = h * p / groups;
+                let y = if groups == 1 {
+                    y
+                } else {
+                    super::narrow(y, 3, part * w, w)
+                };
+                y.into_primitive().tensor()
+            }
+            Self::GroupProducts { c, e, groups } => group_products::<B>(float(c), float(e), groups)
+                .into_primitive()
+                .tensor(),
+        }
     }
 
     /// The same recipe on `f(t)` of each tensor (autodiff -> inner backend).
@@ -76,24 +160,49 @@ impl<B: BambaBackend> Remake<B> {
                 w: f(w),
                 eps,
             },
+            Self::ScaleRows { x, s, part, groups } => Remake::ScaleRows {
+                x: f(x),
+                s: f(s),
+                part,
+                groups,
+            },
+            Self::GroupProducts { c, e, groups } => Remake::GroupProducts {
+                c: f(c),
+                e: f(e),
+                groups,
+            },
         }
     }
 }
 
-/// `lhs @ rhs` (`lhs [m, k]` the output of `remake`, reshaped), whose
-/// gradient remakes `lhs` rather than keeping it alive until backward.
-pub fn matmul_remade<B: BambaBackend>(
-    lhs: Tensor<B, 2>,
-    rhs: Tensor<B, 2>,
+/// `lhs @ rhs` where the operand on `side` is the output of `remake`
+/// (reshaped): its gradient remakes that operand rather than keeping it
+/// alive until backward.
+pub fn matmul_remade<B: BambaBackend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
     remake: Remake<B>,
-) -> Tensor<B, 2> {
+    side: Side,
+) -> Tensor<B, D> {
     if lhs.dtype() != rhs.dtype() {
         return super::matmul(lhs, rhs);
     }
-    let out = B::bamba_matmul_remade(
-        lhs.into_primitive().tensor(),
-        rhs.into_primitive().tensor(),
-        remake,
-    );
-    float(out)
+    let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    float(B::bamba_matmul_remade(l, r, remake, side, false))
+}
+
+/// [`super::matmul_f32`] with an operand made again in backward (see
+/// [`matmul_remade`]).
+pub fn matmul_f32_remade<B: BambaBackend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+    remake: Remake<B>,
+    side: Side,
+) -> Tensor<B, D> {
+    if lhs.dtype() != rhs.dtype() {
+        return super::matmul_f32(lhs, rhs);
+    }
+    let f32_out = lhs.dtype() != DType::F32;
+    let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    float(B::bamba_matmul_remade(l, r, remake, side, f32_out))
 }
