@@ -113,6 +113,14 @@ pub fn run<B: BambaAutodiffBackend>(
         let samples = p.finish()?;
         line(json!({"bench": "host_profile", "path": path, "samples": samples}));
     }
+    // One step with the memory marks (BAMBA_MEMORY_TRACE).
+    if crate::memtrace::requested() {
+        crate::memtrace::start();
+        t.train_step(false)?;
+        for (label, in_use, reserved) in crate::memtrace::finish() {
+            line(json!({"memory_trace": label, "in_use": in_use, "reserved": reserved}));
+        }
+    }
     t.phases = Some(PhaseTimes::default());
     for _ in 0..args.profile_steps {
         t.train_step(false)?;

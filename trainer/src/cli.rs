@@ -168,6 +168,9 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         .unwrap_or(0);
     let name = crate::backend::device_name(cfg.training.device, local_rank);
     let probe = crate::backend::memory_probe(cfg.training.device, local_rank);
+    if crate::memtrace::requested() && cfg.training.device == crate::config::Device::Cuda {
+        crate::memtrace::install(local_rank);
+    }
     if let Some(mb) = bench.collectives {
         on_backend!(cfg, |B, rt, dev| {
             let _: Option<B> = None;

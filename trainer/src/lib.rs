@@ -13,6 +13,7 @@ pub mod dist;
 pub mod forward;
 pub mod fsdp;
 pub mod host_profile;
+pub mod memtrace;
 pub mod metrics;
 pub mod optim;
 pub mod runtime;

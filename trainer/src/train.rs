@@ -356,11 +356,15 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 self.phase("streamed_forward_backward");
                 l
             } else {
+                crate::memtrace::mark(|| "gathered".into());
                 let loss = model.loss(inputs, targets) / self.accum as f64;
+                crate::memtrace::mark(|| "forward done".into());
                 self.phase("forward");
                 let grads = loss.backward();
+                crate::memtrace::mark(|| "backward done".into());
                 self.phase("backward");
                 self.sharded.accumulate(&model, &grads);
+                crate::memtrace::mark(|| "accumulated".into());
                 self.phase("accumulate");
                 loss.inner()
             };
@@ -438,6 +442,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             shard,
             replicate,
         )?;
+        crate::memtrace::mark(|| "optimizer".into());
         self.phase("optimizer");
         Ok((loss, Some(norm), stop))
     }

@@ -182,8 +182,15 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 saved.push(None);
                 kept.push(Some((layer, x, y)));
             }
+            crate::memtrace::mark(|| {
+                format!(
+                    "forward {i} ({})",
+                    if recompute(i) { "recomputed" } else { "kept" }
+                )
+            });
         }
         saved.push(Some(h));
+        crate::memtrace::mark(|| "forward done".into());
 
         // Head: final norm, LM head (or the tied embedding), loss.
         let mut set = gathers.take(head, self, shard_comm)?;
@@ -202,7 +209,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             }
         };
         let loss = causal_lm_loss(logits, targets, model.z_loss_coefficient) * scale;
+        crate::memtrace::mark(|| "head forward".into());
         let grads = loss.backward();
+        crate::memtrace::mark(|| "head backward".into());
         let mut dy = x.grad(&grads).expect("the head's input is tracked");
         self.add_module_grads(head, &final_norm, "model.final_layernorm", &grads);
         if let Some(h) = &lm_head {
@@ -232,7 +241,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                     (layer, x, y)
                 }
             };
+            crate::memtrace::mark(|| format!("backward {i}: graph ready"));
             let grads = grad_seed(y, Tensor::from_inner(dy)).backward();
+            crate::memtrace::mark(|| format!("backward {i}: gradients"));
             dy = x.grad(&grads).expect("the layer's input is tracked");
             self.add_module_grads(u, &layer, &name, &grads);
             drop((layer, grads));
@@ -263,6 +274,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         for (r, p) in reduces {
             self.finish_reduce(r, p, replicate_comm)?;
         }
+        crate::memtrace::mark(|| "step done".into());
         ensure!(saved.is_empty(), "every saved activation is consumed");
         ensure!(
             gathers.order.is_empty() && gathers.next.is_none(),
