@@ -397,7 +397,12 @@ fn allocator_presets() {
     let (max_page, align) = (20u64 << 30, 512u64); // an 80 GB GPU's
     for live_small in [100usize, 1000, 3000, 6000] {
         let mut row = serde_json::Map::new();
-        for preset in [Preset::SubSlices, Preset::Exclusive, Preset::Mixed] {
+        for preset in [
+            Preset::SubSlices,
+            Preset::Exclusive,
+            Preset::Mixed,
+            Preset::Bucketed,
+        ] {
             let props = MemoryDeviceProperties {
                 max_page_size: max_page,
                 alignment: align,
