@@ -10,13 +10,14 @@
 //! - `exclusive`: every allocation is its own page, found by size class.
 //! - `mixed`: exclusive pages up to 4 MiB (the many small allocations),
 //!   cubecl's sliced pages above (the few large ones).
-//! - `bucketed` (the default here): `mixed`'s exclusive pages up to 4 MiB,
-//!   and exclusive pages above too, in size classes doubling up to the
-//!   largest page, kept once allocated (a step's large tensors recur with
-//!   the same sizes). Sliced pages mix a step's sizes within a page: on
-//!   Bamba-9B's layers 16 deep on one H200 (2 x 4096, a quarter of the
-//!   layers recomputed) they held 116 GB for a live peak near 91 GB, where
-//!   exclusive pages held 106 GB (2026-12-03, `BAMBA_MEMORY_TRACE`).
+//! - `bucketed` (the default here): `mixed` up to 64 MiB, exclusive pages
+//!   above, in size classes doubling up to the largest page, kept once
+//!   allocated (a step's large tensors recur with the same sizes). Sliced
+//!   pages mix a step's sizes within a page: on Bamba-9B's layers 16 deep
+//!   on one H200 (2 x 4096, a quarter of the layers recomputed) they held
+//!   116 GB for a live peak near 91 GB, where exclusive pages held 106 GB
+//!   (2026-12-03, `BAMBA_MEMORY_TRACE`). Exclusive pools scan their pages on
+//!   each reservation, so the many mid-size requests stay on sliced pages.
 //!
 //! Per reservation on host memory (`bench --ops --only allocator` in a cuda
 //! build; cubecl's pool logic is the same for every storage), 120 to 7,200
@@ -117,16 +118,19 @@ pub fn mixed_pools(max_page: u64, align: u64) -> Vec<Pool> {
     pools
 }
 
-/// [`Preset::Bucketed`]'s pools: [`mixed_pools`]' exclusive ones up to
-/// [`EXCLUSIVE_MAX`], then exclusive pages in classes doubling up to
-/// `max_page` (a request takes a free page of its class or a new one).
+/// Smallest request served by [`Preset::Bucketed`]'s large exclusive pages.
+pub const LARGE_MIN: u64 = 64 << 20;
+
+/// [`Preset::Bucketed`]'s pools: [`mixed_pools`]' below [`LARGE_MIN`], then
+/// exclusive pages in classes doubling up to `max_page` (a request takes a
+/// free page of its class or a new one).
 pub fn bucketed_pools(max_page: u64, align: u64) -> Vec<Pool> {
     let mut pools: Vec<Pool> = mixed_pools(max_page, align)
         .into_iter()
-        .filter(|p| matches!(p, Pool::Exclusive { .. }))
+        .filter(|p| p.max() < LARGE_MIN)
         .collect();
     let top = max_page / align * align;
-    let mut size = EXCLUSIVE_MAX * 2;
+    let mut size = LARGE_MIN;
     while size < top {
         pools.push(Pool::Exclusive { max: size });
         size *= 2;
@@ -239,23 +243,23 @@ mod tests {
     }
 
     #[test]
-    fn bucketed_pools_serve_every_size_from_exclusive_classes() {
+    fn bucketed_pools_keep_large_requests_on_exclusive_classes() {
         let (max_page, align) = (20 << 30, 512);
         let pools = bucketed_pools(max_page, align);
         assert!(
             pools.windows(2).all(|w| w[0].max() < w[1].max()),
             "{pools:?}"
         );
-        assert!(pools.iter().all(|p| matches!(p, Pool::Exclusive { .. })));
-        let serve = |size: u64| pools.iter().find(|p| p.max() >= size).unwrap().max();
-        // Above the small pools a class is at most twice its smallest request.
-        for size in [EXCLUSIVE_MAX + 1, 64 << 20, 3 << 30, max_page] {
-            let class = serve(size);
+        let serve = |size: u64| *pools.iter().find(|p| p.max() >= size).unwrap();
+        assert!(matches!(serve(EXCLUSIVE_MAX), Pool::Exclusive { .. }));
+        assert!(matches!(serve(EXCLUSIVE_MAX + 1), Pool::Sliced { .. }));
+        // From LARGE_MIN up a class is exclusive and under twice its smallest request.
+        for size in [LARGE_MIN, LARGE_MIN + 1, 3 << 30, max_page] {
+            let p = serve(size);
+            assert!(matches!(p, Pool::Exclusive { .. }), "{size}: {p:?}");
+            let class = p.max();
             assert!(class >= size && class % align == 0, "{size}: {class}");
-            assert!(
-                class < 2 * size || size <= EXCLUSIVE_MAX * 2,
-                "{size}: {class}"
-            );
+            assert!(class < 2 * size || size == LARGE_MIN, "{size}: {class}");
         }
     }
 }
