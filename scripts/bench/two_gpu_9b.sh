@@ -4,7 +4,7 @@
 # the default pools; with ACS, each activation-checkpointing fraction, else
 # the config's), then
 # the PyTorch FSDP2 peer at the same batches (same-call ratio).
-#   BATCHES="1 2" ACS="0.375 0.25" PRESETS="subslices mixed" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
+#   BATCHES="1 2" ACS="0.25 0.125" PRESETS="bucketed mixed" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
 set -uo pipefail
 bin=${1:-target/release/bamba-train}
 peer=${2:-../shared/peers/torch-bamba}

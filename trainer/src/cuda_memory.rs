@@ -147,6 +147,9 @@ mod cubecl_pools {
     /// Unused exclusive pages are returned to the driver after this many
     /// reservations (cubecl's base period).
     const DEALLOC_PERIOD: u64 = 5000;
+    /// The same for [`Preset::Bucketed`]'s large pages: a step reserves a
+    /// few thousand times, so a page unused for tens of steps.
+    const LARGE_DEALLOC_PERIOD: u64 = 100_000;
 
     pub fn configuration(preset: Preset, max_page: u64, align: u64) -> MemoryConfiguration {
         match preset {
@@ -159,12 +162,18 @@ mod cubecl_pools {
                 }
                 .into_iter()
                 .map(|p| match p {
-                    // Large pages stay: freeing one synchronises the device.
+                    // Large pages are freed only after long disuse (a shape
+                    // change: evaluation, another micro-batch): freeing one
+                    // synchronises the device.
                     Pool::Exclusive { max } => MemoryPoolOptions {
                         pool_type: PoolType::ExclusivePages {
                             max_alloc_size: max,
                         },
-                        dealloc_period: (max > 0 && max <= EXCLUSIVE_MAX).then_some(DEALLOC_PERIOD),
+                        dealloc_period: match max {
+                            0 => None,
+                            m if m <= EXCLUSIVE_MAX => Some(DEALLOC_PERIOD),
+                            _ => Some(LARGE_DEALLOC_PERIOD),
+                        },
                     },
                     Pool::Sliced { max, page } => MemoryPoolOptions {
                         pool_type: PoolType::SlicedPages {
