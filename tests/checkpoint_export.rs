@@ -108,7 +108,7 @@ fn exported_hf_model_gives_the_checkpoints_logits() {
     let (master, cfg) = Master::read(&ckpt);
     let dev = Default::default();
     let reference = BambaForCausalLM::<Flex>::new(&VarBuilder::new(&master, &dev), &cfg).unwrap();
-    let ids: Vec<i32> = (0..32).map(|i| ((i * 7919 + 13) % 128256) as i32).collect();
+    let ids: Vec<i32> = (0..32).map(|i| (i * 7919 + 13) % 128256).collect();
     let want = logits(&reference, &ids);
     // The checkpoint's weights are trained ones, not the seeded init.
     let init = BambaForCausalLM::<Flex>::init(&cfg, 0, &dev).unwrap();

@@ -126,7 +126,7 @@ impl HfCheckpoint {
             .tensors
             .keys()
             .filter(|n| {
-                !want.contains_key(*n) && !(cfg.tie_word_embeddings && *n == "lm_head.weight")
+                !(want.contains_key(*n) || cfg.tie_word_embeddings && *n == "lm_head.weight")
             })
             .cloned()
             .collect();

@@ -136,7 +136,7 @@ fn mean_two_stage<B: BambaBackend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     let n = x.dims()[0];
     let run = (2..=64)
         .rev()
-        .find(|k| n % k == 0 && n / k > 1)
+        .find(|&k| n.is_multiple_of(k) && n / k > 1)
         .unwrap_or(n);
     if run == n {
         return x.mean();

@@ -663,7 +663,9 @@ pub fn kernels<B: BambaAutodiffBackend>(
     // host: f32 gradients in one buffer with no-decay ranges (unaligned
     // ends, the tail); bf16 gradients as pieces with gaps (zero gradient),
     // 4-aligned and not, decaying everywhere.
-    let cases: [(DType, bool, &[(usize, usize)]); 3] = [
+    // (gradient dtype, no-decay ranges, gradient pieces)
+    type Case<'a> = (DType, bool, &'a [(usize, usize)]);
+    let cases: [Case; 3] = [
         (DType::F32, true, &[(0, 1003)]),
         (DType::BF16, false, &[(0, 400), (404, 1000)]),
         (DType::BF16, false, &[(0, 5), (9, 1002)]),

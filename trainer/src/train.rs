@@ -70,6 +70,10 @@ struct PendingSave {
     stall_s: f64,
 }
 
+/// A step's loss (NaN when skipped), its gradient norm (still on the
+/// device; none when skipped) and whether every rank asked to stop.
+pub type StepOutcome<B> = (f64, Option<Tensor<Inner<B>, 1>>, bool);
+
 pub struct Trainer<B: BambaAutodiffBackend> {
     pub cfg: TrainConfig,
     pub model_cfg: BambaConfig,
@@ -303,10 +307,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         }
     }
 
-    pub fn train_step(
-        &mut self,
-        stop_requested: bool,
-    ) -> Result<(f64, Option<Tensor<Inner<B>, 1>>, bool)> {
+    pub fn train_step(&mut self, stop_requested: bool) -> Result<StepOutcome<B>> {
         if let Some(p) = &mut self.phases {
             let _ = B::sync(&self.device);
             p.mark = Some(Instant::now());

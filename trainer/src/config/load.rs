@@ -2,6 +2,9 @@
 //! deprecated serde_yaml) into `TrainConfig`, `--set key.path=value`
 //! overrides, and the checks that span several fields.
 
+// `!(x > 0.0)` on purpose: NaN fails the checks too.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use std::path::{Path, PathBuf};
 
 use serde_norway::Value;
@@ -179,8 +182,8 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
         };
         if !name.is_empty() && name != "<root>" {
             let mut hit = None;
-            'search: for i in lo..hi.min(lines.len()) {
-                let l = lines[i];
+            let end = hi.min(lines.len());
+            'search: for (i, &l) in lines.iter().enumerate().take(end).skip(lo) {
                 let from = if i == lo { col.min(l.len()) } else { 0 };
                 let mut start = from;
                 while let Some(p) = l[start..].find(name) {
