@@ -4,6 +4,8 @@
 # the default pools; with ACS, each activation-checkpointing fraction, else
 # the config's), then
 # the PyTorch FSDP2 peer at the same batches (same-call ratio).
+# TRACE=1 adds BAMBA_MEMORY_TRACE (one traced step per run; full output in
+# $OUT or /tmp).
 #   BATCHES="1 2" ACS="0.25 0.125" PRESETS="bucketed mixed" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
 set -uo pipefail
 bin=${1:-target/release/bamba-train}
@@ -12,16 +14,21 @@ site=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__p
 [ -n "$site" ] && export LD_LIBRARY_PATH="$site/nccl/lib:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+[ -n "${TRACE:-}" ] && export BAMBA_MEMORY_TRACE=1
 for preset in ${PRESETS:-default}; do
   [ "$preset" = default ] && preset=
   for b in ${BATCHES:-1 2}; do
     for ac in ${ACS:-config}; do
       acset=(); [ "$ac" = config ] || acset=(--set parallelism.activation_checkpointing=$ac)
       echo "== bamba-train 9B fsdp x2, $b x 4096 per GPU, ac=$ac, BAMBA_CUDA_MEMORY=${preset:-(default)} ($(date +%T))"
+      log="${OUT:-/tmp}/9b_x2_b${b}_ac${ac}_${preset:-default}.txt"
       BAMBA_CUDA_MEMORY=$preset timeout "${BENCH_TIMEOUT:-150}" "$bin" bench --config configs/bench/bamba-9b.yaml \
         --warmup "${WARMUP:-1}" --steps 3 --profile-steps 1 --set training.global_batch_sequences=$((2 * b)) \
         --set training.micro_batch=$b "${acset[@]}" \
-        --nproc-per-node 2 2>&1 | grep -E '"bench"|rror|panic|memory' | tail -4
+        --nproc-per-node 2 > "$log" 2>&1
+      grep -E '"bench"|rror|panic|memory' "$log" | grep -v memory_trace | tail -4
+      # With TRACE=1, rank 0's memory at each unit boundary (whole trace in $log).
+      grep -E '"memory_trace":"(head backward|backward 31: graph ready|optimizer)' "$log"
     done
   done
 done
