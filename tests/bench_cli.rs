@@ -52,6 +52,12 @@ fn bench_prints_throughput_mfu_memory_and_phases() {
     }
     let phases = summary["phase_s"].as_object().expect("phase split");
     assert!(phases.contains_key("optimizer"), "{summary}");
+    // On the CPU nothing is compiled at run time: the warm-up is as asked.
+    assert_eq!(summary["warmup_steps"], 1, "{summary}");
+    assert!(
+        summary["kernels_compiled_in_timed_steps"].is_null(),
+        "{summary}"
+    );
     // The state each rank keeps: f32 master weights and two moments.
     let start = rows
         .iter()

@@ -21,8 +21,9 @@ pub fn rope_tables<B: Backend>(
     theta: f64,
     device: &B::Device,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    type Tables = Arc<(Vec<f32>, Vec<f32>)>;
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize, u64), Tables>>> = OnceLock::new();
+    // (seq, rotary_dim, theta's bits) -> cos, sin.
+    type Cache = Mutex<HashMap<(usize, usize, u64), Arc<(Vec<f32>, Vec<f32>)>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let key = (seq, rotary_dim, theta.to_bits());
     let tables = CACHE
         .get_or_init(Default::default)

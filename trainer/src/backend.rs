@@ -95,6 +95,16 @@ pub fn device_name(device: crate::config::Device, local_rank: usize) -> String {
     }
 }
 
+/// Kernels burn's CUDA backend has compiled in this process so far (`None`
+/// where nothing is compiled at run time: CPU).
+pub fn compiled_kernels(device: crate::config::Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda => Some(cubecl_cuda::compiled_kernels()),
+        _ => None,
+    }
+}
+
 /// Reads memory in use: the device's used memory on CUDA (as `nvidia-smi`
 /// counts it: burn's pool included), the process RSS on CPU.
 pub fn memory_probe(device: crate::config::Device, local_rank: usize) -> Box<dyn Fn() -> u64> {

@@ -293,6 +293,22 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         self.rt.rank == 0
     }
 
+    /// Whether `flag` holds on any rank (an all-reduce: every rank gets the
+    /// same answer, so they take the same branch).
+    pub fn any_rank(&self, flag: bool) -> Result<bool> {
+        let t = Tensor::<Inner<B>, 1>::from_data(
+            TensorData::new(vec![flag as u8 as f32], [1]),
+            &self.device.clone(),
+        );
+        let sum = self.rt.world_comm.all_reduce_sum(t)?;
+        Ok(sum
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32")[0]
+            > 0.0)
+    }
+
     /// Ends phase `name` when profiling: waits for the device, adds the
     /// times (host enqueue and wall) since the previous phase ended.
     fn phase(&mut self, name: &'static str) {

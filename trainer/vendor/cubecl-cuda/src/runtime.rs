@@ -59,6 +59,25 @@ pub fn set_memory_configuration(f: MemoryConfigurationFn) -> bool {
     MEMORY_CONFIGURATION.set(f).is_ok()
 }
 
+/// bamba-train patch: kernels compiled (NVRTC, then loaded) by this
+/// process's device servers so far. A benchmark reads it around its timed
+/// steps: a step that compiles measures the compiler, not the GPU.
+pub fn compiled_kernels() -> u64 {
+    COMPILED_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) static COMPILED_KERNELS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// bamba-train patch: `CUBECL_CUDA_LOG_COMPILES=1` prints each kernel's id to
+/// stderr as it is compiled (which kernels a late step compiles).
+pub(crate) fn log_compiles() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("CUBECL_CUDA_LOG_COMPILES").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
 impl DeviceService for CudaServer {
     fn init(device_id: cubecl_common::device::DeviceId) -> Self {
         let device = CudaDevice::from_id(device_id);

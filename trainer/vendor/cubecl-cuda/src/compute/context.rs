@@ -122,6 +122,11 @@ impl CudaContext {
         };
 
         log::trace!("Compiling kernel");
+        // bamba-train patch: count (and optionally name) what is compiled.
+        crate::runtime::COMPILED_KERNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if crate::runtime::log_compiles() {
+            eprintln!("cubecl-cuda: compiling {kernel_id:?}");
+        }
 
         validate_cube_dim(&self.properties, kernel_id)?;
         validate_units(&self.properties, kernel_id)?;
