@@ -22,7 +22,7 @@ for preset in ${PRESETS:-default}; do
       acset=(); [ "$ac" = config ] || acset=(--set parallelism.activation_checkpointing=$ac)
       echo "== bamba-train 9B fsdp x2, $b x 4096 per GPU, ac=$ac, BAMBA_CUDA_MEMORY=${preset:-(default)} ($(date +%T))"
       log="${OUT:-/tmp}/9b_x2_b${b}_ac${ac}_${preset:-default}.txt"
-      BAMBA_CUDA_MEMORY=$preset timeout "${BENCH_TIMEOUT:-150}" "$bin" bench --config configs/bench/bamba-9b.yaml \
+      BAMBA_CUDA_MEMORY=$preset timeout "${BENCH_TIMEOUT:-180}" "$bin" bench --config configs/bench/bamba-9b.yaml \
         --warmup "${WARMUP:-1}" --steps 3 --profile-steps 1 --set training.global_batch_sequences=$((2 * b)) \
         --set training.micro_batch=$b "${acset[@]}" \
         --nproc-per-node 2 > "$log" 2>&1
