@@ -131,3 +131,34 @@ fn stage_two_starts_from_stage_one_weights_with_fresh_state() {
         "optimizer state must be fresh"
     );
 }
+
+/// Evaluation gathers the whole model and gives it back afterwards: between
+/// steps only the shards stay resident, in the whole-model and the streamed
+/// step alike (the streamed step never replaces the model's own parameters,
+/// so a copy left by evaluation would stay, stale, for the rest of the run).
+#[test]
+fn evaluation_leaves_no_gathered_model_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eval = format!(
+        "eval.datasets=[{{name: fortunes, path: '{}/fortunes', weight: 1.0}}]",
+        corpus().display()
+    );
+    for ac in ["0.0", "1.0"] {
+        let out = tmp.path().join(format!("ac{ac}"));
+        let ac_set = format!("parallelism.activation_checkpointing={ac}");
+        let cfg = config(&out, 2, &[&eval, "eval.batches=1", &ac_set]);
+        let mut t =
+            Trainer::<CpuTrain>::new(cfg, Runtime::single(), Default::default(), None).unwrap();
+        t.train_step(false).unwrap();
+        let between_steps = t.resident_param_elements();
+        let loss = t.evaluate().unwrap();
+        assert!(loss.is_finite(), "ac {ac}: eval loss {loss}");
+        assert_eq!(
+            t.resident_param_elements(),
+            between_steps,
+            "ac {ac}: evaluation left gathered parameters behind"
+        );
+        // Training goes on from there.
+        t.train_step(false).unwrap();
+    }
+}

@@ -13,7 +13,7 @@ use bamba_data::{DatasetSpec, Loader, LoaderConfig, LoaderState};
 use bamba_model::BambaAutodiffBackend;
 use bamba_model::init::InitSource;
 use bamba_model::{BambaConfig, BambaForCausalLM, HfCheckpoint, ParamSource, VarBuilder};
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
@@ -293,6 +293,13 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         self.rt.rank == 0
     }
 
+    /// Parameter elements the model holds between steps: one a parameter
+    /// once released (the shards are what persists), all of them while
+    /// gathered.
+    pub fn resident_param_elements(&self) -> usize {
+        self.model.as_ref().map_or(0, |m| m.num_params())
+    }
+
     /// Whether `flag` holds on any rank (an all-reduce: every rank gets the
     /// same answer, so they take the same branch).
     pub fn any_rank(&self, flag: bool) -> Result<bool> {
@@ -482,7 +489,15 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             let l = self.rt.world_comm.all_reduce_mean(loss.cast(DType::F32))?;
             total += l.into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0] as f64;
         }
-        self.model = Some(model);
+        // Back to what a step leaves: the shards alone. (A streamed step
+        // never replaces the model's own parameters, so a full copy kept
+        // here would stay resident, and stale, for the rest of the run.)
+        drop(valid);
+        self.model = Some(self.sharded.release(model));
+        // The whole-model gather left pages that a streamed step's per-layer
+        // sizes leave idle (exclusive pages serve one size class; `bucketed`
+        // keeps them for many steps): give them back to the driver now.
+        B::memory_cleanup(&self.device);
         Ok(total / self.cfg.eval.batches.max(1) as f64)
     }
 
