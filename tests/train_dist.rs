@@ -146,6 +146,13 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             2,
             "{ strategy: fsdp, activation_checkpointing: 1.0, timeout_s: 20 }",
         ),
+        // Layer by layer without recomputation: every layer keeps its graph.
+        (
+            "fsdp2_per_layer",
+            2,
+            2,
+            "{ strategy: fsdp, per_layer: true, timeout_s: 20 }",
+        ),
         (
             "hsdp2x2_ac_half",
             4,

@@ -207,7 +207,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         };
 
         let mut sharded = sharded;
-        sharded.keep_compute_copy = cfg.parallelism.activation_checkpointing == 0.0;
+        sharded.keep_compute_copy = !cfg.parallelism.streamed();
         sharded.reduce = match cfg.parallelism.reduce_dtype {
             ReduceDtype::F32 => DType::F32,
             ReduceDtype::Bf16 => DType::BF16,
@@ -338,8 +338,9 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         // Streamed: per-layer gathers inside the step (fsdp/streamed.rs);
         // otherwise the whole model is gathered once per step.
         let ac = self.cfg.parallelism.activation_checkpointing;
+        let streamed = self.cfg.parallelism.streamed();
         let mut model = self.model.take().expect("model present between steps");
-        if ac == 0.0 {
+        if !streamed {
             model = self.sharded.gather_into(model, &*self.rt.shard_comm)?;
         }
         let mb = self.cfg.training.micro_batch;
@@ -365,7 +366,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             };
             let (inputs, targets) = self.batch_tensors(lines, mb);
             self.phase("gather");
-            let l = if ac > 0.0 {
+            let l = if streamed {
                 let l = self.sharded.streamed_step(
                     &mut model,
                     inputs,
@@ -398,7 +399,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 None => l,
             });
         }
-        self.model = Some(if ac == 0.0 {
+        self.model = Some(if !streamed {
             self.sharded.release(model)
         } else {
             model

@@ -143,8 +143,17 @@ pub struct ParallelismSection {
     /// memory per layer for one memory-bound kernel per product; lets a
     /// lower `activation_checkpointing` fit.
     pub recompute_elementwise: bool,
+    /// With `activation_checkpointing: 0`, run the step layer by layer all
+    /// the same (FSDP's per-block units, every layer keeping its graph):
+    /// each layer gathered just before its forward, its gradients
+    /// reduce-scattered as soon as its backward is done, beside compute
+    /// with `overlap_comm`. The whole-model step instead gathers every
+    /// parameter at once and holds the whole model's gradients until the
+    /// optimizer: fewer collectives, but more memory than a large model
+    /// has (Bamba-9B on 2 GPUs). Always so above 0.
+    pub per_layer: bool,
     pub reduce_dtype: ReduceDtype,
-    /// Per-layer mode (activation_checkpointing > 0): prefetch the next
+    /// Per-layer mode (`per_layer`, or activation_checkpointing > 0): prefetch the next
     /// layer's all-gather and reduce-scatter gradients in a communication
     /// stream beside compute (FSDP's forward/backward prefetch). Holds two
     /// gathered layers at a time. On 2 H200s it gives the same losses as the
@@ -155,6 +164,14 @@ pub struct ParallelismSection {
     pub timeout_s: u64,
 }
 
+impl ParallelismSection {
+    /// Whether a step runs layer by layer (`fsdp/streamed.rs`) rather than
+    /// on the whole gathered model.
+    pub fn streamed(&self) -> bool {
+        self.per_layer || self.activation_checkpointing > 0.0
+    }
+}
+
 impl Default for ParallelismSection {
     fn default() -> Self {
         Self {
@@ -162,6 +179,7 @@ impl Default for ParallelismSection {
             shard_group_size: 0,
             activation_checkpointing: 0.0,
             recompute_elementwise: false,
+            per_layer: false,
             reduce_dtype: ReduceDtype::F32,
             overlap_comm: true,
             timeout_s: 600,

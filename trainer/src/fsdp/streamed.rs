@@ -12,7 +12,9 @@
 //!
 //! With an activation-checkpointing fraction `p < 1`, a spread-out share
 //! `1 - p` of the layers keep their parameters and graph from the forward
-//! instead (no second gather, no recompute), trading memory for speed.
+//! instead (no second gather, no recompute), trading memory for speed; at
+//! `p = 0` (`parallelism.per_layer`) every layer does: FSDP's per-block
+//! units without checkpointing.
 //!
 //! With `overlap`, communication runs beside compute (FSDP's prefetch): the
 //! next unit's all-gather starts before the current unit's compute is
