@@ -2,7 +2,7 @@
 # Bamba-9B on two GPUs in one device call: bamba-train's fsdp bench at each
 # per-GPU batch (and, with PRESETS, each BAMBA_CUDA_MEMORY preset; unset:
 # the default pools; with ACS, each activation-checkpointing fraction, else
-# the config's), then
+# the config's; 0 runs layer by layer without recomputation), then
 # the PyTorch FSDP2 peer at the same batches (same-call ratio).
 # TRACE=1 adds BAMBA_MEMORY_TRACE (one traced step per run; full output in
 # $OUT or /tmp).
@@ -19,7 +19,9 @@ for preset in ${PRESETS:-default}; do
   [ "$preset" = default ] && preset=
   for b in ${BATCHES:-1 2}; do
     for ac in ${ACS:-config}; do
+      # ac 0 streams layer by layer (per_layer): the whole-model step cannot fit the 9B.
       acset=(); [ "$ac" = config ] || acset=(--set parallelism.activation_checkpointing=$ac)
+      [ "$ac" = 0 ] && acset+=(--set parallelism.per_layer=true)
       echo "== bamba-train 9B fsdp x2, $b x 4096 per GPU, ac=$ac, BAMBA_CUDA_MEMORY=${preset:-(default)} ($(date +%T))"
       log="${OUT:-/tmp}/9b_x2_b${b}_ac${ac}_${preset:-default}.txt"
       BAMBA_CUDA_MEMORY=$preset timeout "${BENCH_TIMEOUT:-180}" "$bin" bench --config configs/bench/bamba-9b.yaml \
