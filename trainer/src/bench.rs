@@ -89,11 +89,11 @@ pub fn run<B: BambaAutodiffBackend>(
     );
     let mut peak_mem = 0u64;
     // Warm-up: `--warmup` steps, then more (up to EXTRA_WARMUP) while the
-    // last one still compiled kernels on any rank. A kernel variant can
-    // first appear in a later step (burn picks in-place kernels when an
-    // input happens to be free), and a timed step that compiles measures
-    // the compiler: on the 9B's layers, NVRTC took a third of the host's
-    // samples in the steps after one warm-up step.
+    // last one still compiled kernels on any rank. Some kernels first
+    // appear in a later step (likely burn's in-place variants, picked when
+    // an input happens to be free by then), and a timed step that compiles
+    // measures the compiler: on the 9B's layers, NVRTC took a third of the
+    // host's samples in the steps after one warm-up step.
     let device = t.cfg.training.device;
     let compiled = move || crate::backend::compiled_kernels(device);
     let (mut warmups, mut last_compiled) = (0, 0);
