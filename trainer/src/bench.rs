@@ -84,6 +84,7 @@ pub fn run<B: BambaAutodiffBackend>(
         "tokens_per_step": tokens, "seq_len": t.cfg.data.seq_len,
         "precision": format!("{:?}", t.cfg.training.precision).to_lowercase(),
         "strategy": format!("{:?}", t.cfg.parallelism.strategy).to_lowercase(),
+        "step_kind": if t.cfg.parallelism.streamed() { "per_layer" } else { "whole_model" },
         "cuda_memory": crate::cuda_memory::Preset::from_env().map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default(),
         "state_bytes_per_rank": t.state_bytes()}),
     );
