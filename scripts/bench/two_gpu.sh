@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two GPUs of one host, in one device call: NCCL smoke test (fsdp over 2
 # processes against 1), then fsdp benchmarks of the 1B config and of
-# Bamba-9B (batch 1 x 4096 per GPU, full activation checkpointing).
+# Bamba-9B (batch 1 x 4096 per GPU, full activation checkpointing), and the
+# 1B at ac 0 on the whole model and layer by layer.
 #   PEER=.carry/peer bash scripts/bench/two_gpu.sh .carry/bamba-train
 set -uo pipefail
 bin=${1:-target/release/bamba-train}
@@ -25,6 +26,14 @@ for run in ${BENCH_RUNS-bamba-1b:true bamba-1b:false bamba-9b:true}; do
   timeout "${BENCH_TIMEOUT:-200}" "$bin" bench --config configs/bench/$cfg.yaml --warmup 1 --steps 3 --profile-steps 1 \
     --set training.global_batch_sequences=2 --set training.micro_batch=1 --set parallelism.overlap_comm=$overlap \
     --set parallelism.activation_checkpointing=1 --nproc-per-node 2 2>&1 | grep -v '"warmup_step"' | tail -2
+done
+# The 1B without checkpointing: the whole-model step against layer by layer
+# (per_layer: collectives overlapped, one layer's gradients at a time).
+for pl in ${PER_LAYER_RUNS-false true}; do
+  echo "== bench bamba-1b fsdp x2, 1 x 4096 per GPU, ac 0, per_layer $pl"
+  timeout "${BENCH_TIMEOUT:-200}" "$bin" bench --config configs/bench/bamba-1b.yaml --warmup 1 --steps 3 --profile-steps 1 \
+    --set training.global_batch_sequences=2 --set training.micro_batch=1 --set parallelism.activation_checkpointing=0 \
+    --set parallelism.per_layer=$pl --nproc-per-node 2 2>&1 | grep -v '"warmup_step"' | tail -2
 done
 if [ -n "${PEER:-}" ]; then
   echo "== peer: PyTorch FSDP2 Bamba-9B, batch 1 x 4096 per GPU"
