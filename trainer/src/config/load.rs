@@ -635,6 +635,23 @@ eval:
   every_steps: 0
 ";
 
+    /// Every config the repository ships parses and validates as it is.
+    #[test]
+    fn shipped_configs_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for name in [
+            "stage1.yaml",
+            "stage2.yaml",
+            "tiny.yaml",
+            "bench/bamba-1b.yaml",
+            "bench/bamba-9b.yaml",
+            "test/slurm-ci.yaml",
+        ] {
+            let path = root.join(name);
+            load_config(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+
     #[test]
     fn config_errors_name_key_path_and_line() {
         parse_config(FULL, &[]).unwrap();
