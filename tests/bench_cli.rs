@@ -82,6 +82,33 @@ fn bench_prints_throughput_mfu_memory_and_phases() {
     }
 }
 
+/// Two ranks (fsdp over the CPU transport): the warm-up decision is an
+/// all-reduce, so both ranks run the same steps and the bench ends.
+#[test]
+fn bench_runs_on_two_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = bench(
+        tmp.path(),
+        &[
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--profile-steps",
+            "0",
+            "--nproc-per-node",
+            "2",
+        ],
+    );
+    let summary = rows
+        .iter()
+        .find(|r| r["bench"] == "summary")
+        .expect("a summary line");
+    assert_eq!(summary["world"], 2.0, "{summary}");
+    assert_eq!(summary["warmup_steps"], 1, "{summary}");
+    assert!(summary["tokens_per_s_per_device"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn bench_host_profile_writes_folded_stacks() {
     let tmp = tempfile::tempdir().unwrap();
