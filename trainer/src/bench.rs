@@ -121,6 +121,12 @@ pub fn run<B: BambaAutodiffBackend>(
     let compiled_before_timed = compiled();
     let mut times = vec![];
     let mut mem = vec![];
+    // The window is timed from an idle device to an idle device: a step's
+    // own time ends when its loss is read, before its optimizer has run
+    // (that overlaps the next step's enqueue), so the first timed step
+    // alone would leave one optimizer out of the mean.
+    t.sync();
+    let window = Instant::now();
     let profiler = args
         .host_profile
         .as_deref()
@@ -138,6 +144,8 @@ pub fn run<B: BambaAutodiffBackend>(
         line(json!({"step": i + 1, "loss": loss, "step_time_s": dt,
             "tokens_per_s_per_device": tps, "mfu": mfu(flops, tps, peak), "memory_bytes": m}));
     }
+    t.sync();
+    let window = window.elapsed().as_secs_f64();
     let compiled_in_timed = compiled().zip(compiled_before_timed).map(|(a, b)| a - b);
     if let (Some(p), Some(path)) = (profiler, &args.host_profile) {
         let samples = p.finish()?;
@@ -162,7 +170,11 @@ pub fn run<B: BambaAutodiffBackend>(
             .map(|(k, v)| (k.to_string(), json!(v / n)))
             .collect::<serde_json::Map<_, _>>()
     };
-    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let mean = if times.is_empty() {
+        0.0
+    } else {
+        window / times.len() as f64
+    };
     let tps = tokens / mean / world;
     let summary = json!({
         "bench": "summary",

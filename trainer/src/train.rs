@@ -316,6 +316,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             > 0.0)
     }
 
+    /// Waits until the device has run everything enqueued so far.
+    pub fn sync(&self) {
+        let _ = B::sync(&self.device);
+    }
+
     /// Ends phase `name` when profiling: waits for the device, adds the
     /// times (host enqueue and wall) since the previous phase ended.
     fn phase(&mut self, name: &'static str) {
