@@ -146,12 +146,20 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             2,
             "{ strategy: fsdp, activation_checkpointing: 1.0, timeout_s: 20 }",
         ),
-        // Layer by layer without recomputation: every layer keeps its graph.
+        // Layer by layer without recomputation: every layer keeps its graph,
+        // its gathered parameters freed after forward and gathered again for
+        // backward (the default), or kept.
         (
             "fsdp2_per_layer",
             2,
             2,
             "{ strategy: fsdp, per_layer: true, timeout_s: 20 }",
+        ),
+        (
+            "fsdp2_per_layer_no_reshard",
+            2,
+            2,
+            "{ strategy: fsdp, per_layer: true, reshard_after_forward: false, timeout_s: 20 }",
         ),
         (
             "hsdp2x2_ac_half",
@@ -192,16 +200,27 @@ fn sharded_training_matches_single_process_for_every_strategy() {
 /// The streamed step (per-layer gathers, recomputation) is the same math as
 /// the whole-model step, with tied embeddings too (the head then needs the
 /// embedding unit, whose gradient has two contributions); so are layers
-/// that make their products' inputs again in backward (`recompute_elementwise`).
+/// that make their products' inputs again in backward (`recompute_elementwise`),
+/// and kept layers resharded after forward (their weights made again from a
+/// new gather), with their products' inputs made again too.
 #[test]
 fn streamed_layers_match_the_whole_model_step() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     for tied in [false, true] {
-        let runs: Vec<_> = [(0.0, false), (1.0, false), (0.5, false), (0.5, true), (0.0, true)]
-            .iter()
-            .map(|(ac, re)| {
-                let name = format!("tied{tied}_ac{ac}_re{re}");
+        let runs: Vec<_> = [
+            "activation_checkpointing: 0.0, recompute_elementwise: false",
+            "activation_checkpointing: 1.0, recompute_elementwise: false",
+            "activation_checkpointing: 0.5, recompute_elementwise: false",
+            "activation_checkpointing: 0.5, recompute_elementwise: false, reshard_after_forward: false",
+            "activation_checkpointing: 0.5, recompute_elementwise: true",
+            "activation_checkpointing: 0.0, recompute_elementwise: true",
+            "activation_checkpointing: 0.0, recompute_elementwise: true, per_layer: true",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(k, par)| {
+            let name = format!("tied{tied}_{k}");
                 let cfg = write_config(d, &name, 3, 4, "");
                 let text = std::fs::read_to_string(&cfg)
                     .unwrap()
@@ -211,18 +230,17 @@ fn streamed_layers_match_the_whole_model_step() {
                     )
                     .replace(
                         "parallelism: { timeout_s: 20 }",
-                        &format!(
-                            "parallelism: {{ activation_checkpointing: {ac}, recompute_elementwise: {re}, timeout_s: 20 }}"
-                        ),
+                        &format!("parallelism: {{ {par}, timeout_s: 20 }}"),
                     );
                 std::fs::write(&cfg, text).unwrap();
                 train(&cfg, 1, &[]);
-                (losses(&d.join(&name)), weights(&d.join(&name), 3), name)
+                (losses(&d.join(&name)), weights(&d.join(&name), 3), par)
             })
             .collect();
-        for (l, w, name) in &runs[1..] {
-            assert_losses(name, l, &runs[0].0);
-            assert_close(name, w, &runs[0].1, 1e-5);
+        for (l, w, par) in &runs[1..] {
+            let name = format!("tied {tied}, {par}");
+            assert_losses(&name, l, &runs[0].0);
+            assert_close(&name, w, &runs[0].1, 1e-5);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Linear and embedding layers that keep PyTorch's weight layout
 //! (`[out_features, in_features]`), so HF tensors load as they are.
 
-use crate::ops::{BambaBackend, Remake, Side, matmul, matmul_remade};
+use crate::ops::{BambaBackend, Remake, matmul_remade_both, resharded_weight};
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor};
 
@@ -38,14 +38,15 @@ impl<B: BambaBackend> Linear<B> {
     }
 
     /// [`Self::forward`] where `x` is `remake`'s output: its gradient makes
-    /// `x` again rather than keeping it (see [`Remake`]).
+    /// `x` again rather than keeping it (see [`Remake`]). The weight is made
+    /// again too when its FSDP unit is resharded after forward
+    /// ([`crate::ops::with_resharded`]).
     pub fn forward_remade(&self, x: Tensor<B, 3>, remake: Option<Remake<B>>) -> Tensor<B, 3> {
         let [b, t, d_in] = x.dims();
-        let (x, w) = (x.reshape([b * t, d_in]), self.weight.val().transpose());
-        let y = match remake {
-            Some(remake) => matmul_remade(x, w, remake, Side::Lhs),
-            None => matmul(x, w),
-        };
+        let w = self.weight.val();
+        let w_again = resharded_weight::<B>(self.weight.id, w.dims());
+        let (x, w) = (x.reshape([b * t, d_in]), w.transpose());
+        let y = matmul_remade_both(x, w, remake, w_again);
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,

@@ -380,6 +380,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                     k + 1 == self.accum,
                     ac,
                     self.cfg.parallelism.overlap_comm,
+                    self.cfg.parallelism.reshard_after_forward,
                     &*self.rt.shard_comm,
                     &*self.rt.replicate_comm,
                 )?;

@@ -11,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 
-use super::{BambaBackend, Remake, Side};
+use super::{BambaBackend, Remake};
 
 /// `C = A B`: `dA = dC B^T`, `dB = A^T dC`, both through the inner hook
 /// (the TF32 one when the forward was TF32). An operand stored transposed
@@ -44,7 +44,16 @@ impl<B: BambaBackend> Operand<B> {
     fn get(self, ckpt: &mut Checkpointer) -> FloatTensor<B> {
         match self {
             Operand::Kept(id) => ckpt.retrieve_node_output(id),
-            Operand::Remade(remake, shape) => B::float_reshape(remake.run(), shape),
+            Operand::Remade(remake, shape) => {
+                let t = remake.run();
+                // A transposed weight is its own shape already; reshaping a
+                // strided view would copy it.
+                if t.shape() == shape {
+                    t
+                } else {
+                    B::float_reshape(t, shape)
+                }
+            }
         }
     }
 }
@@ -907,13 +916,20 @@ impl<B: BambaBackend, C: CheckpointStrategy> BambaBackend for Autodiff<B, C> {
     fn bamba_matmul_remade(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
-        remake: Remake<Self>,
-        side: Side,
+        remake: [Option<Remake<Self>>; 2],
         f32_out: bool,
     ) -> FloatTensor<Self> {
-        let remake = remake.map(|t: FloatTensor<Self>| t.primitive);
+        let remake = remake.map(|r| r.map(|r| r.map(|t: FloatTensor<Self>| t.primitive)));
         let gemm = if f32_out { Gemm::F32Out } else { Gemm::Plain };
-        tracked_matmul_with::<B, C>(lhs, rhs, gemm, Some((remake, side)))
+        tracked_matmul_with::<B, C>(lhs, rhs, gemm, remake)
+    }
+
+    fn bamba_grad_key(mut t: FloatTensor<Self>) -> FloatTensor<Self> {
+        let p = &t.primitive;
+        let shape = burn::tensor::Shape::from(vec![1; p.shape().num_dims()]);
+        // The same node, a one-element stand-in for the data.
+        t.primitive = B::float_zeros(shape, &B::float_device(p), p.dtype().into());
+        t
     }
 }
 
@@ -971,16 +987,16 @@ fn tracked_matmul<B: BambaBackend, C: CheckpointStrategy>(
     rhs: FloatTensor<Autodiff<B, C>>,
     gemm: Gemm,
 ) -> FloatTensor<Autodiff<B, C>> {
-    tracked_matmul_with::<B, C>(lhs, rhs, gemm, None)
+    tracked_matmul_with::<B, C>(lhs, rhs, gemm, [None, None])
 }
 
-/// A tracked product; with `remake`, backward makes that side's operand
-/// again from it instead of keeping it.
+/// A tracked product; backward makes an operand with a recipe in `remake`
+/// (lhs, rhs) again from it instead of keeping it.
 fn tracked_matmul_with<B: BambaBackend, C: CheckpointStrategy>(
     lhs: FloatTensor<Autodiff<B, C>>,
     rhs: FloatTensor<Autodiff<B, C>>,
     gemm: Gemm,
-    remake: Option<(Remake<B>, Side)>,
+    remake: [Option<Remake<B>>; 2],
 ) -> FloatTensor<Autodiff<B, C>> {
     let mm = match gemm {
         Gemm::Plain => B::bamba_matmul,
@@ -1018,12 +1034,7 @@ fn tracked_matmul_with<B: BambaBackend, C: CheckpointStrategy>(
         {
             OpsKind::Tracked(mut prep) => {
                 // Each gradient needs only the *other* operand.
-                let (mut lhs_again, mut rhs_again) = (None, None);
-                match remake {
-                    Some((r, Side::Lhs)) => lhs_again = Some(r),
-                    Some((r, Side::Rhs)) => rhs_again = Some(r),
-                    None => {}
-                }
+                let [lhs_again, rhs_again] = remake;
                 let lhs_state = rhs_tracked.then(|| match lhs_again {
                     Some(r) => Operand::Remade(r, lhs.shape()),
                     None => Operand::Kept(prep.checkpoint(&lhs)),
@@ -1188,6 +1199,68 @@ mod tests {
         let ((xa, wa), (xb, wb)) = (run(true), run(false));
         for (a, b) in xa.iter().chain(&wa).zip(xb.iter().chain(&wb)) {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+
+    /// A Linear whose FSDP unit is resharded after forward keeps no weight
+    /// in its product: backward reads it from the slot that the wrapper
+    /// fills (here with the weight doubled, to see that it does), next to a
+    /// remade input; the weight's own gradient does not need it.
+    #[test]
+    fn a_resharded_weight_is_read_from_its_slot_in_backward() {
+        use crate::linear::Linear;
+        use crate::ops::{Remake, ReshardSlot, with_resharded};
+        use burn::module::Param;
+        use std::collections::HashMap;
+
+        let dev = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let w0 = Tensor::<Flex, 2>::random([3, 4], normal, &dev);
+        let n0 = Tensor::<Flex, 1>::random([4], normal, &dev);
+        let x0 = Tensor::<Flex, 3>::random([2, 5, 4], normal, &dev);
+        let run = |reshard: bool, doubled: bool| {
+            let lin = Linear::<B> {
+                weight: Param::from_tensor(Tensor::from_inner(w0.clone()).require_grad()),
+                bias: None,
+            };
+            let x = Tensor::<B, 3>::from_inner(x0.clone()).require_grad();
+            let norm_w = Tensor::<B, 1>::from_inner(n0.clone());
+            // The input is an RMSNorm's output, made again in backward too.
+            let h = crate::ops::rms_norm(x.clone(), None, norm_w.clone(), 1e-6);
+            let again = Remake::rms_norm(&x, None, &norm_w, 1e-6);
+            let slot = ReshardSlot::new();
+            let y = if reshard {
+                let weights = HashMap::from([(lin.weight.id, (slot.clone(), 0))]);
+                with_resharded(weights, || lin.forward_remade(h, Some(again)))
+            } else {
+                lin.forward_remade(h, Some(again))
+            };
+            let scale = if doubled { 2.0 } else { 1.0 };
+            slot.fill::<Flex>((w0.clone() * scale).reshape([12]).into_primitive().tensor());
+            let grads = (y.clone() * y.detach()).sum().backward();
+            let v = |t: Tensor<Flex, 3>| t.into_data().to_vec::<f32>().unwrap();
+            let dw = lin
+                .weight
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            (v(x.grad(&grads).unwrap()), dw)
+        };
+        let (dx, dw) = run(false, false);
+        for (doubled, k) in [(false, 1.0), (true, 2.0)] {
+            let (dx2, dw2) = run(true, doubled);
+            for (a, b) in dx2.iter().zip(&dx) {
+                assert!(
+                    (a - k * b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "dx: {a} vs {k} * {b}"
+                );
+            }
+            assert_eq!(
+                dw2, dw,
+                "the weight's gradient reads the input, not the weight"
+            );
         }
     }
 }

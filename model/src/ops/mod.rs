@@ -28,7 +28,11 @@ pub use pieces::{
     embedding, end_decay, rms_norm, rope, scale_heads, scale_rows, ssd_diag, ssd_out,
     ssd_out_chunks, ssd_states, swiglu,
 };
-pub use remake::{Remake, Side, group_products, matmul_f32_remade, matmul_remade};
+pub(crate) use remake::resharded_weight;
+pub use remake::{
+    Remake, ReshardSlot, Side, group_products, matmul_f32_remade, matmul_remade,
+    matmul_remade_both, with_resharded,
+};
 
 /// A burn backend with Bamba's kernel hooks. Defaults are burn's own ops.
 pub trait BambaBackend: Backend {
@@ -57,13 +61,13 @@ pub trait BambaBackend: Backend {
     }
 
     /// [`BambaBackend::bamba_matmul`] (or [`BambaBackend::bamba_matmul_f32`]
-    /// with `f32_out`) where the operand on `side` is `remake`'s output:
-    /// autodiff keeps the recipe, not the operand (see [`Remake`]).
+    /// with `f32_out`) where an operand with a recipe in `remake` (lhs,
+    /// rhs) is made again in backward: autodiff keeps the recipe, not the
+    /// operand (see [`Remake`]).
     fn bamba_matmul_remade(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
-        _remake: Remake<Self>,
-        _side: Side,
+        _remake: [Option<Remake<Self>>; 2],
         f32_out: bool,
     ) -> FloatTensor<Self> {
         if f32_out {
@@ -79,6 +83,14 @@ pub trait BambaBackend: Backend {
     fn bamba_matmul_f32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let f32 = |t| Self::float_cast(t, burn::tensor::FloatDType::F32);
         Self::bamba_matmul(f32(lhs), f32(rhs))
+    }
+
+    /// `t` for looking up its gradient only: an autodiff backend keeps the
+    /// graph node and drops the data (FSDP frees a unit's gathered
+    /// parameters after its forward but collects their gradients after its
+    /// backward). Elsewhere `t` itself.
+    fn bamba_grad_key(t: FloatTensor<Self>) -> FloatTensor<Self> {
+        t
     }
 
     /// Whether the backend has the fused kernels below (`bamba_rms_norm*`);

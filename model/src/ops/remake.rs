@@ -7,6 +7,18 @@
 //! decayed inputs and its entering states' part are made again the same way
 //! (mamba_ssm's backward recomputes everything past the scan's inputs).
 
+//!
+//! A Linear's weight can be made again too: FSDP's reshard after forward
+//! frees a unit's gathered parameters once its forward has run and gathers
+//! them again for its backward; the products then keep a [`ReshardSlot`]
+//! that the gather fills, not the weights (see [`with_resharded`]).
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::module::ParamId;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -47,6 +59,91 @@ pub enum Remake<B: Backend> {
         e: FloatTensor<B>,
         groups: usize,
     },
+    /// A Linear's weight `[out, in]`, transposed as its product reads it,
+    /// from elements `offset..` of the unit's flat buffer in `slot`.
+    Weight {
+        slot: ReshardSlot,
+        offset: usize,
+        shape: [usize; 2],
+    },
+}
+
+/// A unit's gathered flat buffer, present only while its backward runs:
+/// the FSDP wrapper fills it from a fresh all-gather before the unit's
+/// backward and empties it after. Type-erased, as it holds the inner
+/// backend's tensor while the recipes that read it are built on the
+/// autodiff backend.
+#[derive(Clone, Default)]
+pub struct ReshardSlot(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl std::fmt::Debug for ReshardSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let filled = self.0.lock().map(|s| s.is_some()).unwrap_or(false);
+        write!(f, "ReshardSlot(filled: {filled})")
+    }
+}
+
+impl ReshardSlot {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts the unit's gathered buffer (the inner backend's) in place.
+    pub fn fill<B: Backend>(&self, flat: FloatTensor<B>) {
+        *self.0.lock().expect("reshard slot lock") = Some(Box::new(flat));
+    }
+
+    /// Drops the buffer (the unit's backward is done).
+    pub fn clear(&self) {
+        *self.0.lock().expect("reshard slot lock") = None;
+    }
+
+    fn get<B: Backend>(&self) -> FloatTensor<B> {
+        let slot = self.0.lock().expect("reshard slot lock");
+        let flat = slot
+            .as_ref()
+            .expect("a resharded unit is gathered again before its backward");
+        flat.downcast_ref::<FloatTensor<B>>()
+            .expect("the slot holds the backend's own tensor")
+            .clone()
+    }
+}
+
+thread_local! {
+    /// The weights whose products read them from a slot in backward, by
+    /// parameter, while [`with_resharded`] runs.
+    static RESHARDED: RefCell<HashMap<ParamId, (ReshardSlot, usize)>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Runs `f` (a unit's forward) with the products of `weights` (parameter ->
+/// its slot and offset in the unit's flat buffer) keeping a [`Remake::Weight`]
+/// recipe instead of the weight, so that the gathered buffer can be freed
+/// once `f` returns.
+pub fn with_resharded<R>(
+    weights: HashMap<ParamId, (ReshardSlot, usize)>,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            RESHARDED.with(|r| r.borrow_mut().clear());
+        }
+    }
+    RESHARDED.with(|r| *r.borrow_mut() = weights);
+    let _reset = Reset;
+    f()
+}
+
+/// The recipe for weight `id` (`[out, in]`) if its unit is resharded.
+pub(crate) fn resharded_weight<B: Backend>(id: ParamId, shape: [usize; 2]) -> Option<Remake<B>> {
+    RESHARDED.with(|r| {
+        r.borrow().get(&id).map(|(slot, offset)| Remake::Weight {
+            slot: slot.clone(),
+            offset: *offset,
+            shape,
+        })
+    })
 }
 
 /// Group `i`'s columns of `lhs [.., g * k]` times group `i`'s columns of
@@ -144,6 +241,16 @@ impl<B: BambaBackend> Remake<B> {
             Self::GroupProducts { c, e, groups } => group_products::<B>(float(c), float(e), groups)
                 .into_primitive()
                 .tensor(),
+            Self::Weight {
+                slot,
+                offset,
+                shape,
+            } => float::<B, 1>(slot.get::<B>())
+                .narrow(0, offset, shape[0] * shape[1])
+                .reshape(shape)
+                .transpose()
+                .into_primitive()
+                .tensor(),
         }
     }
 
@@ -171,6 +278,15 @@ impl<B: BambaBackend> Remake<B> {
                 e: f(e),
                 groups,
             },
+            Self::Weight {
+                slot,
+                offset,
+                shape,
+            } => Remake::Weight {
+                slot,
+                offset,
+                shape,
+            },
         }
     }
 }
@@ -188,7 +304,34 @@ pub fn matmul_remade<B: BambaBackend, const D: usize>(
         return super::matmul(lhs, rhs);
     }
     let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
-    float(B::bamba_matmul_remade(l, r, remake, side, false))
+    float(B::bamba_matmul_remade(l, r, sides(remake, side), false))
+}
+
+/// `lhs @ rhs` where either operand may be made again in backward (see
+/// [`matmul_remade`]); both `None` is [`super::matmul`].
+pub fn matmul_remade_both<B: BambaBackend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+    lhs_remake: Option<Remake<B>>,
+    rhs_remake: Option<Remake<B>>,
+) -> Tensor<B, D> {
+    if lhs.dtype() != rhs.dtype() || (lhs_remake.is_none() && rhs_remake.is_none()) {
+        return super::matmul(lhs, rhs);
+    }
+    let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    float(B::bamba_matmul_remade(
+        l,
+        r,
+        [lhs_remake, rhs_remake],
+        false,
+    ))
+}
+
+fn sides<B: Backend>(remake: Remake<B>, side: Side) -> [Option<Remake<B>>; 2] {
+    match side {
+        Side::Lhs => [Some(remake), None],
+        Side::Rhs => [None, Some(remake)],
+    }
 }
 
 /// [`super::matmul_f32`] with an operand made again in backward (see
@@ -204,5 +347,5 @@ pub fn matmul_f32_remade<B: BambaBackend, const D: usize>(
     }
     let f32_out = lhs.dtype() != DType::F32;
     let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
-    float(B::bamba_matmul_remade(l, r, remake, side, f32_out))
+    float(B::bamba_matmul_remade(l, r, sides(remake, side), f32_out))
 }

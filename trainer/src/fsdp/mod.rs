@@ -416,6 +416,17 @@ struct SetParams<B: BambaAutodiffBackend> {
     free: bool,
     /// The one buffer every placeholder views.
     placeholder: Option<Tensor<B, 1>>,
+    /// Reshard after forward: matrices stay views of the gathered buffer
+    /// and are listed here with their slot and offset (their products make
+    /// them again in backward); the rest are copied out of it, so that no
+    /// view keeps the buffer alive past the forward.
+    reshard: Option<Reshard>,
+}
+
+struct Reshard {
+    slot: bamba_model::ops::ReshardSlot,
+    offsets: HashMap<String, usize>,
+    weights: HashMap<burn::module::ParamId, (bamba_model::ops::ReshardSlot, usize)>,
 }
 
 impl<B: BambaAutodiffBackend> SetParams<B> {
@@ -425,6 +436,7 @@ impl<B: BambaAutodiffBackend> SetParams<B> {
             values: HashMap::new(),
             free: false,
             placeholder: None,
+            reshard: None,
         }
     }
 
@@ -470,6 +482,15 @@ impl<B: BambaAutodiffBackend> ModuleMapper<B> for SetParams<B> {
             return Param::from_mapped_value(id, old, mapper);
         };
         let shape: [usize; D] = shape.try_into().expect("layout shape matches the module");
+        let flat = match &mut self.reshard {
+            Some(r) if D == 2 => {
+                r.weights.insert(id, (r.slot.clone(), r.offsets[&name]));
+                flat
+            }
+            // A fresh buffer (the zeros take the sum in place).
+            Some(_) => flat.zeros_like() + flat,
+            None => flat,
+        };
         let value = Tensor::<B, D>::from_inner(flat.reshape(shape)).require_grad();
         Param::from_mapped_value(id, value, mapper)
     }

@@ -16,20 +16,28 @@
 //! `p = 0` (`parallelism.per_layer`) every layer does: FSDP's per-block
 //! units without checkpointing.
 //!
+//! With `reshard` (FSDP2's `reshard_after_forward`), a kept layer frees its
+//! gathered parameters once its forward has run, as a recomputed one does,
+//! and gathers them again for its backward: its products keep recipes that
+//! read the weights from the new gather (`ReshardSlot`), its small
+//! parameters are copies, and only its activations stay.
+//!
 //! With `overlap`, communication runs beside compute (FSDP's prefetch): the
 //! next unit's all-gather starts before the current unit's compute is
 //! enqueued, and a unit's reduce-scatter is waited for only after the next
 //! unit's backward is enqueued. That holds two gathered units at a time.
 
 use anyhow::{Result, ensure};
+use bamba_model::layer::BambaDecoderLayer;
 use bamba_model::model::causal_lm_loss;
+use bamba_model::ops::{ReshardSlot, with_resharded};
 use bamba_model::ops::{grad_seed, matmul};
 use bamba_model::rope::rope_tables;
 use bamba_model::{BambaAutodiffBackend, BambaForCausalLM};
-use burn::module::{AutodiffModule, Module};
-use burn::tensor::{Int, Tensor};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use super::{Comm, Inner, Pending, SetParams, Sharded};
 
@@ -57,6 +65,17 @@ impl<B: BambaAutodiffBackend> Gathers<B> {
         sharded: &Sharded<B>,
         comm: &dyn Comm<Inner<B>>,
     ) -> Result<SetParams<B>> {
+        let full = self.take_flat(want, sharded, comm)?;
+        Ok(sharded.unit_params(want, full))
+    }
+
+    /// Unit `want`'s gathered flat buffer.
+    fn take_flat(
+        &mut self,
+        want: usize,
+        sharded: &Sharded<B>,
+        comm: &dyn Comm<Inner<B>>,
+    ) -> Result<Tensor<Inner<B>, 1>> {
         let (u, pending) = match self.next.take() {
             Some(p) => p,
             None => {
@@ -70,7 +89,33 @@ impl<B: BambaAutodiffBackend> Gathers<B> {
         {
             self.next = Some((n, sharded.start_gather(n, comm, true)?));
         }
-        Ok(sharded.unit_params(u, pending.wait()))
+        Ok(pending.wait())
+    }
+}
+
+/// A layer that keeps its graph from forward to backward.
+struct Kept<B: BambaAutodiffBackend> {
+    /// The layer as it ran, or with `reshard` only its parameters' graph
+    /// nodes (enough to collect their gradients).
+    layer: BambaDecoderLayer<B>,
+    x: Tensor<B, 3>,
+    y: Tensor<B, 3>,
+    /// With `reshard`: where backward puts the layer's new gather.
+    slot: Option<ReshardSlot>,
+}
+
+/// A module with each parameter's data dropped and its autodiff node kept.
+struct GradKeys;
+
+impl<B: BambaAutodiffBackend> ModuleMapper<B> for GradKeys {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, t, mapper) = param.consume();
+        let key = B::bamba_grad_key(t.into_primitive().tensor());
+        Param::from_mapped_value(
+            id,
+            Tensor::from_primitive(TensorPrimitive::Float(key)),
+            mapper,
+        )
     }
 }
 
@@ -108,6 +153,28 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         set
     }
 
+    /// [`Self::unit_params`] for a layer resharded after forward: its
+    /// matrices listed with `slot` (see [`SetParams`]).
+    fn unit_params_resharded(
+        &self,
+        i: usize,
+        full: Tensor<Inner<B>, 1>,
+        slot: &ReshardSlot,
+    ) -> SetParams<B> {
+        let mut set = self.unit_params(i, full);
+        let offsets = self.layout.units[i]
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.offset))
+            .collect();
+        set.reshard = Some(super::Reshard {
+            slot: slot.clone(),
+            offsets,
+            weights: HashMap::new(),
+        });
+        set
+    }
+
     /// One micro-batch, unit by unit. Returns the (scaled) loss; gradients go
     /// to the unit buffers, reduce-scattered when `last` (no communication
     /// for earlier micro-batches of an accumulation).
@@ -121,6 +188,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         last: bool,
         checkpoint_fraction: f64,
         overlap: bool,
+        reshard: bool,
         shard_comm: &dyn Comm<Inner<B>>,
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<Tensor<Inner<B>, 1>> {
@@ -145,7 +213,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         order.extend(
             (0..n_layers)
                 .rev()
-                .filter(|&i| recompute(i))
+                .filter(|&i| recompute(i) || reshard)
                 .map(|i| layer_units[i]),
         );
         if !tied {
@@ -169,20 +237,31 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let mut saved = Vec::with_capacity(n_layers + 1);
         let mut kept = Vec::with_capacity(n_layers);
         for (i, &u) in layer_units.iter().enumerate() {
-            let mut set = gathers.take(u, self, shard_comm)?;
+            let full = gathers.take_flat(u, self, shard_comm)?;
             let name = format!("model.layers.{i}");
-            let layer = set.apply(m.layers[i].clone(), &name);
             if recompute(i) {
+                let layer = self.unit_params(u, full).apply(m.layers[i].clone(), &name);
                 let next = layer.valid().forward(h.clone(), &rope_inner);
                 saved.push(Some(h));
                 kept.push(None);
                 h = next;
             } else {
                 let x = Tensor::<B, 3>::from_inner(h).require_grad();
-                let y = layer.forward(x.clone(), &rope);
+                let (layer, y, slot) = if reshard {
+                    let slot = ReshardSlot::new();
+                    let mut set = self.unit_params_resharded(u, full, &slot);
+                    let layer = set.apply(m.layers[i].clone(), &name);
+                    let weights = set.reshard.take().expect("resharded").weights;
+                    let y = with_resharded(weights, || layer.forward(x.clone(), &rope));
+                    (layer.map(&mut GradKeys), y, Some(slot))
+                } else {
+                    let layer = self.unit_params(u, full).apply(m.layers[i].clone(), &name);
+                    let y = layer.forward(x.clone(), &rope);
+                    (layer, y, None)
+                };
                 h = y.clone().inner();
                 saved.push(None);
-                kept.push(Some((layer, x, y)));
+                kept.push(Some(Kept { layer, x, y, slot }));
             }
             crate::memtrace::mark(|| {
                 format!(
@@ -232,19 +311,28 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         for (i, &u) in layer_units.iter().enumerate().rev() {
             let name = format!("model.layers.{i}");
             let input = saved.pop().expect("one per layer");
-            let (layer, x, y) = match kept.pop().expect("one per layer") {
-                Some(k) => k,
+            let (layer, x, y, slot) = match kept.pop().expect("one per layer") {
+                Some(Kept { layer, x, y, slot }) => {
+                    if let Some(slot) = &slot {
+                        let full = gathers.take_flat(u, self, shard_comm)?;
+                        slot.fill::<Inner<B>>(full.into_primitive().tensor());
+                    }
+                    (layer, x, y, slot)
+                }
                 None => {
                     let mut set = gathers.take(u, self, shard_comm)?;
                     let layer = set.apply(m.layers[i].clone(), &name);
                     let input = input.expect("saved for a recomputed layer");
                     let x = Tensor::<B, 3>::from_inner(input).require_grad();
                     let y = layer.forward(x.clone(), &rope);
-                    (layer, x, y)
+                    (layer, x, y, None)
                 }
             };
             crate::memtrace::mark(|| format!("backward {i}: graph ready"));
             let grads = grad_seed(y, Tensor::from_inner(dy)).backward();
+            if let Some(slot) = slot {
+                slot.clear();
+            }
             crate::memtrace::mark(|| format!("backward {i}: gradients"));
             dy = x.grad(&grads).expect("the layer's input is tracked");
             self.add_module_grads(u, &layer, &name, &grads);
