@@ -58,6 +58,11 @@ fn bench_prints_throughput_mfu_memory_and_phases() {
         summary["kernels_compiled_in_timed_steps"].is_null(),
         "{summary}"
     );
+    // GPU clocks are read on CUDA only (`nvidia-smi`): present, and null here.
+    assert!(
+        summary.as_object().unwrap().contains_key("gpu_clocks") && summary["gpu_clocks"].is_null(),
+        "{summary}"
+    );
     // The state each rank keeps: f32 master weights and two moments.
     let start = rows
         .iter()

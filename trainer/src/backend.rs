@@ -95,6 +95,30 @@ pub fn device_name(device: crate::config::Device, local_rank: usize) -> String {
     }
 }
 
+/// The PCI bus id of this process's GPU (`00000000:3B:00.0`, as
+/// `nvidia-smi -i` takes it); `None` on CPU.
+pub fn pci_bus_id(device: crate::config::Device, local_rank: usize) -> Option<String> {
+    match device {
+        #[cfg(feature = "cuda")]
+        crate::config::Device::Cuda => {
+            use cudarc::driver::result::device;
+            use cudarc::driver::sys::CUdevice_attribute as A;
+            cudarc::driver::result::init().ok()?;
+            let dev = device::get(local_rank as i32).ok()?;
+            // SAFETY: `dev` comes from `device::get` after `init`.
+            let attr = |a| unsafe { device::get_attribute(dev, a) }.ok();
+            let domain = attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?;
+            let bus = attr(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?;
+            let slot = attr(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?;
+            Some(format!("{domain:08X}:{bus:02X}:{slot:02X}.0"))
+        }
+        _ => {
+            let _ = local_rank;
+            None
+        }
+    }
+}
+
 /// Kernels burn's CUDA backend has compiled in this process so far (`None`
 /// where nothing is compiled at run time: CPU).
 pub fn compiled_kernels(device: crate::config::Device) -> Option<u64> {

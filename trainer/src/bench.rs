@@ -125,6 +125,10 @@ pub fn run<B: BambaAutodiffBackend>(
     // own time ends when its loss is read, before its optimizer has run
     // (that overlaps the next step's enqueue), so the first timed step
     // alone would leave one optimizer out of the mean.
+    // Rank 0's GPU clock and power over the window (nvidia-smi, if there).
+    let clocks = crate::backend::pci_bus_id(device, t.local_rank())
+        .filter(|_| rank0)
+        .and_then(|id| crate::clocks::ClockSampler::start(&id));
     t.sync();
     let window = Instant::now();
     let profiler = args
@@ -146,6 +150,7 @@ pub fn run<B: BambaAutodiffBackend>(
     }
     t.sync();
     let window = window.elapsed().as_secs_f64();
+    let clocks = clocks.and_then(|c| c.finish());
     let compiled_in_timed = compiled().zip(compiled_before_timed).map(|(a, b)| a - b);
     if let (Some(p), Some(path)) = (profiler, &args.host_profile) {
         let samples = p.finish()?;
@@ -190,6 +195,7 @@ pub fn run<B: BambaAutodiffBackend>(
         "memory_growth_bytes": mem.last().copied().unwrap_or(0) as i64 - mem.first().copied().unwrap_or(0) as i64,
         "warmup_steps": warmups,
         "kernels_compiled_in_timed_steps": compiled_in_timed,
+        "gpu_clocks": clocks,
         "phase_s": per_step(&phases.wall),
         "phase_host_s": per_step(&phases.host),
     });

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod clocks;
 pub mod config;
 pub mod cuda_memory;
 pub mod dist;

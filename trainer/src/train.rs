@@ -316,6 +316,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             > 0.0)
     }
 
+    /// This process's device index on its node.
+    pub fn local_rank(&self) -> usize {
+        self.rt.local_rank
+    }
+
     /// Waits until the device has run everything enqueued so far.
     pub fn sync(&self) {
         let _ = B::sync(&self.device);
