@@ -16,10 +16,14 @@ for prec in f32 bf16; do
   timeout 120 "$bin" "${common[@]}" --set training.precision=$prec --set checkpoint.output_dir=/tmp/smoke-$prec-1 2>&1 | tail -3
   if [ "$nproc" -gt 1 ]; then
     # Whole-model step, then the per-layer step with the collectives
-    # overlapped in the NCCL stream (prefetch), then without overlap.
-    for mode in whole overlap serial; do
+    # overlapped in the NCCL stream (prefetch), then without overlap, then
+    # per layer with nothing recomputed (every layer resharded after
+    # forward and gathered again for backward), then that without reshard.
+    for mode in whole overlap serial reshard keep; do
       case $mode in
         whole) extra=() ;;
+        reshard) extra=(--set parallelism.per_layer=true) ;;
+        keep) extra=(--set parallelism.per_layer=true --set parallelism.reshard_after_forward=false) ;;
         overlap) extra=(--set parallelism.activation_checkpointing=1 --set parallelism.overlap_comm=true) ;;
         serial) extra=(--set parallelism.activation_checkpointing=1 --set parallelism.overlap_comm=false) ;;
       esac
