@@ -30,8 +30,7 @@
 use anyhow::{Result, ensure};
 use bamba_model::layer::BambaDecoderLayer;
 use bamba_model::model::causal_lm_loss;
-use bamba_model::ops::{ReshardSlot, with_resharded};
-use bamba_model::ops::{grad_seed, matmul};
+use bamba_model::ops::{ReshardSlot, grad_seed, matmul, with_resharded};
 use bamba_model::rope::rope_tables;
 use bamba_model::{BambaAutodiffBackend, BambaForCausalLM};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
