@@ -114,6 +114,69 @@ fn bench_runs_on_two_ranks() {
     assert!(summary["tokens_per_s_per_device"].as_f64().unwrap() > 0.0);
 }
 
+/// One process standing in for rank 0 of two (`--simulate-ranks`): a
+/// rank's half of the state and share of the batch, the per-layer step's
+/// gathers and reduce-scatters on its own pieces; other strategies and a
+/// real launch are refused by name.
+#[test]
+fn bench_simulates_one_rank_of_two() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--profile-steps",
+        "0",
+        "--set",
+        "parallelism.per_layer=true",
+    ];
+    let run = |extra: &[&str]| {
+        let all: Vec<&str> = args.iter().chain(extra).copied().collect();
+        let rows = bench(tmp.path(), &all);
+        let find = |kind: &str| {
+            rows.iter()
+                .find(|r| r["bench"] == kind)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {kind} line in {rows:?}"))
+        };
+        let losses: Vec<f64> = rows.iter().filter_map(|r| r["loss"].as_f64()).collect();
+        (find("start"), find("summary"), losses)
+    };
+    let (start1, _, _) = run(&[]);
+    let (start2, summary, losses) = run(&["--simulate-ranks", "2"]);
+    assert_eq!(summary["world"], 2.0, "{summary}");
+    assert_eq!(summary["simulated_ranks"], 2, "{summary}");
+    assert_eq!(start2["step_kind"], "per_layer", "{start2}");
+    assert_eq!(losses.len(), 3, "{losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    // Half the master weights (each unit's shards padded to aligned lengths).
+    let master = |s: &serde_json::Value| s["state_bytes_per_rank"]["master"].as_u64().unwrap();
+    let (one, half) = (master(&start1), master(&start2));
+    assert!(
+        2 * half >= one && 2 * half - one < one / 100,
+        "{one} against {half}"
+    );
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (extra, want) in [
+        (["2", "--set", "parallelism.strategy=ddp"], "fsdp"),
+        (["1", "--steps", "1"], "2 or more"),
+    ] {
+        let o = Command::new(BIN)
+            .current_dir(&root)
+            .args(["bench", "--config", "configs/tiny.yaml", "--simulate-ranks"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{extra:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn bench_host_profile_writes_folded_stacks() {
     let tmp = tempfile::tempdir().unwrap();

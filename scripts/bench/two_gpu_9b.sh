@@ -8,7 +8,8 @@
 # $OUT or /tmp).
 #   BATCHES="1 2" ACS="0.25 0.125" PRESETS="bucketed mixed" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
 # The issue-9 pair in one call (the bench config: per layer, nothing
-# recomputed, about 120 GB a rank estimated; 0.25 if it does not fit):
+# recomputed: 131.1 GB as a simulated rank of 2, `bench --simulate-ranks 2`
+# on one H200; 0.25, 122.9 GB, if NCCL's buffers do not fit beside it):
 #   TRACE=1 BATCHES=2 PEER_BATCHES=2 ACS="config 0.25" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
 set -uo pipefail
 bin=${1:-target/release/bamba-train}

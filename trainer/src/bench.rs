@@ -17,8 +17,9 @@ use crate::train::{PhaseTimes, Trainer};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Untimed steps first (kernel compilation, allocator warm-up); on CUDA
-    /// up to 4 more while a step still compiles kernels (0: none at all).
+    /// Untimed steps first (kernel compilation, allocator warm-up); up to 4
+    /// more while a step still compiles kernels (CUDA) or grows the memory
+    /// pools (0: none at all).
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
     /// Timed steps.
@@ -50,9 +51,18 @@ pub struct BenchArgs {
     /// input). Needs an unstripped binary.
     #[arg(long, value_name = "FILE")]
     pub host_profile: Option<std::path::PathBuf>,
+    /// Run this one process as rank 0 of an N-rank fsdp job, on one device:
+    /// its state shard, its share of the global batch, the whole model
+    /// gathered layer by layer, every buffer and kernel of a rank, but the
+    /// collectives replaced by copies of its own piece (no transfers; the
+    /// weights are not a real model's). What a rank of Bamba-9B on 2 GPUs
+    /// computes and holds, measured where only one GPU is at hand.
+    #[arg(long, value_name = "N")]
+    pub simulate_ranks: Option<usize>,
 }
 
-/// Warm-up steps `bench` adds at most while steps still compile kernels.
+/// Warm-up steps `bench` adds at most while steps still compile kernels or
+/// grow the pools.
 const EXTRA_WARMUP: u64 = 4;
 
 /// Device memory in use (bytes) as the driver reports it, or the process RSS on CPU.
@@ -84,6 +94,7 @@ pub fn run<B: BambaAutodiffBackend>(
         "tokens_per_step": tokens, "seq_len": t.cfg.data.seq_len,
         "precision": format!("{:?}", t.cfg.training.precision).to_lowercase(),
         "strategy": format!("{:?}", t.cfg.parallelism.strategy).to_lowercase(),
+        "simulated_ranks": args.simulate_ranks,
         "step_kind": if t.cfg.parallelism.streamed() { "per_layer" } else { "whole_model" },
         "cuda_memory": crate::cuda_memory::Preset::from_env().map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default(),
         "state_bytes_per_rank": t.state_bytes()}),
@@ -94,15 +105,16 @@ pub fn run<B: BambaAutodiffBackend>(
     // appear in a later step (likely burn's in-place variants, picked when
     // an input happens to be free by then), and a timed step that compiles
     // measures the compiler: on the 9B's layers, NVRTC took a third of the
-    // host's samples in the steps after one warm-up step.
+    // host's samples in the steps after one warm-up step. Likewise while a
+    // step after the first still grows the pools (the 1B's took 64 MB more
+    // in its fourth step, then none over 30).
     let device = t.cfg.training.device;
     let compiled = move || crate::backend::compiled_kernels(device);
-    let (mut warmups, mut last_compiled) = (0, 0);
+    let pools = device == crate::config::Device::Cuda;
+    let (mut warmups, mut unsettled, mut last_mem) = (0, false, 0);
     loop {
         if warmups >= args.warmup
-            && (warmups == 0
-                || warmups >= args.warmup + EXTRA_WARMUP
-                || !t.any_rank(last_compiled > 0)?)
+            && (warmups == 0 || warmups >= args.warmup + EXTRA_WARMUP || !t.any_rank(unsettled)?)
         {
             break;
         }
@@ -110,12 +122,17 @@ pub fn run<B: BambaAutodiffBackend>(
         let s = Instant::now();
         let (loss, _, _) = t.train_step(false)?;
         let dt = s.elapsed().as_secs_f64();
-        peak_mem = peak_mem.max(memory());
+        let m = memory();
+        peak_mem = peak_mem.max(m);
         let fresh = compiled().zip(before).map(|(a, b)| a - b);
         warmups += 1;
-        last_compiled = fresh.unwrap_or(0);
+        // (The CPU's probe is the process RSS, which moves on its own.)
+        let grew = pools && warmups > 1 && m > last_mem;
+        unsettled = fresh.unwrap_or(0) > 0 || grew;
+        last_mem = m;
         line(
-            json!({"warmup_step": warmups, "loss": loss, "step_time_s": dt, "kernels_compiled": fresh}),
+            json!({"warmup_step": warmups, "loss": loss, "step_time_s": dt,
+            "kernels_compiled": fresh, "memory_bytes": m}),
         );
     }
     let compiled_before_timed = compiled();
@@ -185,6 +202,7 @@ pub fn run<B: BambaAutodiffBackend>(
         "bench": "summary",
         "device": device_name,
         "world": world,
+        "simulated_ranks": args.simulate_ranks,
         "params": params,
         "step_time_s": mean,
         "tokens_per_s": tokens / mean,

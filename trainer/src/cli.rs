@@ -217,12 +217,13 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    on_backend!(cfg, |B, rt, dev| crate::bench::run(
-        Trainer::<B>::new(cfg, rt, dev, None)?,
-        &bench,
-        &name,
-        probe,
-    )?);
+    on_backend!(cfg, |B, rt, dev| {
+        let rt = match bench.simulate_ranks {
+            Some(n) => rt.simulated(n)?,
+            None => rt,
+        };
+        crate::bench::run(Trainer::<B>::new(cfg, rt, dev, None)?, &bench, &name, probe)?
+    });
     Ok(0)
 }
 

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Strategy, TrainConfig};
 use crate::dist::{self, Collectives, DistEnv, InitOptions};
-use crate::fsdp::{Comm, Solo};
+use crate::fsdp::{Comm, Mirror, Solo};
 
 /// Host-side coordination that is not tensor math (checkpoint hand-shakes).
 pub trait Control: Send {
@@ -25,6 +25,15 @@ impl Control for Solo {
     }
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         Ok(vec![mine.to_vec()])
+    }
+}
+
+impl Control for Mirror {
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec(); self.0])
     }
 }
 
@@ -66,6 +75,32 @@ impl<B: Backend> Runtime<B> {
             control: Box::new(Solo),
             _dist: None,
         }
+    }
+
+    /// This single process as rank 0 of an `n`-rank fsdp job whose ranks
+    /// all hold what it holds ([`Mirror`]): `bench --simulate-ranks n`.
+    pub fn simulated(self, n: usize) -> Result<Self> {
+        if self.world > 1 {
+            bail!(
+                "--simulate-ranks stands one process in for {n} ranks: run it without --nproc-per-node or a launcher"
+            );
+        }
+        if self.strategy != Strategy::Fsdp {
+            bail!(
+                "--simulate-ranks simulates parallelism.strategy fsdp, not {:?}",
+                self.strategy
+            );
+        }
+        if n < 2 {
+            bail!("--simulate-ranks {n}: give 2 or more ranks");
+        }
+        Ok(Self {
+            world: n,
+            world_comm: Box::new(Mirror(n)),
+            shard_comm: Box::new(Mirror(n)),
+            control: Box::new(Mirror(n)),
+            ..self
+        })
     }
 }
 

@@ -84,3 +84,70 @@ impl<B: Backend> Comm<B> for Solo {
         Ok(t)
     }
 }
+
+/// `n` ranks that all hold what this one holds, played by this one alone:
+/// an all-gather repeats the shard `n` times, a reduce-scatter keeps the
+/// first piece (the mean of `n` equal pieces), an all-reduce sums `n`
+/// equal values. `bench --simulate-ranks` runs one rank's share of an
+/// `n`-GPU fsdp job with it: its state shard, its share of the batch, the
+/// same shapes, buffers and compute, and no transfers. The values are not
+/// those of any real model (every shard of a unit is the first one).
+pub struct Mirror(pub usize);
+
+impl<B: Backend> Comm<B> for Mirror {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        self.0
+    }
+    fn all_gather(&self, shard: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+        Ok(Tensor::cat(vec![shard; self.0], 0))
+    }
+    fn reduce_scatter_mean(&self, full: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+        let piece = full.dims()[0] / self.0;
+        // A buffer of its own, as NCCL's output is: a view would keep `full` alive.
+        let first = full.narrow(0, 0, piece);
+        Ok(first.zeros_like() + first)
+    }
+    fn all_reduce_mean(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+        Ok(t)
+    }
+    fn all_reduce_sum(&self, t: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+        Ok(t.mul_scalar(self.0 as f64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    type B = crate::backend::Cpu;
+
+    fn t(v: &[f32]) -> Tensor<B, 1> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())
+    }
+
+    fn v(t: Tensor<B, 1>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    /// Three ranks that hold the same values: gathers repeat, reductions
+    /// see three equal pieces.
+    #[test]
+    fn a_mirror_answers_as_ranks_holding_the_same() {
+        let m = Mirror(3);
+        assert_eq!(Comm::<B>::size(&m), 3);
+        assert_eq!(
+            v(m.all_gather(t(&[1., 2.])).unwrap()),
+            [1., 2., 1., 2., 1., 2.]
+        );
+        assert_eq!(
+            v(m.reduce_scatter_mean(t(&[1., 2., 3., 4., 5., 6.])).unwrap()),
+            [1., 2.]
+        );
+        assert_eq!(v(m.all_reduce_mean(t(&[4.])).unwrap()), [4.]);
+        assert_eq!(v(m.all_reduce_sum(t(&[4.])).unwrap()), [12.]);
+    }
+}

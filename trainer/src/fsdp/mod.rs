@@ -24,7 +24,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 
-pub use comm::{Comm, Fence, Pending, Solo};
+pub use comm::{Comm, Fence, Mirror, Pending, Solo};
 pub use layout::{Layout, Unit, overlaps};
 
 use crate::optim::adamw::{AdamW, Moments};
