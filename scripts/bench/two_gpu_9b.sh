@@ -10,7 +10,7 @@
 # The issue-9 pair in one call (the bench config: per layer, nothing
 # recomputed: 131.1 GB as a simulated rank of 2, `bench --simulate-ranks 2`
 # on one H200; 0.25, 122.9 GB, if NCCL's buffers do not fit beside it):
-#   TRACE=1 BATCHES=2 PEER_BATCHES=2 ACS="config 0.25" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
+#   SIM=1 TRACE=1 BATCHES=2 PEER_BATCHES=2 ACS="config 0.25" bash scripts/bench/two_gpu_9b.sh .carry/bamba-train .carry/peer
 set -uo pipefail
 bin=${1:-target/release/bamba-train}
 peer=${2:-../shared/peers/torch-bamba}
@@ -38,6 +38,14 @@ for preset in ${PRESETS:-default}; do
     done
   done
 done
+# SIM=1: the config's run again as rank 0 of 2 on GPU 0 alone (no transfers):
+# what the collectives cost the real run above.
+if [ -n "${SIM:-}" ]; then
+  echo "== bamba-train 9B as rank 0 of 2 on one GPU (--simulate-ranks 2) ($(date +%T))"
+  CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_TIMEOUT:-180}" "$bin" bench --config configs/bench/bamba-9b.yaml \
+    --simulate-ranks 2 --warmup "${WARMUP:-1}" --steps 3 --profile-steps 0 2>&1 |
+    grep -E '"bench":"summary"|rror|panic' | cut -c1-900
+fi
 for b in ${PEER_BATCHES-2 1}; do
   echo "== peer: PyTorch FSDP2 Bamba-9B, $b x 4096 per GPU ($(date +%T))"
   PYTHONPATH="$peer/pylib" BSZ=$b timeout "${PEER_TIMEOUT:-240}" python3 -m torch.distributed.run --nproc_per_node 2 \
