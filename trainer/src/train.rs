@@ -18,7 +18,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::checkpoint::{self, CheckpointMeta, FileEntry, RankShard, format};
-use crate::config::{DatasetEntry, Distribute, Precision, ReduceDtype, ResumeMode, TrainConfig};
+use crate::config::{
+    AccumulateGrads, DatasetEntry, Distribute, Precision, ReduceDtype, ResumeMode, TrainConfig,
+};
 use crate::fsdp::{Layout, Sharded};
 use crate::metrics::progress::Progress;
 use crate::metrics::wandb::Wandb;
@@ -213,6 +215,12 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             ReduceDtype::Bf16 => DType::BF16,
         };
         sharded.solo = rt.world == 1;
+        // Slices summed over micro-batches only where they are slices (a
+        // ddp rank's "slice" is everything: one all-reduce per step is less).
+        sharded.reduce_each_micro_batch = cfg.parallelism.accumulate_grads
+            == AccumulateGrads::Sharded
+            && rt.shard_comm.size() > 1
+            && accum > 1;
         let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?
             .remade_inputs(cfg.parallelism.recompute_elementwise);
         let lcfg = loader_config(&cfg, &cfg.data.datasets);
@@ -400,6 +408,9 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 crate::memtrace::mark(|| "backward done".into());
                 self.phase("backward");
                 self.sharded.accumulate(&model, &grads);
+                drop(grads);
+                self.sharded
+                    .reduce_micro_batch(&*self.rt.shard_comm, &*self.rt.replicate_comm)?;
                 crate::memtrace::mark(|| "accumulated".into());
                 self.phase("accumulate");
                 loss.inner()

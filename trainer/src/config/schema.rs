@@ -128,6 +128,22 @@ pub enum ReduceDtype {
     Bf16,
 }
 
+/// How gradients add up over a step's micro-batches (`parallelism.accumulate_grads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccumulateGrads {
+    /// Reduce-scatter each micro-batch's gradients as its backward ends and
+    /// sum this rank's slices in f32 (FSDP2's default): between
+    /// micro-batches a rank holds 1/N of the gradients.
+    #[default]
+    Sharded,
+    /// Sum whole gradients over the micro-batches and reduce-scatter once,
+    /// after the last (FSDP1's `no_sync`): one collective per unit and
+    /// step, but every rank holds the full gradients in f32 (39 GB for
+    /// Bamba-9B).
+    Full,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelismSection {
@@ -159,6 +175,9 @@ pub struct ParallelismSection {
     /// all-gather each, beside compute with `overlap_comm`.
     pub reshard_after_forward: bool,
     pub reduce_dtype: ReduceDtype,
+    /// With gradient accumulation (more than one micro-batch per rank and
+    /// step) under fsdp or hsdp: `sharded` or `full`, see [`AccumulateGrads`].
+    pub accumulate_grads: AccumulateGrads,
     /// Per-layer mode (`per_layer`, or activation_checkpointing > 0): prefetch the next
     /// layer's all-gather and reduce-scatter gradients in a communication
     /// stream beside compute (FSDP's forward/backward prefetch). Holds two
@@ -188,6 +207,7 @@ impl Default for ParallelismSection {
             per_layer: false,
             reshard_after_forward: true,
             reduce_dtype: ReduceDtype::F32,
+            accumulate_grads: AccumulateGrads::Sharded,
             overlap_comm: true,
             timeout_s: 600,
         }

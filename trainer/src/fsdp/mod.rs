@@ -63,6 +63,10 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// gradients stay bf16 up to the optimizer (no f32 buffer to write and
     /// read back; the same values) unless micro-batches are summed.
     pub solo: bool,
+    /// Reduce-scatter every micro-batch's gradients and sum the slices
+    /// (`accumulate_grads: sharded`), rather than sum full gradients and
+    /// reduce once on the last micro-batch.
+    pub reduce_each_micro_batch: bool,
     device: burn::tensor::Device<Inner<B>>,
 }
 
@@ -160,6 +164,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             compute,
             reduce: DType::F32,
             solo: false,
+            reduce_each_micro_batch: false,
             device: device.clone(),
         }
     }
@@ -253,7 +258,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     ) -> Result<Tensor<Inner<B>, 1>> {
         let mut shards = Vec::with_capacity(self.layout.units.len());
         for i in 0..self.layout.units.len() {
-            if self.reduced[i].is_none() {
+            if self.grads[i].is_some() || self.reduced[i].is_none() {
                 self.reduce_unit(i, shard_comm, replicate_comm)?;
             }
             shards.push(self.reduced[i].take().expect("reduced above"));
@@ -300,6 +305,25 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             self.moments.push(m);
         }
         Ok(norm)
+    }
+
+    /// After a micro-batch of the whole-model step: reduce-scatters its
+    /// gradients into this rank's slices now when they are summed as
+    /// slices (`reduce_each_micro_batch`), freeing the full buffers.
+    pub fn reduce_micro_batch(
+        &mut self,
+        shard_comm: &dyn Comm<Inner<B>>,
+        replicate_comm: &dyn Comm<Inner<B>>,
+    ) -> Result<()> {
+        if !self.reduce_each_micro_batch {
+            return Ok(());
+        }
+        for i in 0..self.layout.units.len() {
+            if self.grads[i].is_some() {
+                self.reduce_unit(i, shard_comm, replicate_comm)?;
+            }
+        }
+        Ok(())
     }
 
     /// Reduce-scatters unit `i`'s summed gradients to this rank's slice (and
@@ -352,8 +376,13 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         if replicate_comm.size() > 1 {
             shard = replicate_comm.all_reduce_mean(shard)?;
         }
-        // f32 or bf16: the norm and AdamW read either.
-        self.reduced[i] = Some(FlatGrad::Buffer(shard));
+        // f32 or bf16: the norm and AdamW read either. A later micro-batch's
+        // slice (`reduce_each_micro_batch`) adds to the earlier ones in f32.
+        let sum = match self.reduced[i].take() {
+            Some(acc) => acc.into_buffer().cast(DType::F32) + shard.cast(DType::F32),
+            None => shard,
+        };
+        self.reduced[i] = Some(FlatGrad::Buffer(sum));
         Ok(())
     }
 

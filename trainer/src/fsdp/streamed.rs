@@ -175,8 +175,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     }
 
     /// One micro-batch, unit by unit. Returns the (scaled) loss; gradients go
-    /// to the unit buffers, reduce-scattered when `last` (no communication
-    /// for earlier micro-batches of an accumulation).
+    /// to the unit buffers, reduce-scattered when `last` or with
+    /// `reduce_each_micro_batch` (else no communication for the earlier
+    /// micro-batches of an accumulation).
     #[allow(clippy::too_many_arguments)]
     pub fn streamed_step(
         &mut self,
@@ -198,6 +199,9 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             .map(|i| self.unit_index(&format!("layers.{i}")))
             .collect::<Result<_>>()?;
         let tied = model.lm_head.is_none();
+        // Reduce-scatter this micro-batch's gradients now (the last, or every
+        // one when slices are summed), or keep adding to the full buffers.
+        let reduce = last || self.reduce_each_micro_batch;
         let l = inputs.dims()[1];
         let m = &mut model.model;
         // Layer i is recomputed when the fraction's count steps up at i.
@@ -301,7 +305,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             self.add_module_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
         }
         drop((final_norm, lm_head, grads));
-        if last {
+        if reduce {
             reduces.push_back((head, self.start_reduce(head, shard_comm, overlap)?));
         }
 
@@ -336,7 +340,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             dy = x.grad(&grads).expect("the layer's input is tracked");
             self.add_module_grads(u, &layer, &name, &grads);
             drop((layer, grads));
-            if last {
+            if reduce {
                 reduces.push_back((u, self.start_reduce(u, shard_comm, overlap)?));
                 // The previous unit's reduce-scatter ran beside this backward.
                 while reduces.len() > 1 || !overlap {
@@ -357,7 +361,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         let grads = grad_seed(e, Tensor::from_inner(dy)).backward();
         self.add_module_grads(embed, &m.embed_tokens, "model.embed_tokens", &grads);
         m.embed_tokens = SetParams::<B>::free(m.embed_tokens.clone());
-        if last {
+        if reduce {
             reduces.push_back((embed, self.start_reduce(embed, shard_comm, overlap)?));
         }
         for (r, p) in reduces {
