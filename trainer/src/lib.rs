@@ -4,6 +4,7 @@
 //! here so that tests drive the same code paths.
 
 pub mod backend;
+pub mod banner;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

@@ -97,6 +97,10 @@ pub struct Trainer<B: BambaAutodiffBackend> {
     pending: Option<PendingSave>,
     /// Per-phase step times, when benchmarking (syncs the device at each phase end).
     pub phases: Option<PhaseTimes>,
+    /// For the start-up banner: where the weights came from, and the
+    /// seconds `new` took.
+    weights_from: String,
+    ready_s: f64,
 }
 
 /// Seconds spent in each phase of the steps timed so far (`bamba-train bench`).
@@ -156,6 +160,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         device: B::Device,
         resume_from: Option<PathBuf>,
     ) -> Result<Self> {
+        let started = Instant::now();
         let model_cfg = cfg.model_config()?;
         let accum = cfg.grad_accumulation(rt.world)?;
         let layout = Layout::new(&model_cfg, rt.shard_comm.size());
@@ -173,6 +178,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         let resume = match &resume_from {
             Some(dir) => Some((dir.clone(), format::read_meta(dir)?)),
             None => None,
+        };
+        let weights_from = match (&resume, &cfg.model.init_from) {
+            (Some((dir, _)), _) => format!("checkpoint {}", dir.display()),
+            (None, Some(from)) => format!("model.init_from {}", from.display()),
+            (None, None) => format!("a seeded init (training.seed {})", cfg.training.seed),
         };
         let sharded = match (&resume, &cfg.model.init_from) {
             (Some((dir, meta)), _) => {
@@ -270,6 +280,24 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             wandb_run_id,
             pending: None,
             phases: None,
+            weights_from,
+            ready_s: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The start-up banner's lines (see [`crate::banner`]).
+    pub fn banner(&self) -> Vec<String> {
+        crate::banner::lines(&crate::banner::RunFacts {
+            cfg: &self.cfg,
+            model: &self.model_cfg,
+            world: self.rt.world,
+            shard_ranks: self.rt.shard_comm.size(),
+            accum: self.accum,
+            state: self.sharded.state_bytes(),
+            total_steps: self.cfg.total_steps(),
+            start_step: self.step,
+            weights_from: self.weights_from.clone(),
+            ready_s: self.ready_s,
         })
     }
 
@@ -739,6 +767,11 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         let mut last_ckpt = None;
         let mut preempted = false;
         let mut window = (Instant::now(), self.tokens_seen, self.step);
+        if self.rt.rank == 0 {
+            for line in self.banner() {
+                progress.println(&line);
+            }
+        }
         if self.rt.rank == 0 && self.step > 0 {
             progress.println(&format!(
                 "resumed at step {} ({} tokens seen)",

@@ -94,7 +94,8 @@ impl Progress {
     }
 }
 
-fn human(x: f64) -> String {
+/// `x` with a k/M/B/T suffix (tokens, parameters).
+pub fn human(x: f64) -> String {
     match x {
         x if x >= 1e12 => format!("{:.2}T", x / 1e12),
         x if x >= 1e9 => format!("{:.2}B", x / 1e9),
