@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod optim;
 pub mod runtime;
 pub mod train;
+pub mod weights;

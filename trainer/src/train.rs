@@ -2,7 +2,7 @@
 //! weights, or resumed), `train_step` is one optimizer step over the global
 //! batch, `train` runs to the end, logging, evaluating and checkpointing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use bamba_data::{DatasetSpec, Loader, LoaderConfig, LoaderState};
 use bamba_model::BambaAutodiffBackend;
 use bamba_model::init::InitSource;
-use bamba_model::{BambaConfig, BambaForCausalLM, HfCheckpoint, ParamSource, VarBuilder};
+use bamba_model::{BambaConfig, BambaForCausalLM, VarBuilder};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -27,6 +27,7 @@ use crate::metrics::wandb::Wandb;
 use crate::metrics::{JsonlSink, StepMetrics, default_peak_tflops, logged_steps_up_to, mfu};
 use crate::optim::{AdamW, Schedule};
 use crate::runtime::Runtime;
+use crate::weights::WeightsSource;
 
 /// Exit code of a run stopped by SIGTERM/SIGUSR1 after saving (SLURM requeues it).
 pub const PREEMPTED_EXIT_CODE: i32 = 75;
@@ -858,80 +859,6 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             losses,
             last_checkpoint: last_ckpt,
         })
-    }
-}
-
-/// Initial weights from `model.init_from`: an HF directory, or a bamba-train
-/// checkpoint (a step directory, or an output directory: its newest valid step).
-enum WeightsSource {
-    Hf(HfCheckpoint),
-    Checkpoint(CheckpointWeights),
-}
-
-impl WeightsSource {
-    fn open(path: &Path, cfg: &BambaConfig) -> Result<Self> {
-        if path.join("config.json").exists() {
-            let ckpt = HfCheckpoint::open(path)?;
-            ckpt.verify(cfg)?;
-            return Ok(Self::Hf(ckpt));
-        }
-        let dir = if path.join("meta.json").exists() {
-            format::verify(path).with_context(|| format!("model.init_from {}", path.display()))?;
-            path.to_path_buf()
-        } else {
-            checkpoint::newest_valid(path, &mut |w| eprintln!("warning: {w}"))
-                .with_context(|| format!("model.init_from {}: no HF model, checkpoint, or valid checkpoint under checkpoints/", path.display()))?
-        };
-        Ok(Self::Checkpoint(CheckpointWeights::read(&dir, cfg)?))
-    }
-
-    fn as_source(&self) -> &dyn ParamSource {
-        match self {
-            Self::Hf(h) => h,
-            Self::Checkpoint(c) => c,
-        }
-    }
-}
-
-/// Full parameters rebuilt from a checkpoint's master slices.
-struct CheckpointWeights {
-    params: std::collections::HashMap<String, Vec<f32>>,
-}
-
-impl CheckpointWeights {
-    fn read(dir: &Path, cfg: &BambaConfig) -> Result<Self> {
-        let meta = format::read_meta(dir)?;
-        let layout = Layout::new(cfg, 1);
-        let slices = checkpoint::reshard::read_slices(dir, &meta, &layout, 0)?;
-        let mut params = std::collections::HashMap::new();
-        for (unit, [master, _, _]) in layout.units.iter().zip(slices) {
-            for p in &unit.params {
-                params.insert(
-                    p.name.clone(),
-                    master[p.offset..p.offset + p.numel].to_vec(),
-                );
-            }
-        }
-        Ok(Self { params })
-    }
-}
-
-impl ParamSource for CheckpointWeights {
-    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, bamba_model::ModelError> {
-        let v = self
-            .params
-            .get(name)
-            .ok_or_else(|| bamba_model::ModelError::tensor(name, "not in the checkpoint"))?;
-        if v.len() != shape.iter().product::<usize>() {
-            return Err(bamba_model::ModelError::tensor(
-                name,
-                format!(
-                    "{} values in the checkpoint, shape {shape:?} needs more",
-                    v.len()
-                ),
-            ));
-        }
-        Ok(v.clone())
     }
 }
 
