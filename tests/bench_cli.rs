@@ -114,23 +114,15 @@ fn bench_runs_on_two_ranks() {
     assert!(summary["tokens_per_s_per_device"].as_f64().unwrap() > 0.0);
 }
 
-/// One process standing in for rank 0 of two (`--simulate-ranks`): a
-/// rank's half of the state and share of the batch, the per-layer step's
-/// gathers and reduce-scatters on its own pieces; other strategies and a
-/// real launch are refused by name.
+/// One process standing in for rank 0 of a job (`--simulate-ranks`): a
+/// rank's share of the state and of the batch, the gathers and
+/// reduce-scatters on its own pieces, for each strategy (fsdp per layer: a
+/// half of the state; hsdp 2 x 2: a half; ddp: all of it); hsdp without its
+/// group size and fewer than 2 ranks are refused by name.
 #[test]
-fn bench_simulates_one_rank_of_two() {
+fn bench_simulates_one_rank_of_a_job() {
     let tmp = tempfile::tempdir().unwrap();
-    let args = [
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--profile-steps",
-        "0",
-        "--set",
-        "parallelism.per_layer=true",
-    ];
+    let args = ["--warmup", "1", "--steps", "2", "--profile-steps", "0"];
     let run = |extra: &[&str]| {
         let all: Vec<&str> = args.iter().chain(extra).copied().collect();
         let rows = bench(tmp.path(), &all);
@@ -141,26 +133,48 @@ fn bench_simulates_one_rank_of_two() {
                 .unwrap_or_else(|| panic!("no {kind} line in {rows:?}"))
         };
         let losses: Vec<f64> = rows.iter().filter_map(|r| r["loss"].as_f64()).collect();
-        (find("start"), find("summary"), losses)
+        assert_eq!(losses.len(), 3, "{extra:?}: {losses:?}");
+        assert!(
+            losses.iter().all(|l| l.is_finite()),
+            "{extra:?}: {losses:?}"
+        );
+        (find("start"), find("summary"))
     };
-    let (start1, _, _) = run(&[]);
-    let (start2, summary, losses) = run(&["--simulate-ranks", "2"]);
+    let master = |s: &serde_json::Value| s["state_bytes_per_rank"]["master"].as_u64().unwrap();
+    let one = master(&run(&[]).0);
+    // Each unit's shards are padded to aligned lengths.
+    let about_half = |half: u64| 2 * half >= one && 2 * half - one < one / 100;
+
+    let per_layer = ["--set", "parallelism.per_layer=true"];
+    let (start, summary) = run(&[&per_layer[..], &["--simulate-ranks", "2"]].concat());
     assert_eq!(summary["world"], 2.0, "{summary}");
     assert_eq!(summary["simulated_ranks"], 2, "{summary}");
-    assert_eq!(start2["step_kind"], "per_layer", "{start2}");
-    assert_eq!(losses.len(), 3, "{losses:?}");
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-    // Half the master weights (each unit's shards padded to aligned lengths).
-    let master = |s: &serde_json::Value| s["state_bytes_per_rank"]["master"].as_u64().unwrap();
-    let (one, half) = (master(&start1), master(&start2));
-    assert!(
-        2 * half >= one && 2 * half - one < one / 100,
-        "{one} against {half}"
-    );
+    assert_eq!(start["step_kind"], "per_layer", "{start}");
+    assert!(about_half(master(&start)), "fsdp: {one} against {start}");
+
+    let hsdp = [
+        "--simulate-ranks",
+        "4",
+        "--set",
+        "parallelism.strategy=hsdp",
+        "--set",
+        "parallelism.shard_group_size=2",
+        "--set",
+        "training.micro_batch=2",
+    ];
+    let (start, summary) = run(&hsdp);
+    assert_eq!(summary["world"], 4.0, "{summary}");
+    assert!(about_half(master(&start)), "hsdp: {one} against {start}");
+
+    let (start, _) = run(&["--simulate-ranks", "2", "--set", "parallelism.strategy=ddp"]);
+    assert_eq!(master(&start), one, "ddp: {start}");
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for (extra, want) in [
-        (["2", "--set", "parallelism.strategy=ddp"], "fsdp"),
+        (
+            ["4", "--set", "parallelism.strategy=hsdp"],
+            "shard_group_size",
+        ),
         (["1", "--steps", "1"], "2 or more"),
     ] {
         let o = Command::new(BIN)

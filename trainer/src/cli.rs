@@ -219,7 +219,7 @@ pub fn bench(args: TrainArgs, bench: crate::bench::BenchArgs) -> Result<i32> {
     }
     on_backend!(cfg, |B, rt, dev| {
         let rt = match bench.simulate_ranks {
-            Some(n) => rt.simulated(n)?,
+            Some(n) => rt.simulated(n, cfg.parallelism.shard_group_size)?,
             None => rt,
         };
         crate::bench::run(Trainer::<B>::new(cfg, rt, dev, None)?, &bench, &name, probe)?

@@ -77,27 +77,36 @@ impl<B: Backend> Runtime<B> {
         }
     }
 
-    /// This single process as rank 0 of an `n`-rank fsdp job whose ranks
-    /// all hold what it holds ([`Mirror`]): `bench --simulate-ranks n`.
-    pub fn simulated(self, n: usize) -> Result<Self> {
+    /// This single process as rank 0 of an `n`-rank job of its strategy
+    /// whose ranks all hold what it holds ([`Mirror`]): `bench
+    /// --simulate-ranks n`. hsdp needs its `shard_group_size` given.
+    pub fn simulated(self, n: usize, shard_group_size: usize) -> Result<Self> {
         if self.world > 1 {
             bail!(
                 "--simulate-ranks stands one process in for {n} ranks: run it without --nproc-per-node or a launcher"
             );
         }
-        if self.strategy != Strategy::Fsdp {
-            bail!(
-                "--simulate-ranks simulates parallelism.strategy fsdp, not {:?}",
-                self.strategy
-            );
-        }
         if n < 2 {
             bail!("--simulate-ranks {n}: give 2 or more ranks");
         }
+        let (shard, replicate): (Box<dyn Comm<B>>, Box<dyn Comm<B>>) = match self.strategy {
+            Strategy::Fsdp => (Box::new(Mirror(n)), Box::new(Solo)),
+            Strategy::Ddp => (Box::new(Solo), Box::new(Mirror(n))),
+            Strategy::Hsdp => {
+                let g = shard_group_size;
+                if g == 0 || n % g != 0 {
+                    bail!(
+                        "--simulate-ranks {n} with hsdp: set parallelism.shard_group_size to the ranks that share one copy of the state (a node's GPUs), a divisor of {n}"
+                    );
+                }
+                (Box::new(Mirror(g)), Box::new(Mirror(n / g)))
+            }
+        };
         Ok(Self {
             world: n,
             world_comm: Box::new(Mirror(n)),
-            shard_comm: Box::new(Mirror(n)),
+            shard_comm: shard,
+            replicate_comm: replicate,
             control: Box::new(Mirror(n)),
             ..self
         })

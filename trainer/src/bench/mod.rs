@@ -61,12 +61,13 @@ pub struct BenchArgs {
     /// input). Needs an unstripped binary.
     #[arg(long, value_name = "FILE")]
     pub host_profile: Option<std::path::PathBuf>,
-    /// Run this one process as rank 0 of an N-rank fsdp job, on one device:
-    /// its state shard, its share of the global batch, the whole model
-    /// gathered layer by layer, every buffer and kernel of a rank, but the
+    /// Run this one process as rank 0 of an N-rank job of the config's
+    /// strategy, on one device: its state shard, its share of the global
+    /// batch, every gather, buffer and kernel of a rank, but the
     /// collectives replaced by copies of its own piece (no transfers; the
-    /// weights are not a real model's). What a rank of Bamba-9B on 2 GPUs
-    /// computes and holds, measured where only one GPU is at hand.
+    /// weights are not a real model's). What a rank of Bamba-9B on N GPUs
+    /// computes and holds, measured where only one GPU is at hand. hsdp
+    /// needs `parallelism.shard_group_size`.
     #[arg(long, value_name = "N")]
     pub simulate_ranks: Option<usize>,
 }

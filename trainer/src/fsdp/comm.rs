@@ -89,7 +89,7 @@ impl<B: Backend> Comm<B> for Solo {
 /// an all-gather repeats the shard `n` times, a reduce-scatter keeps the
 /// first piece (the mean of `n` equal pieces), an all-reduce sums `n`
 /// equal values. `bench --simulate-ranks` runs one rank's share of an
-/// `n`-GPU fsdp job with it: its state shard, its share of the batch, the
+/// `n`-GPU job with it: its state shard, its share of the batch, the
 /// same shapes, buffers and compute, and no transfers. The values are not
 /// those of any real model (every shard of a unit is the first one).
 pub struct Mirror(pub usize);
