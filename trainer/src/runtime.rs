@@ -94,7 +94,7 @@ impl<B: Backend> Runtime<B> {
             Strategy::Ddp => (Box::new(Solo), Box::new(Mirror(n))),
             Strategy::Hsdp => {
                 let g = shard_group_size;
-                if g == 0 || n % g != 0 {
+                if g == 0 || !n.is_multiple_of(g) {
                     bail!(
                         "--simulate-ranks {n} with hsdp: set parallelism.shard_group_size to the ranks that share one copy of the state (a node's GPUs), a divisor of {n}"
                     );
