@@ -161,16 +161,10 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             2,
             "{ strategy: fsdp, per_layer: true, reshard_after_forward: false, timeout_s: 20 }",
         ),
-        // Accumulation over the 2 micro-batches: each one's gradients
-        // reduce-scattered and the slices summed (the default, in every run
-        // above with 2 micro-batches a rank), or the full gradients summed
-        // and reduced once.
-        (
-            "fsdp2_full_accumulation",
-            2,
-            2,
-            "{ strategy: fsdp, accumulate_grads: full, timeout_s: 20 }",
-        ),
+        // Accumulation over the 2 micro-batches in the per-layer step: each
+        // one's gradients reduce-scattered and the slices summed (the
+        // default, in every per-layer run above with 2 micro-batches a
+        // rank), or the full gradients summed and reduced once.
         (
             "fsdp2_per_layer_full_accumulation",
             2,

@@ -227,11 +227,14 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
         };
         sharded.solo = rt.world == 1;
         // Slices summed over micro-batches only where they are slices (a
-        // ddp rank's "slice" is everything: one all-reduce per step is less).
+        // ddp rank's "slice" is everything: one all-reduce per step is less)
+        // and where the reduce-scatters run beside the backward (layer by
+        // layer); the whole-model step holds full gradients anyway.
         sharded.reduce_each_micro_batch = cfg.parallelism.accumulate_grads
             == AccumulateGrads::Sharded
             && rt.shard_comm.size() > 1
-            && accum > 1;
+            && accum > 1
+            && cfg.parallelism.streamed();
         let model = BambaForCausalLM::<B>::new(&VarBuilder::placeholders(&device), &model_cfg)?
             .remade_inputs(cfg.parallelism.recompute_elementwise);
         let lcfg = loader_config(&cfg, &cfg.data.datasets);
@@ -437,9 +440,6 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
                 crate::memtrace::mark(|| "backward done".into());
                 self.phase("backward");
                 self.sharded.accumulate(&model, &grads);
-                drop(grads);
-                self.sharded
-                    .reduce_micro_batch(&*self.rt.shard_comm, &*self.rt.replicate_comm)?;
                 crate::memtrace::mark(|| "accumulated".into());
                 self.phase("accumulate");
                 loss.inner()

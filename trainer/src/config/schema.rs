@@ -176,7 +176,11 @@ pub struct ParallelismSection {
     pub reshard_after_forward: bool,
     pub reduce_dtype: ReduceDtype,
     /// With gradient accumulation (more than one micro-batch per rank and
-    /// step) under fsdp or hsdp: `sharded` or `full`, see [`AccumulateGrads`].
+    /// step) under fsdp or hsdp, in the layer-by-layer step: `sharded` or
+    /// `full`, see [`AccumulateGrads`]. The whole-model step, which holds
+    /// the whole model's gradients during its backward anyway, always sums
+    /// full gradients and reduces them once a step (in the compute stream:
+    /// a reduce-scatter per micro-batch there would not overlap anything).
     pub accumulate_grads: AccumulateGrads,
     /// Per-layer mode (`per_layer`, or activation_checkpointing > 0): prefetch the next
     /// layer's all-gather and reduce-scatter gradients in a communication

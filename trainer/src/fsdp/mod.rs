@@ -307,25 +307,6 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         Ok(norm)
     }
 
-    /// After a micro-batch of the whole-model step: reduce-scatters its
-    /// gradients into this rank's slices now when they are summed as
-    /// slices (`reduce_each_micro_batch`), freeing the full buffers.
-    pub fn reduce_micro_batch(
-        &mut self,
-        shard_comm: &dyn Comm<Inner<B>>,
-        replicate_comm: &dyn Comm<Inner<B>>,
-    ) -> Result<()> {
-        if !self.reduce_each_micro_batch {
-            return Ok(());
-        }
-        for i in 0..self.layout.units.len() {
-            if self.grads[i].is_some() {
-                self.reduce_unit(i, shard_comm, replicate_comm)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Reduce-scatters unit `i`'s summed gradients to this rank's slice (and
     /// averages it over replicas), freeing the full buffer.
     fn reduce_unit(
