@@ -49,7 +49,11 @@ impl Catalog {
     /// the first, whose schema is checked so a wrong column fails here.
     pub fn scan(spec: &DatasetSpec, column: &str) -> Result<Catalog> {
         let root = &spec.path;
-        let meta = std::fs::metadata(root).map_err(|e| DataError::io(root, e))?;
+        let meta = std::fs::metadata(root).map_err(|err| DataError::DatasetPath {
+            dataset: spec.name.clone(),
+            path: root.clone(),
+            err,
+        })?;
         if !meta.is_dir() {
             return Err(DataError::NotADirectory {
                 dataset: spec.name.clone(),

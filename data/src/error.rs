@@ -41,6 +41,12 @@ pub enum DataError {
     BadTokens { path: PathBuf, reason: String },
     #[error("dataset `{dataset}`: no .parquet or .arrow files under {path}")]
     EmptyDataset { dataset: String, path: PathBuf },
+    #[error("dataset `{dataset}`: {path}: {err}")]
+    DatasetPath {
+        dataset: String,
+        path: PathBuf,
+        err: std::io::Error,
+    },
     #[error("dataset `{dataset}`: {path} is not a directory")]
     NotADirectory { dataset: String, path: PathBuf },
     #[error("dataset weights do not match the sub-datasets: {0}")]

@@ -118,7 +118,7 @@ fn empty_or_missing_directories_and_bad_weights_are_refused() {
         "{e}"
     );
     let e = err(one(&dir.path().join("nope")));
-    assert!(e.contains("nope"), "{e}");
+    assert!(e.contains("nope") && e.contains("dataset `x`"), "{e}");
     let c = corpus();
     let mut cfg = common::config(&c.specs);
     cfg.datasets[1].weight = -1.0;

@@ -50,7 +50,11 @@ pub fn newest_valid(output_dir: &Path, warn: &mut dyn FnMut(String)) -> Option<P
         let dir = step_dir(output_dir, step);
         match format::verify(&dir) {
             Ok(()) => return Some(dir),
-            Err(e) => warn(format!("skipping checkpoint {}: {e:#}", dir.display())),
+            Err(e) => warn(format!(
+                "skipping checkpoint {}: {}",
+                dir.display(),
+                crate::cli::error_report(&e)
+            )),
         }
     }
     None
