@@ -117,8 +117,8 @@ fn bench_runs_on_two_ranks() {
 /// One process standing in for rank 0 of a job (`--simulate-ranks`): a
 /// rank's share of the state and of the batch, the gathers and
 /// reduce-scatters on its own pieces, for each strategy (fsdp per layer: a
-/// half of the state; hsdp 2 x 2: a half; ddp: all of it); hsdp without its
-/// group size and fewer than 2 ranks are refused by name.
+/// half of the state; hsdp 2 x 2: a half; ddp: all of it); hsdp groups that
+/// do not divide the ranks and fewer than 2 ranks are refused by name.
 #[test]
 fn bench_simulates_one_rank_of_a_job() {
     let tmp = tempfile::tempdir().unwrap();
@@ -170,12 +170,16 @@ fn bench_simulates_one_rank_of_a_job() {
     assert_eq!(master(&start), one, "ddp: {start}");
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let hsdp_3_of_4: &[&str] = &[
+        "4",
+        "--set",
+        "parallelism.strategy=hsdp",
+        "--set",
+        "parallelism.shard_group_size=3",
+    ];
     for (extra, want) in [
-        (
-            ["4", "--set", "parallelism.strategy=hsdp"],
-            "shard_group_size",
-        ),
-        (["1", "--steps", "1"], "2 or more"),
+        (hsdp_3_of_4, "shard_group_size 3 must divide 4"),
+        (&["1", "--steps", "1"][..], "2 or more"),
     ] {
         let o = Command::new(BIN)
             .current_dir(&root)

@@ -171,6 +171,9 @@ fn sharded_training_matches_single_process_for_every_strategy() {
             2,
             "{ strategy: fsdp, per_layer: true, accumulate_grads: full, timeout_s: 20 }",
         ),
+        // hsdp layer by layer with 2 micro-batches a rank: slices summed
+        // inside each shard group, averaged over the replicas once a step
+        // beside the backward.
         (
             "hsdp2x2_ac_half",
             4,

@@ -91,12 +91,13 @@ pub fn lines(f: &RunFacts) -> Vec<String> {
         ),
         format!("parallelism: {strategy}; {step_kind}"),
         format!(
-            "batch: {} sequences x {} tokens = {} tokens a step ({} x {} micro-batches x {}{accumulation})",
+            "batch: {} sequences x {} tokens = {} tokens a step ({} x {} micro-batch{} x {}{accumulation})",
             c.global_batch_sequences(),
             c.data.seq_len,
             c.tokens_per_step(),
             ranks(f.world),
             f.accum,
+            if f.accum == 1 { "" } else { "es" },
             c.training.micro_batch,
         ),
         format!(
@@ -137,38 +138,53 @@ pub fn lines(f: &RunFacts) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// Stage 1 on 8 ranks: the arithmetic a user checks before a 2T-token run.
+    /// Stage 1 on one node of 8 and on the original 24 nodes of 8: the
+    /// arithmetic a user checks before a 2T-token run.
     #[test]
-    fn stage1_on_eight_ranks_reads_as_it_runs() {
+    fn stage1_reads_as_it_runs() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
         let cfg = crate::config::load_config(&root.join("stage1.yaml"), &[]).unwrap();
         let model = cfg.model_config().unwrap();
-        let facts = RunFacts {
-            cfg: &cfg,
-            model: &model,
-            world: 8,
-            shard_ranks: 8,
-            accum: cfg.grad_accumulation(8).unwrap(),
-            state: StateBytes {
-                master: 4_890_123_264,
-                moments: 9_780_246_528,
-            },
-            total_steps: cfg.total_steps(),
-            start_step: 0,
-            weights_from: "a seeded init (seed 0)".into(),
-            ready_s: 41.0,
-        };
-        let text = lines(&facts).join("\n");
-        for want in [
-            "bamba-9b (9.78B parameters), 32 layers (29 Mamba2, 3 attention), hidden 4096",
-            "fsdp over 8 ranks; layer by layer, 25% of layers recomputed",
-            "384 sequences x 4096 tokens = 1572864 tokens a step (8 ranks x 24 micro-batches x 2, gradient slices summed)",
-            "state: 14.67 GB a rank",
-            "cc_en_head, cc_en_middle, cc_en_tail, falcon, ... (19 in all); 960 logical shards",
-            "run: steps 1 to 1271566 (2.00T tokens)",
-            "a checkpoint every 1000 steps in out/stage1",
+        for (world, parallelism, batch) in [
+            (
+                8,
+                "hsdp over 8 ranks (shard groups of 8); layer by layer, 25% of layers recomputed",
+                "(8 ranks x 24 micro-batches x 2, gradient slices summed)",
+            ),
+            (
+                192,
+                "hsdp over 192 ranks (shard groups of 8)",
+                "(192 ranks x 1 micro-batch x 2)",
+            ),
         ] {
-            assert!(text.contains(want), "{want:?} not in\n{text}");
+            let facts = RunFacts {
+                cfg: &cfg,
+                model: &model,
+                world,
+                shard_ranks: 8,
+                accum: cfg.grad_accumulation(world).unwrap(),
+                state: StateBytes {
+                    master: 4_890_123_264,
+                    moments: 9_780_246_528,
+                },
+                total_steps: cfg.total_steps(),
+                start_step: 0,
+                weights_from: "a seeded init (seed 0)".into(),
+                ready_s: 41.0,
+            };
+            let text = lines(&facts).join("\n");
+            for want in [
+                "bamba-9b (9.78B parameters), 32 layers (29 Mamba2, 3 attention), hidden 4096",
+                parallelism,
+                "384 sequences x 4096 tokens = 1572864 tokens a step",
+                batch,
+                "state: 14.67 GB a rank",
+                "cc_en_head, cc_en_middle, cc_en_tail, falcon, ... (19 in all); 960 logical shards",
+                "run: steps 1 to 1271566 (2.00T tokens)",
+                "a checkpoint every 1000 steps in out/stage1",
+            ] {
+                assert!(text.contains(want), "{want:?} not in\n{text}");
+            }
         }
     }
 }

@@ -93,10 +93,16 @@ impl<B: Backend> Runtime<B> {
             Strategy::Fsdp => (Box::new(Mirror(n)), Box::new(Solo)),
             Strategy::Ddp => (Box::new(Solo), Box::new(Mirror(n))),
             Strategy::Hsdp => {
-                let g = shard_group_size;
-                if g == 0 || !n.is_multiple_of(g) {
+                // 0 (a node's ranks): the n ranks on one machine, as
+                // `--nproc-per-node n` would run them.
+                let g = if shard_group_size == 0 {
+                    n
+                } else {
+                    shard_group_size
+                };
+                if !n.is_multiple_of(g) {
                     bail!(
-                        "--simulate-ranks {n} with hsdp: set parallelism.shard_group_size to the ranks that share one copy of the state (a node's GPUs), a divisor of {n}"
+                        "--simulate-ranks {n} with hsdp: parallelism.shard_group_size {g} must divide {n} (the ranks that share one copy of the state: a node's GPUs)"
                     );
                 }
                 (Box::new(Mirror(g)), Box::new(Mirror(n / g)))

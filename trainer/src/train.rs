@@ -226,6 +226,7 @@ impl<B: BambaAutodiffBackend> Trainer<B> {
             ReduceDtype::Bf16 => DType::BF16,
         };
         sharded.solo = rt.world == 1;
+        sharded.overlap_comm = cfg.parallelism.overlap_comm;
         // Slices summed over micro-batches only where they are slices (a
         // ddp rank's "slice" is everything: one all-reduce per step is less)
         // and where the reduce-scatters run beside the backward (layer by

@@ -59,6 +59,12 @@ pub trait Comm<B: Backend>: Send {
     fn start_reduce_scatter_mean(&self, full: Tensor<B, 1>) -> Result<Pending<B>> {
         self.reduce_scatter_mean(full).map(Pending::ready)
     }
+
+    /// [`Comm::all_reduce_mean`], overlapping like [`Comm::start_all_gather`]
+    /// (hsdp's average over replicas, beside the next unit's backward).
+    fn start_all_reduce_mean(&self, t: Tensor<B, 1>) -> Result<Pending<B>> {
+        self.all_reduce_mean(t).map(Pending::ready)
+    }
 }
 
 /// A group of one: every collective is the identity.

@@ -54,6 +54,9 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     grads: Vec<Option<FlatGrad<Inner<B>>>>,
     /// Per unit, this rank's reduced gradient slice, once reduce-scattered.
     reduced: Vec<Option<FlatGrad<Inner<B>>>>,
+    /// Per unit (hsdp), the step's slice while it is averaged over the
+    /// replicas, possibly still in flight beside the backward.
+    replica_mean: Vec<Option<Pending<Inner<B>>>>,
     /// Compute dtype of the gathered parameters.
     pub compute: DType,
     /// Dtype gradients travel in through reduce-scatter (f32, or bf16 as
@@ -67,6 +70,9 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// (`accumulate_grads: sharded`), rather than sum full gradients and
     /// reduce once on the last micro-batch.
     pub reduce_each_micro_batch: bool,
+    /// Average slices over replicas (hsdp) beside the compute that follows,
+    /// where the transport can (`parallelism.overlap_comm`).
+    pub overlap_comm: bool,
     device: burn::tensor::Device<Inner<B>>,
 }
 
@@ -160,11 +166,13 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             moments,
             no_decay,
             reduced: (0..units).map(|_| None).collect(),
+            replica_mean: (0..units).map(|_| None).collect(),
             grads: (0..units).map(|_| None).collect(),
             compute,
             reduce: DType::F32,
             solo: false,
             reduce_each_micro_batch: false,
+            overlap_comm: false,
             device: device.clone(),
         }
     }
@@ -257,11 +265,20 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<Tensor<Inner<B>, 1>> {
         let mut shards = Vec::with_capacity(self.layout.units.len());
-        for i in 0..self.layout.units.len() {
-            if self.grads[i].is_some() || self.reduced[i].is_none() {
+        let units = self.layout.units.len();
+        for i in 0..units {
+            let reduced = self.reduced[i].is_some() || self.replica_mean[i].is_some();
+            if self.grads[i].is_some() || !reduced {
                 self.reduce_unit(i, shard_comm, replicate_comm)?;
             }
-            shards.push(self.reduced[i].take().expect("reduced above"));
+        }
+        // Collected once all are started: each unit's replica average ran
+        // beside the next one's reduce-scatter.
+        for i in 0..units {
+            shards.push(match self.replica_mean[i].take() {
+                Some(mean) => FlatGrad::Buffer(mean.wait()),
+                None => self.reduced[i].take().expect("reduced above"),
+            });
         }
         // Replicas hold identical slices: the norm sums over the shard group only.
         let local = shards
@@ -316,7 +333,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<()> {
         let pending = self.start_reduce(i, shard_comm, false)?;
-        self.finish_reduce(i, pending, replicate_comm)
+        self.finish_reduce(i, pending, true, replicate_comm)
     }
 
     /// Starts unit `i`'s reduce-scatter; with `overlap` it runs beside what
@@ -344,26 +361,37 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         }))
     }
 
+    /// Takes unit `i`'s reduce-scattered slice and adds it to the step's;
+    /// on the step's `last` micro-batch an hsdp rank then averages the sum
+    /// over the replicas: once a step, not once a micro-batch (FSDP2's
+    /// `set_requires_all_reduce(False)` on the others), and beside the
+    /// compute that follows with `overlap_comm` (FSDP2's all-reduce stream).
     fn finish_reduce(
         &mut self,
         i: usize,
         pending: Option<Pending<Inner<B>>>,
+        last: bool,
         replicate_comm: &dyn Comm<Inner<B>>,
     ) -> Result<()> {
         let Some(pending) = pending else {
             return Ok(());
         };
-        let mut shard = pending.wait();
-        if replicate_comm.size() > 1 {
-            shard = replicate_comm.all_reduce_mean(shard)?;
-        }
+        let shard = pending.wait();
         // f32 or bf16: the norm and AdamW read either. A later micro-batch's
         // slice (`reduce_each_micro_batch`) adds to the earlier ones in f32.
         let sum = match self.reduced[i].take() {
             Some(acc) => acc.into_buffer().cast(DType::F32) + shard.cast(DType::F32),
             None => shard,
         };
-        self.reduced[i] = Some(FlatGrad::Buffer(sum));
+        if last && replicate_comm.size() > 1 {
+            self.replica_mean[i] = Some(if self.overlap_comm {
+                replicate_comm.start_all_reduce_mean(sum)?
+            } else {
+                Pending::ready(replicate_comm.all_reduce_mean(sum)?)
+            });
+        } else {
+            self.reduced[i] = Some(FlatGrad::Buffer(sum));
+        }
         Ok(())
     }
 
@@ -371,6 +399,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     pub fn discard_grads(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
         self.reduced.iter_mut().for_each(|g| *g = None);
+        self.replica_mean.iter_mut().for_each(|g| *g = None);
     }
 
     /// Bytes of state this rank keeps between steps, by kind: f32 master

@@ -308,6 +308,14 @@ impl<F: FloatElement> Comm<Cuda<F>> for NcclComm {
             nccl::all_gather(src, dst, n, ty, comm, stream).map(|_| ())
         })
     }
+    fn start_all_reduce_mean(&self, t: Tensor<Cuda<F>, 1>) -> Result<Pending<Cuda<F>>> {
+        let n = t.dims()[0];
+        let comm = self.comm;
+        self.launch(t, n, true, |src, dst, ty, stream| unsafe {
+            // SAFETY: as in `all_reduce`.
+            nccl::all_reduce(src, dst, n, ty, sys::ncclRedOp_t::ncclAvg, comm, stream).map(|_| ())
+        })
+    }
     fn start_reduce_scatter_mean(&self, full: Tensor<Cuda<F>, 1>) -> Result<Pending<Cuda<F>>> {
         let n = full.dims()[0] / self.size;
         let comm = self.comm;

@@ -347,7 +347,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                     let Some((r, p)) = reduces.pop_front() else {
                         break;
                     };
-                    self.finish_reduce(r, p, replicate_comm)?;
+                    self.finish_reduce(r, p, last, replicate_comm)?;
                 }
             }
         }
@@ -365,7 +365,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             reduces.push_back((embed, self.start_reduce(embed, shard_comm, overlap)?));
         }
         for (r, p) in reduces {
-            self.finish_reduce(r, p, replicate_comm)?;
+            self.finish_reduce(r, p, last, replicate_comm)?;
         }
         crate::memtrace::mark(|| "step done".into());
         ensure!(saved.is_empty(), "every saved activation is consumed");
