@@ -18,6 +18,8 @@ pub mod nvrtc;
 mod pieces;
 pub mod reference;
 mod remake;
+#[cfg(feature = "cuda")]
+mod to_host;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -83,6 +85,14 @@ pub trait BambaBackend: Backend {
     fn bamba_matmul_f32(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let f32 = |t| Self::float_cast(t, burn::tensor::FloatDType::F32);
         Self::bamba_matmul(f32(lhs), f32(rhs))
+    }
+
+    /// The f32 tensors `ts`, concatenated, copied into `out` (their total
+    /// length) by a faster path than burn's `into_data` where the backend
+    /// has one: `false` (nothing written) where it has none or it failed,
+    /// and the caller reads them the plain way.
+    fn bamba_read_f32(_ts: Vec<FloatTensor<Self>>, _out: &mut [f32]) -> bool {
+        false
     }
 
     /// `t` for looking up its gradient only: an autodiff backend keeps the

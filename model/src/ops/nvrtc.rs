@@ -44,7 +44,7 @@ thread_local! {
     static CONTEXTS: RefCell<HashMap<usize, Arc<CudaContext>>> = RefCell::new(HashMap::new());
 }
 
-fn context(device: usize) -> Arc<CudaContext> {
+pub(crate) fn context(device: usize) -> Arc<CudaContext> {
     CONTEXTS.with(|c| {
         let ctx = c
             .borrow_mut()
@@ -123,22 +123,7 @@ thread_local! {
 /// launches do): the memory is not reused before the task has run, and the
 /// tensors can still be updated in place (`can_mut`) by later ops.
 pub fn enqueue_dyn(ts: &[Option<&T>], task: impl FnOnce(Vec<u64>, Stream) + Send + 'static) {
-    let first = ts
-        .iter()
-        .flatten()
-        .next()
-        .expect("enqueue: at least one tensor");
-    let id = first.device.to_id();
-    let bindings: Vec<_> = ts
-        .iter()
-        .map(|t| t.map(|t| t.handle.clone().binding()))
-        .collect();
-    let device = DEVICES.with(|d| {
-        d.borrow_mut()
-            .entry(id)
-            .or_insert_with(|| DeviceHandle::<Server>::new(id))
-            .clone()
-    });
+    let (device, bindings) = device_and_bindings(ts);
     device.submit(move |server| {
         // cubecl logs and drops a panicking task; a launch that failed
         // leaves results unwritten, so stop here (the panic is printed).
@@ -148,6 +133,40 @@ pub fn enqueue_dyn(ts: &[Option<&T>], task: impl FnOnce(Vec<u64>, Stream) + Send
             std::process::exit(1);
         }
     });
+}
+
+/// [`enqueue_dyn`], but waiting for `task` to run and return (after every
+/// op enqueued before it): for work whose result the host needs now.
+pub fn run_dyn<R: Send>(ts: &[Option<&T>], task: impl FnOnce(Vec<u64>, Stream) -> R + Send) -> R {
+    let (device, bindings) = device_and_bindings(ts);
+    device
+        .submit_blocking(move |server| {
+            let mut out = None;
+            launch_task(server, bindings, |p, stream| out = Some(task(p, stream)));
+            out.expect("the task ran")
+        })
+        .expect("cubecl's device thread")
+}
+
+/// The device thread of `ts` (the first given) and bindings of their memory.
+fn device_and_bindings(ts: &[Option<&T>]) -> (DeviceHandle<Server>, Vec<Option<Binding>>) {
+    let first = ts
+        .iter()
+        .flatten()
+        .next()
+        .expect("a GPU task needs at least one tensor");
+    let id = first.device.to_id();
+    let bindings = ts
+        .iter()
+        .map(|t| t.map(|t| t.handle.clone().binding()))
+        .collect();
+    let device = DEVICES.with(|d| {
+        d.borrow_mut()
+            .entry(id)
+            .or_insert_with(|| DeviceHandle::<Server>::new(id))
+            .clone()
+    });
+    (device, bindings)
 }
 
 /// Resolves the bindings' pointers on the device thread and runs `task`.

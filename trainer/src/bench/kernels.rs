@@ -109,6 +109,65 @@ pub fn kernels<B: BambaAutodiffBackend>(
                 "pass": pass})
         );
     }
+    // Checkpoint staging: f32 tensors (one across the pinned buffers'
+    // 64 MB pieces, one a column view) copied to the host by the backend's
+    // fast path, against burn's `into_data`, to the bit; and both speeds.
+    if wanted("read_f32") {
+        use bamba_model::BambaBackend;
+        type I<B> = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let rand =
+            |n: usize| Tensor::<I<B>, 1>::random([n], Distribution::Normal(0.0, 1.0), device);
+        let big = rand((16 << 20) + 3);
+        let view = Tensor::<I<B>, 2>::random([300, 7], Distribution::Normal(0.0, 1.0), device)
+            .narrow(1, 2, 3)
+            .reshape([900]);
+        let ts = [rand(5), big, view, rand(1000)];
+        // As checkpoints read before: 64 MB pieces (cubecl's pinned staging).
+        let plain = |ts: &[Tensor<I<B>, 1>]| -> Vec<f32> {
+            let mut out = vec![];
+            for t in ts {
+                let n = t.dims()[0];
+                for at in (0..n).step_by(16 << 20) {
+                    let piece = t.clone().narrow(0, at, (16 << 20).min(n - at));
+                    out.extend(piece.into_data().to_vec::<f32>().unwrap());
+                }
+            }
+            out
+        };
+        let fast = |ts: &[Tensor<I<B>, 1>]| -> Option<Vec<f32>> {
+            let mut out = vec![0f32; ts.iter().map(|t| t.dims()[0]).sum()];
+            let prims = ts
+                .iter()
+                .map(|t| t.clone().into_primitive().tensor())
+                .collect();
+            I::<B>::bamba_read_f32(prims, &mut out).then_some(out)
+        };
+        let want = plain(&ts);
+        let got = fast(&ts);
+        let same = got.as_ref().is_none_or(|g| {
+            g.len() == want.len() && g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits())
+        });
+        // 1 GB each way, timed after a first run of each (pinning, faults of the pools).
+        let gb = rand(1 << 28);
+        let one = [gb];
+        let time = |f: &dyn Fn() -> usize| {
+            f();
+            let t = std::time::Instant::now();
+            let n = f();
+            (n * 4) as f64 / 1e9 / t.elapsed().as_secs_f64()
+        };
+        let plain_gbps = time(&|| plain(&one).len());
+        let fast_gbps = got
+            .is_some()
+            .then(|| time(&|| fast(&one).map_or(0, |v| v.len())));
+        ok &= same;
+        println!(
+            "{}",
+            json!({"kernel": "read_f32", "dtype": "F32", "value": "to host",
+                "fast_path": got.is_some(), "same_bits": same,
+                "gb_per_s": fast_gbps, "into_data_gb_per_s": plain_gbps, "pass": same})
+        );
+    }
     // Slices of one tensor add their gradients into one buffer (in place):
     // against burn's own `narrow`, with overlapping slices and a use of the
     // whole tensor, in f32 and bf16.
