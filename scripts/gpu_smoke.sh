@@ -18,10 +18,14 @@ for prec in f32 bf16; do
     # Whole-model step, then the per-layer step with the collectives
     # overlapped in the NCCL stream (prefetch), then without overlap, then
     # per layer with nothing recomputed (every layer resharded after
-    # forward and gathered again for backward), then that without reshard.
-    for mode in whole overlap serial reshard keep; do
+    # forward and gathered again for backward), then that without reshard,
+    # then hsdp per layer in nproc/2-rank groups (the replicas' average of
+    # each slice in the replicate communicator's stream, once a step).
+    for mode in whole overlap serial reshard keep hsdp; do
       case $mode in
         whole) extra=() ;;
+        hsdp) extra=(--set parallelism.strategy=hsdp --set parallelism.shard_group_size=$((nproc / 2))
+          --set parallelism.per_layer=true) ;;
         reshard) extra=(--set parallelism.per_layer=true) ;;
         keep) extra=(--set parallelism.per_layer=true --set parallelism.reshard_after_forward=false) ;;
         overlap) extra=(--set parallelism.activation_checkpointing=1 --set parallelism.overlap_comm=true) ;;

@@ -79,7 +79,8 @@ impl<B: Backend> Runtime<B> {
 
     /// This single process as rank 0 of an `n`-rank job of its strategy
     /// whose ranks all hold what it holds ([`Mirror`]): `bench
-    /// --simulate-ranks n`. hsdp needs its `shard_group_size` given.
+    /// --simulate-ranks n`. hsdp's `shard_group_size` 0 (a node's ranks)
+    /// puts all `n` on one node.
     pub fn simulated(self, n: usize, shard_group_size: usize) -> Result<Self> {
         if self.world > 1 {
             bail!(
