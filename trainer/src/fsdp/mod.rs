@@ -31,6 +31,9 @@ use crate::optim::adamw::{AdamW, Moments};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
+/// Replica averages (hsdp) a rank lets run at once beside its backward.
+const REPLICA_AVERAGES_IN_FLIGHT: usize = 2;
+
 /// One rank's slice of the training state, plus its communicators.
 pub struct Sharded<B: BambaAutodiffBackend> {
     pub layout: Layout,
@@ -57,6 +60,8 @@ pub struct Sharded<B: BambaAutodiffBackend> {
     /// Per unit (hsdp), the step's slice while it is averaged over the
     /// replicas, possibly still in flight beside the backward.
     replica_mean: Vec<Option<Pending<Inner<B>>>>,
+    /// Units whose replica average is in flight, oldest first.
+    in_flight: std::collections::VecDeque<usize>,
     /// Compute dtype of the gathered parameters.
     pub compute: DType,
     /// Dtype gradients travel in through reduce-scatter (f32, or bf16 as
@@ -167,6 +172,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             no_decay,
             reduced: (0..units).map(|_| None).collect(),
             replica_mean: (0..units).map(|_| None).collect(),
+            in_flight: Default::default(),
             grads: (0..units).map(|_| None).collect(),
             compute,
             reduce: DType::F32,
@@ -280,6 +286,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
                 None => self.reduced[i].take().expect("reduced above"),
             });
         }
+        self.in_flight.clear();
         // Replicas hold identical slices: the norm sums over the shard group only.
         let local = shards
             .iter()
@@ -365,7 +372,8 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
     /// on the step's `last` micro-batch an hsdp rank then averages the sum
     /// over the replicas: once a step, not once a micro-batch (FSDP2's
     /// `set_requires_all_reduce(False)` on the others), and beside the
-    /// compute that follows with `overlap_comm` (FSDP2's all-reduce stream).
+    /// compute that follows with `overlap_comm` (FSDP2's all-reduce stream),
+    /// [`REPLICA_AVERAGES_IN_FLIGHT`] units at a time.
     fn finish_reduce(
         &mut self,
         i: usize,
@@ -389,6 +397,16 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
             } else {
                 Pending::ready(replicate_comm.all_reduce_mean(sum)?)
             });
+            // An average in flight holds its input and output slices: at
+            // most two units' worth (the older ones finished long ago, so
+            // the compute stream's wait costs nothing).
+            self.in_flight.push_back(i);
+            while self.in_flight.len() > REPLICA_AVERAGES_IN_FLIGHT {
+                let j = self.in_flight.pop_front().expect("non-empty");
+                if let Some(mean) = self.replica_mean[j].take() {
+                    self.reduced[j] = Some(FlatGrad::Buffer(mean.wait()));
+                }
+            }
         } else {
             self.reduced[i] = Some(FlatGrad::Buffer(sum));
         }
@@ -400,6 +418,7 @@ impl<B: BambaAutodiffBackend> Sharded<B> {
         self.grads.iter_mut().for_each(|g| *g = None);
         self.reduced.iter_mut().for_each(|g| *g = None);
         self.replica_mean.iter_mut().for_each(|g| *g = None);
+        self.in_flight.clear();
     }
 
     /// Bytes of state this rank keeps between steps, by kind: f32 master
