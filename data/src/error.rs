@@ -77,3 +77,44 @@ impl DataError {
         }
     }
 }
+
+/// An error and its causes on one line, as `{:#}` prints them, but without
+/// a cause whose text the line already ends with (errors such as
+/// parquet's, and ours that name their source in their own message, would
+/// otherwise print it twice). What the command-line tools print.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[test]
+    fn a_report_names_each_cause_once() {
+        let inner = std::io::Error::other("Corrupt footer");
+        #[derive(Debug, thiserror::Error)]
+        #[error("a.parquet: not readable: {source}")]
+        struct Named {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(Named { source: inner }).context("dataset `web`");
+        assert_eq!(
+            report(&e),
+            "dataset `web`: a.parquet: not readable: Corrupt footer"
+        );
+        let plain = anyhow::anyhow!("root").context("outer");
+        assert_eq!(report(&plain), "outer: root");
+    }
+}

@@ -306,43 +306,5 @@ pub fn export_hf(checkpoint: &Path, out: &Path, dtype: &str, max_shard_gb: f64) 
     Ok(())
 }
 
-/// An error and its causes on one line, as `{:#}` prints them, but without
-/// a cause whose text the line already ends with (errors such as
-/// parquet's, and ours that name their source in their own message, would
-/// otherwise print it twice).
-pub fn error_report(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.ends_with(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::error_report;
-
-    #[test]
-    fn an_error_report_names_each_cause_once() {
-        let inner = std::io::Error::other("Corrupt footer");
-        #[derive(Debug, thiserror::Error)]
-        #[error("a.parquet: not readable: {source}")]
-        struct Named {
-            source: std::io::Error,
-        }
-        let e = anyhow::Error::new(Named { source: inner }).context("dataset `web`");
-        assert_eq!(
-            error_report(&e),
-            "dataset `web`: a.parquet: not readable: Corrupt footer"
-        );
-        let plain = anyhow::anyhow!("root").context("outer");
-        assert_eq!(error_report(&plain), "outer: root");
-    }
-}
+/// An error and its causes on one line, each cause once.
+pub use bamba_data::error::report as error_report;

@@ -58,7 +58,14 @@ enum What {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run_main() {
+        eprintln!("error: {}", bamba_data::error::report(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run_main() -> anyhow::Result<()> {
     match Args::parse().what {
         What::Loader {
             tokens,

@@ -52,7 +52,14 @@ struct Args {
     quiet: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run_main() {
+        eprintln!("error: {}", bamba_data::error::report(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run_main() -> anyhow::Result<()> {
     let a = Args::parse();
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
